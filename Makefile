@@ -1,0 +1,27 @@
+# Two commands do all set-up on a fresh machine: `make demo` (the main job on built-in generated
+# data) and `make test`.  Both create .venv and install from constraints.txt on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+$(STAMP): setup.cfg constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+.PHONY: setup demo test test-gpu clean
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) train.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu" tests
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

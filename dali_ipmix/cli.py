@@ -1,0 +1,43 @@
+"""The ``dali-ipmix`` command: one subcommand per task, each registered by its own module."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module defining ``register(subparsers)``; the module adds its parser and sets
+# ``func`` (called with the parsed args, returns an exit code).  Modules are imported lazily so
+# that ``dali-ipmix fractals`` does not pay for importing DALI.
+SUBCOMMANDS = {
+    "fractals": "dali_ipmix.data.fractals",
+    "synth": "dali_ipmix.data.synth",
+}
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="dali-ipmix", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    for name, module in SUBCOMMANDS.items():
+        if wanted is None or name == wanted:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=f"(see dali-ipmix {name} --help)")
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"dali-ipmix {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

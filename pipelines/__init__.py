@@ -1,0 +1,1 @@
+"""Complete DALI pipeline definitions: ImageNet-style training/validation and CIFAR-sized."""

@@ -1,0 +1,50 @@
+"""The CIFAR-sized IPMix graph: 32 px, flip + RandomCrop(32, padding=4), fractal Resize(36) +
+RandomCrop(32), no self-mix (the official cifar.py), images from a class-folder copy of CIFAR."""
+from __future__ import annotations
+
+from nvidia.dali import fn, pipeline_def, types
+
+from dali_ipmix import config as C
+from dali_ipmix import readers
+from dali_ipmix.augment import ipmix
+
+PAD = 4
+
+
+def _padded_random_crop(images, size):
+    # RandomCrop(size, padding=4): a window anchored in [-4, 4] of the zero-padded image.
+    anchor = fn.cast(fn.random.uniform(range=[-PAD, PAD + 1], shape=[2]), dtype=types.INT32)
+    anchor = fn.cast(anchor, dtype=types.FLOAT)
+    return fn.slice(images, anchor, types.Constant([float(size), float(size)]), axes=[0, 1],
+                    out_of_bounds_policy="pad", fill_values=0)
+
+
+def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.CIFAR, batch_size=128,
+                   num_threads=4, device="gpu", backend="fused", seed=0, shard_id=0,
+                   num_shards=1, extra_outputs=False, enable_checkpointing=False, checkpoint=None):
+    files = readers.class_folder_files(data_dir)
+    pictures = readers.picture_files(mixing_dir)
+    size = cfg.image_size
+
+    @pipeline_def(enable_conditionals=(backend == "dali"))
+    def graph():
+        jpegs, labels = fn.readers.file(file_root=str(data_dir), files=files[0], labels=files[1],
+                                        shard_id=shard_id, num_shards=num_shards,
+                                        random_shuffle=True, pad_last_batch=True,
+                                        name=readers.TRAIN_READER)
+        images = fn.decoders.image(jpegs, device=readers.decode_device(device), output_type=types.RGB)
+        images = fn.resize(images, resize_x=size, resize_y=size)   # CIFAR files are 32 px already
+        images = fn.flip(images, horizontal=fn.random.coin_flip())
+        images = _padded_random_crop(images, size)
+        pics = readers.mixing_pictures(mixing_dir, device=device, size=size, resize=size + PAD,
+                                       files=pictures)
+        views, tapes = ipmix(images, pics, cfg, device=device, backend=backend)
+        labels = labels.gpu() if device == "gpu" else labels
+        if extra_outputs:
+            return views, labels, images, pics, fn.stack(*tapes, axis=0)
+        return views, labels
+
+    kw = {} if checkpoint is None else {"checkpoint": checkpoint}
+    return graph(batch_size=batch_size, num_threads=num_threads,
+                 device_id=0 if device == "gpu" else None, seed=seed + 1000 * shard_id,
+                 enable_checkpointing=enable_checkpointing, **kw)

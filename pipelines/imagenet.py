@@ -1,0 +1,76 @@
+"""The ImageNet IPMix training graph and the validation graph.
+
+Training: class-folder reader (sharded) -> decode fused with RandomResizedCrop -> resize 224 ->
+flip -> IPMix (mixing pictures from a second reader: resize 256 + random crop 224) -> normalised
+CHW views [V, 3, 224, 224] (clean + 2 IPMix views with JSD) and labels.
+Validation: resize 256 -> center crop 224 -> normalised CHW.
+"""
+from __future__ import annotations
+
+from nvidia.dali import fn, pipeline_def, types
+
+from dali_ipmix import config as C
+from dali_ipmix import readers
+from dali_ipmix.augment import ipmix
+
+
+def _device_id(device):
+    return 0 if device == "gpu" else None
+
+
+def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, batch_size=64,
+                   num_threads=4, device="gpu", device_id=None, backend="fused", seed=0,
+                   shard_id=0, num_shards=1, dtype="float", resize=256, extra_outputs=False,
+                   enable_checkpointing=False, checkpoint=None, hw_decoder_load=0.65,
+                   prefetch_queue_depth=2):
+    """Build (not yet started) the IPMix training pipeline.
+
+    Outputs ``images`` [V, 3, S, S] and ``labels`` [1]; with ``extra_outputs`` also the raw crop,
+    the mixing picture (uint8 HWC) and the tapes [A, L], for replay through the reference.
+    Each rank gets its own shard and its own seed (``seed + 1000 * shard_id``).
+    """
+    files = readers.class_folder_files(data_dir)
+    pictures = readers.picture_files(mixing_dir)
+    rank_seed = seed + 1000 * shard_id
+
+    @pipeline_def(enable_conditionals=(backend == "dali"))
+    def graph():
+        images, labels = readers.train_images(
+            data_dir, device=device, size=cfg.image_size, shard_id=shard_id,
+            num_shards=num_shards, files=files[:2], hw_decoder_load=hw_decoder_load)
+        images = fn.flip(images, horizontal=fn.random.coin_flip())
+        pics = readers.mixing_pictures(mixing_dir, device=device, size=cfg.image_size,
+                                       resize=resize, files=pictures)
+        views, tapes = ipmix(images, pics, cfg, device=device, backend=backend)
+        if dtype == "float16":
+            views = fn.cast(views, dtype=types.FLOAT16)
+        labels = labels.gpu() if device == "gpu" else labels
+        if extra_outputs:
+            return views, labels, images, pics, fn.stack(*tapes, axis=0)
+        return views, labels
+
+    kw = {} if checkpoint is None else {"checkpoint": checkpoint}
+    return graph(batch_size=batch_size, num_threads=num_threads,
+                 device_id=_device_id(device) if device_id is None else device_id,
+                 seed=rank_seed, enable_checkpointing=enable_checkpointing,
+                 prefetch_queue_depth=prefetch_queue_depth, **kw)
+
+
+def val_pipeline(data_dir, *, cfg: C.IPMixConfig = C.IMAGENET, batch_size=64, num_threads=4,
+                 device="gpu", device_id=None, shard_id=0, num_shards=1, resize=256,
+                 dtype="float"):
+    """Resize 256 + center crop 224 + normalise; outputs ``images`` [3, S, S], ``labels``."""
+    files = readers.class_folder_files(data_dir, flag="--val-data")
+
+    @pipeline_def
+    def graph():
+        images, labels = readers.val_images(data_dir, device=device, size=cfg.image_size,
+                                            resize=resize, shard_id=shard_id,
+                                            num_shards=num_shards, files=files[:2])
+        images = fn.crop_mirror_normalize(
+            images, dtype=types.FLOAT16 if dtype == "float16" else types.FLOAT,
+            output_layout="CHW", mean=[255 * m for m in cfg.mean], std=[255 * s for s in cfg.std])
+        return images, (labels.gpu() if device == "gpu" else labels)
+
+    return graph(batch_size=batch_size, num_threads=num_threads,
+                 device_id=_device_id(device) if device_id is None else device_id, seed=0)
