@@ -1,0 +1,127 @@
+"""The complete training and validation graphs on generated JPEGs, CPU backend."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import photo_crops
+from dali_ipmix import config as C, reference as R
+from dali_ipmix.cli import UserError
+from pipelines import imagenet
+
+CFG = C.IMAGENET.replace(k=2, t=2, image_size=64, patch_sizes=(4, 8, 16, 32, 64))
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    crops = photo_crops(120, 12, seed=5)
+    for i, crop in enumerate(crops):
+        cls = f"class{i % 3}"
+        w, h = int(rng.integers(80, 121)), int(rng.integers(80, 121))
+        for split in ("train", "val"):
+            os.makedirs(root / split / cls, exist_ok=True)
+            Image.fromarray(crop).resize((w, h)).save(root / split / cls / f"{i:03d}.jpg", quality=90)
+    mix = root / "mixing"
+    for i, pic in enumerate(photo_crops(90, 5, seed=9)):
+        sub = mix / ("a" if i % 2 else "b/c")       # nested folders are fine
+        os.makedirs(sub, exist_ok=True)
+        Image.fromarray(pic).save(sub / f"f{i}.jpg", quality=90)
+    return root
+
+
+def _run(pipe, iters=1):
+    pipe.build()
+    outs = [pipe.run() for _ in range(iters)]
+    return [[[np.asarray(t.at(i)) for i in range(BATCH)] for t in out] for out in outs]
+
+
+def _train(dataset, backend="dali", seed=0, **kw):
+    return imagenet.train_pipeline(dataset / "train", dataset / "mixing", cfg=CFG, batch_size=BATCH,
+                                   num_threads=2, device="cpu", backend=backend, seed=seed, **kw)
+
+
+def test_train_graph_replays_through_reference(dataset):
+    pipe = _train(dataset, extra_outputs=True)
+    pipe.build()
+    views, labels, crops, pics, tapes = pipe.run()
+    for i in range(BATCH):
+        v = np.asarray(views.at(i))
+        assert v.shape == (3, 3, 64, 64) and v.dtype == np.float32
+        crop, pic, tp = np.asarray(crops.at(i)), np.asarray(pics.at(i)), np.asarray(tapes.at(i))
+        assert crop.shape == (64, 64, 3) and pic.shape == (64, 64, 3) and tp.shape[0] == 2
+        ref = R.ipmix_views(crop, pic, tp, CFG)
+        np.testing.assert_allclose(v[0], ref[0], atol=1e-5)          # clean view: exact
+        # IPMix views: equal up to the documented op tolerances (equalize, bilinear rounding)
+        assert np.abs(v - ref).mean() < 0.02
+
+
+def test_labels_untouched(dataset):
+    # one epoch (12 files, batch 4) carries each file's class label once, the same as without IPMix
+    ipmix = _run(_train(dataset, seed=7), iters=3)
+    plain = _run(_train(dataset, backend="none", seed=7), iters=3)
+    got = [int(l[0]) for it in ipmix for l in it[1]]
+    assert sorted(got) == [0] * 4 + [1] * 4 + [2] * 4
+    assert got == [int(l[0]) for it in plain for l in it[1]]
+
+
+def test_same_seed_same_output_other_seed_differs(dataset):
+    a = _run(_train(dataset, seed=3), iters=2)
+    b = _run(_train(dataset, seed=3), iters=2)
+    c = _run(_train(dataset, seed=4), iters=2)
+    for x, y in zip(a, b):
+        for tx, ty in zip(x, y):
+            np.testing.assert_array_equal(np.stack(tx), np.stack(ty))
+    assert not np.array_equal(np.stack(a[1][0]), np.stack(c[1][0]))
+
+
+def test_no_jsd_one_view_and_shards(dataset):
+    cfg = CFG.replace(jsd=False)
+    pipe = imagenet.train_pipeline(dataset / "train", dataset / "mixing", cfg=cfg, batch_size=BATCH,
+                                   num_threads=2, device="cpu", backend="dali", shard_id=1,
+                                   num_shards=2)
+    pipe.build()
+    views, labels = pipe.run()
+    assert np.asarray(views.at(0)).shape == (1, 3, 64, 64)
+    meta = pipe.reader_meta("Reader")
+    assert meta["number_of_shards"] == 2 and meta["shard_id"] == 1
+
+
+def test_plain_backend_and_val_graph(dataset):
+    (views, labels), = _run(_train(dataset, backend="none"))
+    assert views[0].shape == (3, 3, 64, 64)
+    np.testing.assert_array_equal(views[0][0], views[0][1])          # no augmentation
+    val = imagenet.val_pipeline(dataset / "val", cfg=CFG, batch_size=BATCH, num_threads=2,
+                                device="cpu", resize=72)
+    (imgs, labels), = _run(val)
+    assert imgs[0].shape == (3, 64, 64)
+    assert val.reader_meta("Reader")["epoch_size"] == 12
+
+
+def test_bad_folders_give_one_line_errors(dataset, tmp_path):
+    cases = [
+        (tmp_path / "missing", dataset / "mixing", "--data .*missing: no such folder"),
+        (tmp_path / "empty", dataset / "mixing", "no class sub-folders"),
+        (dataset / "train", tmp_path / "nomix", "--mixing .*nomix: no such folder"),
+    ]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "emptymix").mkdir()
+    (tmp_path / "emptymix" / "notes.txt").write_text("no pictures here")
+    cases.append((dataset / "train", tmp_path / "emptymix", "--mixing .*emptymix: no pictures"))
+    for data, mixing, msg in cases:
+        with pytest.raises(UserError, match=msg) as e:
+            imagenet.train_pipeline(data, mixing, cfg=CFG, device="cpu", backend="dali")
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="--backend 'magic'"):
+        _train(dataset, backend="magic")
+
+
+@pytest.mark.parametrize("knob,value,msg", [("k", 0, "k must be"), ("t", 9, "t must be"),
+                                             ("patch_sizes", (300,), "patch_sizes"),
+                                             ("overflow", "saturate", "overflow")])
+def test_config_out_of_range(knob, value, msg):
+    with pytest.raises(ValueError, match=msg):
+        CFG.replace(**{knob: value})
