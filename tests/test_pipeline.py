@@ -44,8 +44,9 @@ def _train(dataset, backend="dali", seed=0, **kw):
                                    num_threads=2, device="cpu", backend=backend, seed=seed, **kw)
 
 
-def test_train_graph_replays_through_reference(dataset):
-    pipe = _train(dataset, extra_outputs=True)
+@pytest.mark.parametrize("backend", ["dali", "fused"])
+def test_train_graph_replays_through_reference(dataset, backend):
+    pipe = _train(dataset, backend=backend, extra_outputs=True)
     pipe.build()
     views, labels, crops, pics, tapes = pipe.run()
     for i in range(BATCH):
@@ -55,8 +56,9 @@ def test_train_graph_replays_through_reference(dataset):
         assert crop.shape == (64, 64, 3) and pic.shape == (64, 64, 3) and tp.shape[0] == 2
         ref = R.ipmix_views(crop, pic, tp, CFG)
         np.testing.assert_allclose(v[0], ref[0], atol=1e-5)          # clean view: exact
-        # IPMix views: equal up to the documented op tolerances (equalize, bilinear rounding)
-        assert np.abs(v - ref).mean() < 0.02
+        # readable backend: equal up to the documented op tolerances (equalize, bilinear
+        # rounding); fused backend: PIL-exact ops, float32 mixing in another order
+        assert np.abs(v - ref).mean() < (0.02 if backend == "dali" else 1e-4)
 
 
 def test_labels_untouched(dataset):
@@ -69,9 +71,9 @@ def test_labels_untouched(dataset):
 
 
 def test_same_seed_same_output_other_seed_differs(dataset):
-    a = _run(_train(dataset, seed=3), iters=2)
-    b = _run(_train(dataset, seed=3), iters=2)
-    c = _run(_train(dataset, seed=4), iters=2)
+    a = _run(_train(dataset, backend="fused", seed=3), iters=2)
+    b = _run(_train(dataset, backend="fused", seed=3), iters=2)
+    c = _run(_train(dataset, backend="fused", seed=4), iters=2)
     for x, y in zip(a, b):
         for tx, ty in zip(x, y):
             np.testing.assert_array_equal(np.stack(tx), np.stack(ty))

@@ -1,0 +1,790 @@
+"""The fast backend: the whole IPMix view computation as batched torch code, driven by tapes.
+
+Every sample of a batch gets its own image op, mixing op, window and weights, read from the same
+parameter tapes as the DALI graph (``dali_ipmix.ops``) and the NumPy/PIL reference
+(``dali_ipmix.reference``); there is no Python loop over samples (only over the ``k`` chains and
+``t`` steps, which are static and small).  Images are uint8 ``[B, H, W, 3]`` (channels last)
+between steps, exactly like PIL, so chains accumulate the same uint8 rounding as the official code.
+
+How each op is computed (all per sample, in one batched computation):
+
+* point ops -- equalize, posterize, solarize, invert, autocontrast -- build one 256-entry lookup
+  table per sample and channel (``[B, 3, 256]``) and apply it with one gather.  Equalize and
+  autocontrast use per-channel histograms (one ``scatter_add``) and PIL's exact integer/double
+  formulas (``ImageOps.equalize``; ``ImageOps.autocontrast`` with its cutoff loops rewritten as
+  cumulative-sum counts; LUT values clipped to 255 like ``Image.point``).
+* geometric ops -- rotate, shear_x/y, translate_x/y, mirror -- fold into ONE inverse affine warp
+  with a per-sample 2x3 matrix in PIL's AFFINE convention (``Geometry.c``: output pixel centre
+  ``(x + .5, y + .5)`` mapped through the matrix in double precision; a point outside
+  ``[0, W) x [0, H)`` is filled with 0; otherwise bilinear interpolation of the edge-clamped
+  neighbours, ``v = a + (b - a) * d`` in double, TRUNCATED to uint8 -- PIL does not round).
+  Rotation matrices for integer angles are PIL's own (``Image.rotate``: ``-radians``, ``round(.,
+  15)``, centre ``(w/2, h/2)``), tabulated in Python so they are bit-identical.
+* ImageEnhance ops -- color, contrast, brightness, sharpness -- are ``Image.blend(degenerate,
+  image, factor)`` in float32 with truncation and clipping (Pillow's ``Blend.c``), with the
+  degenerate image computed like Pillow: grayscale ``L = (19595 R + 38470 G + 7471 B + 0x8000) >>
+  16``; contrast's mean ``int(mean(L) + .5)`` computed exactly in integers; black; the 3x3
+  ``SMOOTH`` filter evaluated in Pillow's float32 order (``Filter.c``: ``+0.5`` then truncation,
+  border rows/columns copied).
+* mixings -- add, multiply, random_pixels, random_elems -- use the float32 formulas of
+  ``reference.mixing_op`` in the same operation order and the same ``to_uint8`` wrap/clamp rule,
+  over the whole image, then keep ``x1`` outside the window (a full-image select).
+
+Fidelity (tests/test_fused.py, against ``reference`` on photographs): on CPU every op is
+bit-identical to PIL except ``multiply`` (``pow`` may differ by 1 ulp -> rare pixels) and
+non-integer rotation angles (never produced by tapes).  On CUDA the compiled kernel may contract
+``a * b + c`` into FMA, so rare pixels sitting on a truncation boundary can differ by one level
+(and, after a wrapping add/multiply, by more); the GPU test bounds the fraction.
+
+Eager vs compiled: in eager mode each op family is computed only for the samples that need it
+(``index_select`` / ``index_copy``); under ``torch.compile`` every family is computed for every
+sample and selected with ``torch.where`` (static shapes, no data-dependent control flow, no
+``.item()``), so the graph has no breaks.  Both give identical results.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import config as C
+from . import noise
+from .tape import CF, SF, TapeLayout
+
+__all__ = ["image_ops", "mixings", "ipmix_views", "get_kernel", "fused_ipmix_node", "benchmark",
+           "rotation_table"]
+
+LUT_OPS = frozenset({"equalize", "posterize", "solarize", "invert", "autocontrast"})
+BLEND_OPS = frozenset(C.ENHANCE_OPS)            # color, contrast, brightness, sharpness
+HIST_OPS = frozenset({"equalize", "autocontrast"})
+
+_F32_1_13 = float(np.float32(1) / np.float32(13))     # Pillow divides the kernel in float32
+_F32_5_13 = float(np.float32(5) / np.float32(13))
+_INV_2_24 = float(np.float32(noise.INV_2_24))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _bcast(v: torch.Tensor, ndim: int = 4) -> torch.Tensor:
+    """[B] -> [B, 1, 1, 1] (broadcast over an image batch)."""
+    return v.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _where_apply(mask: torch.Tensor, fn, base: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+    """``fn(*args)`` for the samples where ``mask`` [B] is true, ``base`` elsewhere.
+
+    Eager: ``fn`` runs on the selected samples only (or not at all).  Compiling: ``fn`` runs on the
+    whole batch and the result is selected with ``torch.where`` (static shapes, no sync).
+    Per-sample computations are independent, so both give identical results."""
+    if _compiling():
+        return torch.where(_bcast(mask, base.dim()), fn(*args), base)
+    idx = mask.nonzero().squeeze(1)
+    n = idx.numel()
+    if n == 0:
+        return base
+    if n == mask.shape[0]:
+        return fn(*args)
+    sel = fn(*[a.index_select(0, idx) for a in args])
+    return base.index_copy(0, idx, sel.to(base.dtype))
+
+
+def _op_mask(op: torch.Tensor, ops: Tuple[str, ...], names) -> torch.Tensor:
+    m = torch.zeros_like(op, dtype=torch.bool)
+    for i, n in enumerate(ops):
+        if n in names:
+            m = m | (op == i)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometric ops: one PIL-style inverse affine warp.
+
+def _pil_rotate_matrix(angle: float, w: int, h: int):
+    """PIL ``Image.rotate(angle)`` (no expand/centre/translate) as an AFFINE data tuple, computed
+    with the same double operations as Pillow."""
+    angle = angle % 360.0
+    cx, cy = w / 2, h / 2
+    a = -math.radians(angle)
+    m = [round(math.cos(a), 15), round(math.sin(a), 15), 0.0,
+         round(-math.sin(a), 15), round(math.cos(a), 15), 0.0]
+    m[2], m[5] = (m[0] * -cx + m[1] * -cy + m[2], m[3] * -cx + m[4] * -cy + m[5])
+    m[2] += cx
+    m[5] += cy
+    return m
+
+
+_CONST_CACHE = {}
+_CONST_LOCK = threading.Lock()
+
+
+def rotation_table(height: int, width: int, device) -> torch.Tensor:
+    """PIL's exact rotation matrices for the integer angles 0..359 on a ``width`` x ``height``
+    image: float64 ``[360, 6]`` (cached per size and device)."""
+    return _consts(height, width, device)[0]
+
+
+def _consts(height: int, width: int, device):
+    """Tables computed once in exact (NumPy/Python) arithmetic and passed into the kernels, so
+    that no compiled code has to divide (Inductor turns ``x / c`` into ``x * (1 / c)`` and
+    Triton's float division is approximate): (rotation matrices [360, 6] f64, k / 255 for
+    k = 0..255 [256] f32, 255 / span for span = 0..255 [256] f64)."""
+    device = torch.device(device)
+    key = (int(height), int(width), device.type, device.index)
+    with _CONST_LOCK:
+        c = _CONST_CACHE.get(key)
+        if c is None:
+            rows = [_pil_rotate_matrix(float(d), width, height) for d in range(360)]
+            rot = torch.tensor(rows, dtype=torch.float64, device=device)
+            inv255 = torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(255))
+            scale = torch.tensor([255.0] + [255.0 / k for k in range(1, 256)], dtype=torch.float64)
+            c = (rot, inv255.to(device), scale.to(device))
+            _CONST_CACHE[key] = c
+    return c
+
+
+def _affine_matrices(op, mag, ops, H, W, rot):
+    """Per-sample AFFINE data [B, 6] float64 (identity for non-geometric ops)."""
+    B = op.shape[0]
+    m = mag.to(torch.float64)
+    one = torch.ones_like(m)
+    zero = torch.zeros_like(m)
+    cols = [one, zero, zero, zero, one, zero]
+
+    def put(name, values):
+        if name not in ops:
+            return
+        sel = op == ops.index(name)
+        for c, v in enumerate(values):
+            if v is not None:
+                cols[c] = torch.where(sel, v, cols[c])
+
+    put("shear_x", [None, m, None, None, None, None])
+    put("shear_y", [None, None, None, m, None, None])
+    put("translate_x", [None, None, m, None, None, None])
+    put("translate_y", [None, None, None, None, None, m])
+    put("mirror", [-one, None, one * W, None, None, None])
+    if "rotate" in ops:
+        # angle % 360 (Python semantics), made robust to an inexact m / 360 under compilation
+        ang = m - 360.0 * torch.floor(m * (1.0 / 360.0))
+        ang = torch.where(ang >= 360.0, ang - 360.0, ang)
+        ang = torch.where(ang < 0, ang + 360.0, ang)
+        whole = ang == torch.floor(ang)
+        idx = torch.floor(ang).clamp(0, 359).to(torch.long)
+        exact = rot.index_select(0, idx)                                 # [B, 6]
+        # Non-integer angles (never produced by tapes): same formula with torch's cos/sin.
+        a = -(ang * (math.pi / 180.0))
+        c = torch.round(torch.cos(a) * 1e15) / 1e15
+        s = torch.round(torch.sin(a) * 1e15) / 1e15
+        cx, cy = W / 2, H / 2
+        approx = torch.stack([c, s, (c * -cx + s * -cy) + cx, -s, c, (-s * -cx + c * -cy) + cy], 1)
+        rmat = torch.where(whole[:, None], exact, approx)
+        put("rotate", list(rmat.unbind(1)))
+    return torch.stack(cols, 1).reshape(B, 6)
+
+
+def _warp(x: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
+    """PIL ``transform(AFFINE, mat, BILINEAR)`` (fill 0) of uint8 [B, H, W, 3]; mat [B, 6] f64."""
+    B, H, W, Cc = x.shape
+    dev = x.device
+    xs = torch.arange(W, device=dev, dtype=torch.float64) + 0.5
+    ys = torch.arange(H, device=dev, dtype=torch.float64) + 0.5
+    a = [mat[:, i].reshape(B, 1, 1) for i in range(6)]
+    xc = xs.reshape(1, 1, W)
+    yc = ys.reshape(1, H, 1)
+    xin = a[0] * xc + a[1] * yc + a[2]                                # [B, H, W]
+    yin = a[3] * xc + a[4] * yc + a[5]
+    inside = (xin >= 0) & (xin < W) & (yin >= 0) & (yin < H)
+    xf = xin - 0.5
+    yf = yin - 0.5
+    x0 = torch.floor(xf)
+    y0 = torch.floor(yf)
+    dx = (xf - x0).reshape(B, H * W, 1)
+    dy = (yf - y0).reshape(B, H * W, 1)
+    # Clamp in float first (coordinates of far-away points may not fit an int).
+    x0c = x0.clamp(0, W - 1).to(torch.long)
+    x1c = (x0 + 1).clamp(0, W - 1).to(torch.long)
+    y0c = y0.clamp(0, H - 1).to(torch.long)
+    y1c = (y0 + 1).clamp(0, H - 1).to(torch.long)
+    flat = x.reshape(B, H * W, Cc)
+
+    def tap(yy, xx):
+        idx = (yy * W + xx).reshape(B, H * W, 1).expand(B, H * W, Cc)
+        return torch.gather(flat, 1, idx).to(torch.float64)
+
+    p00, p01 = tap(y0c, x0c), tap(y0c, x1c)
+    p10, p11 = tap(y1c, x0c), tap(y1c, x1c)
+    v1 = p00 + (p01 - p00) * dx
+    v2 = p10 + (p11 - p10) * dx
+    v = v1 + (v2 - v1) * dy
+    v = torch.where(inside.reshape(B, H * W, 1), torch.trunc(v), torch.zeros_like(v))
+    return v.to(torch.uint8).reshape(B, H, W, Cc)
+
+
+def _geometric(x, op, mag, ops, consts):
+    B, H, W, _ = x.shape
+    return _warp(x, _affine_matrices(op, mag, ops, H, W, consts[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Point ops: one per-sample, per-channel lookup table.
+
+def _histogram(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample per-channel 256-bin histograms of uint8 [B, H, W, 3] -> int64 [B, 3, 256]."""
+    B = x.shape[0]
+    Cc = x.shape[-1]
+    off = torch.arange(Cc, device=x.device, dtype=torch.int64) * 256
+    idx = (x.to(torch.int64) + off).reshape(B, -1)
+    h = torch.zeros(B, Cc * 256, device=x.device, dtype=torch.int32)
+    h = h.scatter_add(1, idx, torch.ones_like(idx, dtype=torch.int32))
+    return h.reshape(B, Cc, 256).to(torch.int64)
+
+
+def _equalize_lut(h: torch.Tensor, ident: torch.Tensor) -> torch.Tensor:
+    """PIL ``ImageOps.equalize``: h int64 [B, 3, 256] -> LUT int64 [B, 3, 256]."""
+    nz = h > 0
+    nnz = nz.sum(-1)
+    last = torch.where(nz, ident, torch.full_like(ident, -1)).amax(-1)
+    h_last = torch.gather(h, -1, last.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    step = (h.sum(-1) - h_last) // 255
+    cum_excl = torch.cumsum(h, -1) - h
+    lut = (torch.div(step, 2, rounding_mode="floor").unsqueeze(-1) + cum_excl) \
+        // step.clamp(min=1).unsqueeze(-1)
+    keep = ((nnz <= 1) | (step == 0)).unsqueeze(-1)
+    return torch.where(keep, ident, lut)
+
+
+def _autocontrast_lut(h: torch.Tensor, cutoff: torch.Tensor, ident: torch.Tensor,
+                      scale_table: torch.Tensor) -> torch.Tensor:
+    """PIL ``ImageOps.autocontrast(img, cutoff)`` (cutoff >= 0 percent, same at both ends)."""
+    n = h.sum(-1)                                                     # [B, 3]
+    c = cutoff.to(torch.float64).reshape(-1, 1)
+    # cut = int(n * cutoff // 100): Python's float floor division is the exact floor of the
+    # quotient; a rounded quotient is corrected by one where needed.
+    v = n.to(torch.float64) * c
+    q = torch.floor(v * 0.01)
+    q = torch.where(q * 100.0 > v, q - 1, q)
+    q = torch.where((q + 1) * 100.0 <= v, q + 1, q)
+    cut = q.to(torch.int64)
+    cum_incl = torch.cumsum(h, -1)
+    suffix_incl = n.unsqueeze(-1) - cum_incl + h
+    # After the cut loops: lo = first bin whose inclusive cumulative count exceeds the cut, hi =
+    # last bin whose inclusive suffix count exceeds it (equivalent whenever the answer is not the
+    # identity; see the tests for the degenerate cases).
+    lo = (cum_incl <= cut.unsqueeze(-1)).sum(-1)
+    hi = 255 - (suffix_incl <= cut.unsqueeze(-1)).sum(-1)
+    # scale = 255.0 / (hi - lo), looked up: torch's ``255.0 / t`` is reciprocal-then-multiply
+    scale = scale_table[(hi - lo).clamp(1, 255).reshape(-1)].reshape(hi.shape)
+    offset = (-lo).to(torch.float64) * scale
+    v = ident.to(torch.float64) * scale.unsqueeze(-1) + offset.unsqueeze(-1)
+    lut = torch.trunc(v).clamp(0, 255).to(torch.int64)
+    return torch.where((hi <= lo).unsqueeze(-1), ident, lut)
+
+
+def _point_ops(x, op, mag, ops, consts):
+    B, H, W, Cc = x.shape
+    dev = x.device
+    ident = torch.arange(256, device=dev, dtype=torch.int64).expand(B, Cc, 256)
+    lut = ident
+    m3 = mag.reshape(B, 1, 1)
+    o3 = op.reshape(B, 1, 1)
+    h = _histogram(x) if any(n in ops for n in HIST_OPS) else None
+    for i, name in enumerate(ops):
+        if name not in LUT_OPS:
+            continue
+        if name == "posterize":
+            # ImageOps.posterize(img, int(m)): i & ~(2^(8-bits) - 1)
+            shift = (8 - torch.trunc(m3)).clamp(0, 8).to(torch.int64)
+            cand = torch.bitwise_left_shift(torch.bitwise_right_shift(ident, shift), shift)
+        elif name == "solarize":
+            cand = torch.where(ident.to(torch.float32) < m3, ident, 255 - ident)
+        elif name == "invert":
+            cand = 255 - ident
+        elif name == "equalize":
+            cand = _equalize_lut(h, ident)
+        else:  # autocontrast
+            cand = _autocontrast_lut(h, mag, ident, consts[2])
+        lut = torch.where(o3 == i, cand, lut)
+    lut = lut.clamp(0, 255)                                           # Image.point clips
+    off = torch.arange(Cc, device=dev, dtype=torch.int64) * 256
+    idx = (x.to(torch.int64) + off).reshape(B, -1)
+    out = torch.gather(lut.reshape(B, Cc * 256), 1, idx)
+    return out.to(torch.uint8).reshape(B, H, W, Cc)
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageEnhance ops: Image.blend(degenerate, image, factor).
+
+def _gray_l(x: torch.Tensor) -> torch.Tensor:
+    """Pillow's RGB -> L: (19595 R + 38470 G + 7471 B + 0x8000) >> 16, int32 [B, H, W]."""
+    xi = x.to(torch.int32)
+    return (xi[..., 0] * 19595 + xi[..., 1] * 38470 + xi[..., 2] * 7471 + 0x8000) >> 16
+
+
+def _smooth(x: torch.Tensor) -> torch.Tensor:
+    """Pillow's ``ImageFilter.SMOOTH`` on uint8 [B, H, W, 3] (float32 [B, H, W, 3] result)."""
+    p = x.to(torch.float32)
+    H, W = x.shape[1], x.shape[2]
+    if H < 3 or W < 3:
+        return p
+    k1, k5 = _F32_1_13, _F32_5_13
+
+    def row(r, kc):
+        return (p[:, r, :-2] * k1 + p[:, r, 1:-1] * kc) + p[:, r, 2:] * k1
+
+    ss = row(slice(2, H), k1) + 0.5         # Filter.c: ss = offset + 0.5; ss += row(y+1) ...
+    ss = ss + row(slice(1, H - 1), k5)
+    ss = ss + row(slice(0, H - 2), k1)
+    inner = torch.trunc(ss).clamp(0, 255)    # clip8: <=0 -> 0, >=255 -> 255, else truncate
+    mid = torch.cat([p[:, 1:-1, :1], inner, p[:, 1:-1, -1:]], 2)
+    return torch.cat([p[:, :1], mid, p[:, -1:]], 1)
+
+
+def _blend_ops(x, op, mag, ops):
+    B, H, W, Cc = x.shape
+    xf = x.to(torch.float32)
+    o4 = _bcast(op)
+    deg = torch.zeros_like(xf)                                        # brightness: black
+    if "color" in ops:
+        gray = _gray_l(x).to(torch.float32).unsqueeze(-1)
+        deg = torch.where(o4 == ops.index("color"), gray, deg)
+    if "contrast" in ops:
+        s = _gray_l(x).to(torch.int64).sum((1, 2))
+        n = H * W
+        mean = torch.div(2 * s + n, 2 * n, rounding_mode="floor").to(torch.float32)
+        deg = torch.where(o4 == ops.index("contrast"), _bcast(mean), deg)
+    if "sharpness" in ops:
+        deg = torch.where(o4 == ops.index("sharpness"), _smooth(x), deg)
+    # Blend.c: (float) in1 + alpha * (in2 - in1), truncated, clipped to [0, 255]
+    v = deg + _bcast(mag.to(torch.float32)) * (xf - deg)
+    return torch.trunc(v).clamp(0, 255).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public: image ops.
+
+def _image_ops(x, op, mag, ops, consts):
+    out = x
+    if any(n in LUT_OPS for n in ops):
+        out = _where_apply(_op_mask(op, ops, LUT_OPS),
+                           lambda a, o, m: _point_ops(a, o, m, ops, consts), out, x, op, mag)
+    if any(n in C.GEOMETRIC_OPS for n in ops):
+        out = _where_apply(_op_mask(op, ops, C.GEOMETRIC_OPS),
+                           lambda a, o, m: _geometric(a, o, m, ops, consts), out, x, op, mag)
+    if any(n in BLEND_OPS for n in ops):
+        out = _where_apply(_op_mask(op, ops, BLEND_OPS), lambda a, o, m: _blend_ops(a, o, m, ops),
+                           out, x, op, mag)
+    return out
+
+
+def image_ops(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor,
+              ops: Sequence[str] = C.IMAGE_OPS) -> torch.Tensor:
+    """One image op per sample, as PIL computes it (``reference.image_op``).
+
+    x uint8 [B, H, W, 3]; op long [B] (index into ``ops``, e.g. ``cfg.ops``); mag float32 [B]
+    (the value handed to PIL: ``config.magnitude``).  An op index outside ``ops`` leaves the
+    sample unchanged.
+    """
+    ops = tuple(ops)
+    if x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"image_ops wants uint8 [B, H, W, 3], got {x.dtype} {tuple(x.shape)}")
+    op = torch.as_tensor(op, device=x.device).to(torch.long).reshape(-1)
+    mag = torch.as_tensor(mag, device=x.device).to(torch.float32).reshape(-1)
+    return _image_ops(x, op, mag, ops, _consts(x.shape[1], x.shape[2], x.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixings.
+
+def _to_uint8(v: torch.Tensor, overflow: str) -> torch.Tensor:
+    """``reference.to_uint8`` on float32 in [0, 1]-ish values."""
+    if overflow == "clamp":
+        return torch.trunc(v.clamp(0, 1) * 255.0).to(torch.uint8)
+    v = v * 255.0
+    ok = torch.isfinite(v) & (v.abs() < 2.0 ** 31)
+    v = torch.where(ok, v, torch.zeros_like(v))
+    return (torch.trunc(v).to(torch.int64) & 255).to(torch.uint8)
+
+
+def _div255(x, inv255):
+    """x / 255 in float32, correctly rounded (a table look-up: see ``_consts``)."""
+    return inv255[x.to(torch.int64)]
+
+
+def _mix_add(x1, x2, a, b, overflow, inv255):
+    p1 = _div255(x1, inv255)
+    p2 = _div255(x2, inv255)
+    mixed = ((_bcast(a) * (p1 * 2 - 1) + _bcast(b) * (p2 * 2 - 1)) + 1) / 2
+    return _to_uint8(mixed, overflow)
+
+
+def _mix_multiply(x1, x2, a, b, overflow, inv255):
+    p1 = _div255(x1, inv255)
+    p2 = _div255(x2, inv255)
+    eps = torch.full((), C.MULTIPLY_EPS, dtype=torch.float32, device=x1.device)
+    mixed = (torch.pow(p1 * 2, _bcast(a)) * torch.pow(torch.maximum(p2 * 2, eps), _bcast(b))) / 2
+    return _to_uint8(mixed, overflow)
+
+
+def _mix_random(x1, x2, p, seed, elems):
+    """random_pixels (elems False) / random_elems (True): take x1 where u < p.  In-range values
+    round-trip exactly through /255 and to_uint8, so the select is done on uint8 directly."""
+    B, H, W, Cc = x1.shape
+    dev = x1.device
+    pix = torch.arange(H * W, device=dev, dtype=torch.int64).reshape(1, H, W, 1)
+    ch = torch.arange(Cc, device=dev, dtype=torch.int64).reshape(1, 1, 1, Cc)
+    index = torch.where(_bcast(elems), pix * Cc + ch, pix)          # [B, H, W, Cc]
+    hs = noise.hash32(seed.to(torch.int64))                           # [B]
+    bits = noise.hash32(index ^ _bcast(hs)) >> 8
+    u = bits.to(torch.float32) * _INV_2_24
+    return torch.where(u < _bcast(p.to(torch.float32)), x1, x2)
+
+
+def _window_mask(window, H, W, device):
+    win = window.to(torch.int64)
+    top, left, h, w = (_bcast(win[:, i]) for i in range(4))
+    rows = torch.arange(H, device=device).reshape(1, H, 1, 1)
+    cols = torch.arange(W, device=device).reshape(1, 1, W, 1)
+    return (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+
+
+def mixings(x1: torch.Tensor, x2: torch.Tensor, mix: torch.Tensor, a: torch.Tensor,
+            b: torch.Tensor, p: torch.Tensor, seed: torch.Tensor, window: torch.Tensor,
+            overflow: str = "wrap") -> torch.Tensor:
+    """One P-level mixing per sample, as ``reference.mixing_op`` computes it.
+
+    x1, x2 uint8 [B, H, W, 3]; mix long [B] (0 add, 1 multiply, 2 random_pixels,
+    3 random_elems); a, b, p float32 [B]; seed [B] (float32 holding an integer < 2^24);
+    window [B, 4] = (top, left, height, width).  Outside the window the result is x1.
+    """
+    if overflow not in ("wrap", "clamp"):
+        raise ValueError(f"overflow must be 'wrap' or 'clamp', got {overflow!r}")
+    dev = x1.device
+    as_t = lambda v, dt: torch.as_tensor(v, device=dev).to(dt)  # noqa: E731
+    B = x1.shape[0]
+    mix = as_t(mix, torch.long).reshape(B)
+    a, b, p = (as_t(v, torch.float32).reshape(B) for v in (a, b, p))
+    seed = as_t(seed, torch.float32).reshape(B)
+    window = as_t(window, torch.float32).reshape(B, 4)
+    x2 = x2.to(dev)
+    return _mixings(x1, x2, mix, a, b, p, seed, window, overflow,
+                    _consts(x1.shape[1], x1.shape[2], dev))
+
+
+def _mixings(x1, x2, mix, a, b, p, seed, window, overflow, consts):
+    B, H, W, _ = x1.shape
+    inv255 = consts[1]
+    q = x1
+    q = _where_apply(mix == 0, lambda u, v, aa, bb: _mix_add(u, v, aa, bb, overflow, inv255),
+                     q, x1, x2, a, b)
+    q = _where_apply(mix == 1, lambda u, v, aa, bb: _mix_multiply(u, v, aa, bb, overflow, inv255),
+                     q, x1, x2, a, b)
+    q = _where_apply(mix >= 2, _mix_random, q, x1, x2, p, seed, mix == 3)
+    return torch.where(_window_mask(window, H, W, x1.device), q, x1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The IPMix views.
+
+def _chain_step(cur, x, f, st, ops, self_mix_on, overflow, consts):
+    """One chain step for a batch (``reference.run_step``): st float32 [B, len(STEP_FIELDS)]."""
+    col = lambda n: st[:, SF[n]]  # noqa: E731
+    act_img = col("active_img") > 0
+    act_p = (col("active_p") > 0) & ~act_img
+    if self_mix_on:
+        self_mix = act_p & (col("self_mix") > 0)
+    else:
+        self_mix = torch.zeros_like(act_p)
+    src = torch.where(_bcast(act_img), cur, x)
+    op = torch.where(act_img, col("op"), col("self_op")).to(torch.long)
+    mag = torch.where(act_img, col("mag"), col("self_mag"))
+    r = _where_apply(act_img | self_mix, lambda s, o, m: _image_ops(s, o, m, ops, consts),
+                     src, src, op, mag)
+    partner = torch.where(_bcast(self_mix), r, f)
+    window = torch.stack([col("top"), col("left"), col("height"), col("width")], 1)
+    mixed = _where_apply(
+        act_p,
+        lambda c, pr, mx, a, b, p, sd, win: _mixings(c, pr, mx, a, b, p, sd, win, overflow, consts),
+        cur, cur, partner, col("mix").to(torch.long), col("a"), col("b"), col("p"), col("seed"),
+        window)
+    return torch.where(_bcast(act_img), r, mixed)
+
+
+def _normalize_hwc(v01: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
+    m = torch.tensor(mean, dtype=torch.float32, device=v01.device)
+    s = torch.tensor(std, dtype=torch.float32, device=v01.device)
+    return (v01 - m) / s
+
+
+def _finish(x, chains_out, weights, skip, cfg, A, out_dtype, channels_last_out):
+    """Final mix of one batch of views: x uint8 [A*B, H, W, 3], chains_out list of k uint8,
+    weights [A*B, k], skip [A*B] -> [B, V, 3, H, W] (or [B, V, H, W, 3])."""
+    AB, H, W, Cc = x.shape
+    B = AB // A
+    acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for i, cur in enumerate(chains_out):
+        acc = acc + _bcast(weights[:, i]) * cur.to(torch.float32)
+    m = _bcast(skip)
+    xf = x.to(torch.float32)
+    final = (1 - m) * xf / 255.0 + m * acc / 255.0
+    views = _normalize_hwc(final, cfg.mean, cfg.std).reshape(A, B, H, W, Cc).transpose(0, 1)
+    if cfg.jsd:
+        clean = _normalize_hwc(xf[:B] / 255.0, cfg.mean, cfg.std).unsqueeze(1)
+        views = torch.cat([clean, views], 1)
+    if not channels_last_out:
+        views = views.permute(0, 1, 4, 2, 3)
+    return views.to(out_dtype).contiguous()
+
+
+def _prepare(x, f, tapes, cfg):
+    if x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"ipmix_views wants uint8 [B, H, W, 3] images, got {x.dtype} {tuple(x.shape)}")
+    if f.shape != x.shape or f.dtype != torch.uint8:
+        raise ValueError(f"mixing pictures must match the images: {tuple(f.shape)} vs {tuple(x.shape)}")
+    A = 2 if cfg.jsd else 1
+    lay = TapeLayout(cfg.k, cfg.t)
+    B = x.shape[0]
+    tapes = torch.as_tensor(tapes).to(device=x.device, dtype=torch.float32)
+    if tapes.dim() == 2 and A == 1:
+        tapes = tapes.unsqueeze(1)
+    if tuple(tapes.shape) != (B, A, lay.size):
+        raise ValueError(f"tapes must be [B={B}, A={A}, L={lay.size}] for this config, got "
+                         f"{tuple(tapes.shape)}")
+    f = f.to(x.device)
+    return x, f, tapes, A
+
+
+def _views_impl(x, f, tapes, cfg, out_dtype, channels_last_out, consts, step_fn=None):
+    A = 2 if cfg.jsd else 1
+    B = x.shape[0]
+    lay = TapeLayout(cfg.k, cfg.t)
+    tp = tapes.transpose(0, 1).reshape(A * B, lay.size)              # view-major batch
+    skip, chain_f, steps = lay.unpack(tp)
+    X = x.repeat(A, 1, 1, 1) if A > 1 else x
+    F = f.repeat(A, 1, 1, 1) if A > 1 else f
+    ops = tuple(cfg.ops)
+    fresh = step_fn is not None        # a compiled step: don't alias its inputs (recompiles)
+    if step_fn is None:
+        def step_fn(cur, X_, F_, st, consts_):
+            return _chain_step(cur, X_, F_, st, ops, cfg.self_mix, cfg.overflow, consts_)
+    outs = []
+    for i in range(cfg.k):
+        cur = X.clone() if fresh else X
+        for j in range(cfg.t):
+            cur = step_fn(cur, X, F, steps[:, i, j].contiguous(), consts)
+        outs.append(cur)
+    return _finish(X, outs, chain_f[:, :, CF["weight"]], skip, cfg, A, out_dtype, channels_last_out)
+
+
+def ipmix_views(x: torch.Tensor, f: torch.Tensor, tapes, cfg: C.IPMixConfig,
+                out_dtype: torch.dtype = torch.float32, channels_last_out: bool = False):
+    """All views of a batch (``reference.ipmix_views`` for every sample), eager.
+
+    x, f uint8 [B, H, W, 3] (any device, same size); tapes float32 [B, A, L] with A = 2 if
+    ``cfg.jsd`` else 1 (``[B, L]`` accepted when A = 1).  Returns normalised (cfg.mean / cfg.std)
+    ``[B, V, 3, H, W]`` (``[B, V, H, W, 3]`` with ``channels_last_out``) in ``out_dtype``, V = 3
+    (clean, IPMix 1, IPMix 2) with JSD else 1.
+    """
+    x, f, tapes, _ = _prepare(x, f, tapes, cfg)
+    consts = _consts(x.shape[1], x.shape[2], x.device)
+    return _views_impl(x, f, tapes, cfg, out_dtype, channels_last_out, consts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled kernels.
+
+_KERNELS = {}
+_KERNELS_LOCK = threading.Lock()
+
+
+class _Kernel:
+    """``kernel(x, f, tapes, out_dtype=..., channels_last_out=...)`` -> like ``ipmix_views``."""
+
+    def __init__(self, cfg, device, compiled, backend, whole_graph):
+        self.cfg, self.device, self.compiled = cfg, device, compiled
+        self.whole_graph = whole_graph
+        ops = tuple(cfg.ops)
+        self_mix, overflow = cfg.self_mix, cfg.overflow
+
+        def step(cur, X, F, st, consts):
+            return _chain_step(cur, X, F, st, ops, self_mix, overflow, consts)
+
+        def views(x, f, tapes, consts, out_dtype, channels_last_out):
+            return _views_impl(x, f, tapes, cfg, out_dtype, channels_last_out, consts)
+
+        self._step = step
+        self._views = views
+        if compiled:
+            kw = dict(fullgraph=True, dynamic=False, backend=backend)
+            if backend == "inductor" and _has_inductor_option("emulate_precision_casts"):
+                # Also turns off Triton's FMA contraction (``enable_fp_fusion``), keeping
+                # ``a * b + c`` rounded twice as in eager mode, PIL and NumPy.
+                kw["options"] = {"emulate_precision_casts": True}
+            if whole_graph:
+                self._views = torch.compile(views, **kw)
+            else:
+                # One compiled step reused for all k*t steps: the same graph with the same shapes,
+                # so it compiles once (the whole unrolled view graph takes much longer to build).
+                self._step = torch.compile(step, **kw)
+
+    def __call__(self, x, f, tapes, out_dtype=torch.float32, channels_last_out=False):
+        x, f, tapes, _ = _prepare(x, f, tapes, self.cfg)
+        consts = _consts(x.shape[1], x.shape[2], x.device)
+        if self.compiled and self.whole_graph:
+            return self._views(x, f, tapes, consts, out_dtype, channels_last_out)
+        return _views_impl(x, f, tapes, self.cfg, out_dtype, channels_last_out, consts,
+                           step_fn=self._step if self.compiled else None)
+
+
+def _has_inductor_option(name: str) -> bool:
+    try:
+        import torch._inductor.config as ic
+        return hasattr(ic, name)
+    except Exception:  # pragma: no cover
+        return False
+
+
+def get_kernel(cfg: C.IPMixConfig, device="cuda", compile: Optional[bool] = None,
+               backend: str = "inductor", whole_graph: bool = False):
+    """The IPMix view function for ``cfg`` on ``device``, cached per (cfg, device, options).
+
+    On CUDA (``compile=None``) the chain step is ``torch.compile``'d (mode default,
+    ``dynamic=False``, ``fullgraph=True``) and reused for all k*t steps; ``whole_graph=True``
+    compiles the whole view function instead (longer compile).  On CPU the eager function is
+    returned (``compile=True`` forces compilation, e.g. with ``backend="aot_eager"`` to check that
+    the graph traces without breaks).  The result is called like ``ipmix_views`` without ``cfg``.
+    """
+    device = torch.device(device)
+    if compile is None:
+        compile = device.type == "cuda"
+    key = (cfg, device.type, device.index, bool(compile), backend, bool(whole_graph))
+    with _KERNELS_LOCK:
+        k = _KERNELS.get(key)
+        if k is None:
+            k = _Kernel(cfg, device, bool(compile), backend, bool(whole_graph))
+            _KERNELS[key] = k
+    return k
+
+
+# ---------------------------------------------------------------------------------------------
+# DALI integration.
+
+class _DaliCallback:
+    """The python function run by DALI: lists of per-sample DLPack capsules in, one batched
+    DLPack tensor out."""
+
+    def __init__(self, cfg, out_dtype, channels_last_out, compile):
+        self.cfg, self.out_dtype, self.channels_last_out = cfg, out_dtype, channels_last_out
+        self.compile = compile
+        self._streams = {}
+
+    def _stream(self, device):
+        s = self._streams.get(device.index)
+        if s is None:
+            s = self._streams[device.index] = torch.cuda.Stream(device=device)
+        return s
+
+    def __call__(self, images, fractals, *tapes):
+        from torch.utils.dlpack import from_dlpack, to_dlpack
+        x = torch.stack([from_dlpack(c) for c in images])
+        f = torch.stack([from_dlpack(c) for c in fractals])
+        t = torch.stack([torch.stack([from_dlpack(c) for c in view]) for view in tapes], 1)
+        kernel = get_kernel(self.cfg, x.device, compile=self.compile)
+        if x.is_cuda:
+            stream = self._stream(x.device)
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.device(x.device), torch.cuda.stream(stream):
+                out = kernel(x, f, t.to(x.device), self.out_dtype, self.channels_last_out)
+            stream.synchronize()
+        else:
+            out = kernel(x, f, t, self.out_dtype, self.channels_last_out)
+        # DALI 2.4 wants a list of per-sample tensors (a single batched capsule is rejected with
+        # "'PyCapsule' object is not iterable"); out is contiguous, so each out[i] is too.
+        return [to_dlpack(o) for o in out]
+
+
+def fused_ipmix_node(images, fractals, tapes, cfg: C.IPMixConfig, device: str = "gpu",
+                     out_dtype: torch.dtype = torch.float32, channels_last_out: bool = False,
+                     compile: Optional[bool] = None):
+    """Inside a ``@pipeline_def``: all IPMix views of every sample, computed by the fused kernel.
+
+    images, fractals: uint8 HWC DataNodes of one uniform size S x S; tapes: a list of A (2 with
+    JSD, else 1) CPU DataNodes, each float32 [L] per sample (``dali_ipmix.tape.dali_tape(cfg)``,
+    called once per view).  ``device`` "cpu" or "gpu": where the kernel runs (the tapes, and CPU
+    images for "gpu", are moved there).  Returns one DataNode per sample: [V, 3, S, S] (layout
+    "FCHW", the views as frames) or [V, S, S, 3] ("FHWC") with ``channels_last_out``.
+
+    Implemented with ``fn.dl_tensor_python_function(batch_processing=True,
+    synchronize_stream=True)`` and torch's own DLPack conversion (``fn.torch_python_function`` is
+    avoided: it creates a ``torch.cuda.Stream`` even on CPU).  On GPU the kernel runs on a private
+    torch stream that is synchronised before the output goes back to DALI.
+
+    Executor settings: with DALI 2.4 the pipeline works with the DEFAULT executor settings
+    (``exec_async=True, exec_pipelined=True``, dynamic executor) -- tested on CPU by
+    tests/test_fused.py; ``exec_pipelined=False, exec_async=False`` (required by old DALI versions
+    for python functions) is not needed, and also works.  As with every python function, the
+    pipeline cannot be serialized and needs ``py_start_method``-independent in-process execution.
+    """
+    from nvidia.dali import fn
+    A = 2 if cfg.jsd else 1
+    tapes = list(tapes) if isinstance(tapes, (list, tuple)) else [tapes]
+    if len(tapes) != A:
+        raise ValueError(f"this config needs {A} tape node(s) (jsd={cfg.jsd}), got {len(tapes)}")
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if device == "gpu":
+        images, fractals = images.gpu(), fractals.gpu()
+        tapes = [t.gpu() for t in tapes]
+    elif images.device == "gpu" or fractals.device == "gpu":
+        raise ValueError("device='cpu' needs CPU images and fractals")
+    layout = "FHWC" if channels_last_out else "FCHW"
+    return fn.dl_tensor_python_function(
+        images, fractals, *tapes,
+        function=_DaliCallback(cfg, out_dtype, channels_last_out, compile),
+        batch_processing=True, synchronize_stream=True, num_outputs=1, device=device,
+        output_layouts=layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+
+def benchmark(batch: int = 64, size: int = 224, iters: int = 5, device=None,
+              cfg: Optional[C.IPMixConfig] = None, seed: int = 0, out_dtype=torch.float32) -> float:
+    """Source images per second of the fused kernel (each image yields ``cfg.views`` outputs).
+
+    Random-texture images and tapes from ``tape.sample``; one warm-up call (compilation on CUDA)
+    is not timed.  ``device`` defaults to CUDA when available."""
+    from . import tape as T
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if cfg is None:
+        cfg = C.IMAGENET if size == C.IMAGENET.image_size else C.IMAGENET.replace(
+            image_size=size, patch_sizes=tuple(s for s in C.IMAGENET.patch_sizes if s < size) + (size,))
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen).to(device)
+    f = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen).to(device)
+    A = 2 if cfg.jsd else 1
+    tapes = torch.from_numpy(np.stack([T.sample(rng, cfg, batch) for _ in range(A)], 1)).to(device)
+    kernel = get_kernel(cfg, device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    kernel(x, f, tapes, out_dtype)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        kernel(x, f, tapes, out_dtype)
+    sync()
+    return batch * iters / (time.perf_counter() - t0)
