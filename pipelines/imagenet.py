@@ -22,12 +22,13 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, bat
                    num_threads=4, device="gpu", device_id=None, backend="fused", seed=0,
                    shard_id=0, num_shards=1, dtype="float", resize=256, extra_outputs=False,
                    enable_checkpointing=False, checkpoint=None, hw_decoder_load=0.65,
-                   prefetch_queue_depth=2):
+                   prefetch_queue_depth=2, random_area=(0.08, 1.0)):
     """Build (not yet started) the IPMix training pipeline.
 
     Outputs ``images`` [V, 3, S, S] and ``labels`` [1]; with ``extra_outputs`` also the raw crop,
     the mixing picture (uint8 HWC) and the tapes [A, L], for replay through the reference.
     Each rank gets its own shard and its own seed (``seed + 1000 * shard_id``).
+    ``random_area``: the RandomResizedCrop area range (torchvision's default ``(0.08, 1)``).
     """
     files = readers.class_folder_files(data_dir)
     pictures = readers.picture_files(mixing_dir)
@@ -37,7 +38,8 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, bat
     def graph():
         images, labels = readers.train_images(
             data_dir, device=device, size=cfg.image_size, shard_id=shard_id,
-            num_shards=num_shards, files=files[:2], hw_decoder_load=hw_decoder_load)
+            num_shards=num_shards, files=files[:2], hw_decoder_load=hw_decoder_load,
+            random_area=random_area)
         images = fn.flip(images, horizontal=fn.random.coin_flip())
         pics = readers.mixing_pictures(mixing_dir, device=device, size=cfg.image_size,
                                        resize=resize, files=pictures)

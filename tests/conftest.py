@@ -41,6 +41,30 @@ def partners64():
     return photo_crops(64, 6, seed=2)[::-1]
 
 
+def make_class_folders(root, n_images=12, n_classes=3, n_pictures=5, seed=5):
+    """A tiny ImageNet-like set of real photographs as JPEGs of varied size: ``root/train/<class>``,
+    ``root/val/<class>`` (the same pictures) and a nested mixing folder ``root/mixing``."""
+    rng = np.random.default_rng(0)
+    for i, crop in enumerate(photo_crops(120, n_images, seed=seed)):
+        cls = f"class{i % n_classes}"
+        w, h = int(rng.integers(80, 121)), int(rng.integers(80, 121))
+        for split in ("train", "val"):
+            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
+            Image.fromarray(crop).resize((w, h)).save(
+                os.path.join(root, split, cls, f"{i:03d}.jpg"), quality=90)
+    for i, pic in enumerate(photo_crops(90, n_pictures, seed=9)):
+        sub = os.path.join(root, "mixing", "a" if i % 2 else os.path.join("b", "c"))  # nested is fine
+        os.makedirs(sub, exist_ok=True)
+        Image.fromarray(pic).save(os.path.join(sub, f"f{i}.jpg"), quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """12 training / 12 validation JPEGs in 3 classes and 5 mixing pictures."""
+    return make_class_folders(tmp_path_factory.mktemp("data"))
+
+
 def has_gpu() -> bool:
     try:
         from nvidia.dali.backend import GetCUDADeviceCount

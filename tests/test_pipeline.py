@@ -1,36 +1,13 @@
 """The complete training and validation graphs on generated JPEGs, CPU backend."""
-import os
-
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import photo_crops
 from dali_ipmix import config as C, reference as R
 from dali_ipmix.cli import UserError
 from pipelines import imagenet
 
 CFG = C.IMAGENET.replace(k=2, t=2, image_size=64, patch_sizes=(4, 8, 16, 32, 64))
 BATCH = 4
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    crops = photo_crops(120, 12, seed=5)
-    for i, crop in enumerate(crops):
-        cls = f"class{i % 3}"
-        w, h = int(rng.integers(80, 121)), int(rng.integers(80, 121))
-        for split in ("train", "val"):
-            os.makedirs(root / split / cls, exist_ok=True)
-            Image.fromarray(crop).resize((w, h)).save(root / split / cls / f"{i:03d}.jpg", quality=90)
-    mix = root / "mixing"
-    for i, pic in enumerate(photo_crops(90, 5, seed=9)):
-        sub = mix / ("a" if i % 2 else "b/c")       # nested folders are fine
-        os.makedirs(sub, exist_ok=True)
-        Image.fromarray(pic).save(sub / f"f{i}.jpg", quality=90)
-    return root
 
 
 def _run(pipe, iters=1):

@@ -1,0 +1,276 @@
+"""train.py on CPU: learning, JSD loss, DDP over gloo, checkpoint/resume, interruption, bad input."""
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train
+from dali_ipmix.losses import ipmix_loss, jsd_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class TinyNet(nn.Module):
+    """Small enough for many steps in a test, with batch norm (buffers) like the real models."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn(self.conv(x))), 1).flatten(1))
+
+
+def tiny_factory(num_classes):
+    torch.manual_seed(0)
+    return TinyNet(num_classes)
+
+
+def _args(dataset, out, *extra):
+    return ["--data-path", str(dataset), "--mixing-set", str(dataset / "mixing"),
+            "--output-dir", str(out), "--image-size", "32", "--batch-size", "4", "--workers", "1",
+            "--epochs", "2", "--lr", "0.05", "--k", "2", "--t", "2", "--print-freq", "1",
+            "--no-tensorboard", *extra]
+
+
+def _params(path):
+    state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return {k: v for k, v in state.items() if "running" not in k and "num_batches" not in k}
+
+
+def _latest(out):
+    return train.find_checkpoints(out)[-1][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+def test_jsd_loss_matches_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(5, 7, generator=g) * 3 for _ in range(3)]
+    labels = torch.tensor([0, 3, 6, 2, 2])
+    got = jsd_loss(*logits, labels, weight=12.0)
+    p = [np.exp(l.double().numpy()) / np.exp(l.double().numpy()).sum(1, keepdims=True) for l in logits]
+    m = np.clip(sum(p) / 3, 1e-7, 1)
+    kl = [np.sum(q * (np.log(q) - np.log(m))) / 5 for q in p]
+    ce = -np.mean(np.log(p[0][np.arange(5), labels.numpy()]))
+    assert got.item() == pytest.approx(ce + 12 * sum(kl) / 3, rel=1e-5)
+    # sample-major views [B * 3]: (clean, aug1, aug2) of sample 0, then sample 1, ...
+    flat = torch.stack(logits, 1).reshape(15, 7)
+    loss, clean = ipmix_loss(flat, labels, 3, jsd_weight=12.0)
+    assert loss.item() == pytest.approx(got.item(), rel=1e-6)
+    torch.testing.assert_close(clean, logits[0])
+    assert jsd_loss(logits[0], logits[0], logits[0], labels).item() == pytest.approx(ce, rel=1e-5)
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    lam = train.make_lr_lambda(total_steps=100, warmup_steps=10, min_factor=0.01)
+    assert lam(0) == pytest.approx(0.1) and lam(9) == pytest.approx(1.0)
+    assert lam(10) == pytest.approx(1.0) and lam(100) == pytest.approx(0.01)
+    values = [lam(s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning on a fixed batch of real pipeline output
+
+def test_steps_on_fixed_batch_lower_the_loss(dataset):
+    from dali_ipmix import config as C
+    from dali_ipmix.loader import DaliLoader
+    from pipelines.imagenet import train_pipeline
+    cfg = C.IMAGENET.replace(k=2, t=2, image_size=32, patch_sizes=(4, 8, 16, 32))
+    pipe = train_pipeline(dataset / "train", dataset / "mixing", cfg=cfg, batch_size=4,
+                          num_threads=1, device="cpu", seed=1)
+    images, labels = next(iter(DaliLoader(pipe)))
+    assert images.shape == (12, 3, 32, 32) and labels.shape == (4,)
+    model = tiny_factory(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    losses = []
+    for _ in range(30):
+        loss, _ = ipmix_loss(model(images), labels, 3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint / resume
+
+def test_resume_equals_uninterrupted(dataset, tmp_path):
+    # 12 images / batch 4 = 3 steps per epoch: 4 steps cross an epoch
+    # boundary and stopping after 2 stops mid-epoch, so the DALI reader state must be restored.
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train.main(_args(dataset, a, "--max-steps", "4"), model_factory=tiny_factory) == 0
+    assert train.main(_args(dataset, b, "--max-steps", "2"), model_factory=tiny_factory) == 0
+    assert train.main(_args(dataset, b, "--max-steps", "4", "--resume", "auto"),
+                      model_factory=tiny_factory) == 0
+    pa, pb = _params(_latest(a)), _params(_latest(b))
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=1e-6, msg=k)
+    # same data order: the per-step losses of steps 3 and 4 agree
+    loss = lambda d: {r["step"]: r["loss"] for r in map(json.loads, open(d / "metrics.jsonl"))  # noqa
+                      if r["kind"] == "step"}
+    la, lb = loss(a), loss(b)
+    assert [la[s] for s in (1, 2, 3, 4)] == pytest.approx([lb[s] for s in (1, 2, 3, 4)], abs=1e-5)
+
+
+def test_existing_checkpoints_are_not_overwritten(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(_args(dataset, out, "--max-steps", "1"), model_factory=tiny_factory) == 0
+    before = open(_latest(out), "rb").read()
+    assert train.main(_args(dataset, out, "--max-steps", "1"), model_factory=tiny_factory) == 2
+    assert "already holds 1 checkpoint" in capsys.readouterr().err
+    assert open(_latest(out), "rb").read() == before
+
+
+def test_failed_checkpoint_write_keeps_previous(dataset, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_save = torch.save
+    calls = []
+
+    def failing_save(obj, f, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:          # the second checkpoint: write part of it, then "disk full"
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(train.torch, "save", failing_save)
+    assert train.main(_args(dataset, out, "--max-steps", "2", "--ckpt-every", "1"),
+                      model_factory=tiny_factory) == 0
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "checkpoint_00000001.pth kept" in err
+    assert [s for s, _ in train.find_checkpoints(out)] == [1]
+    assert not glob.glob(str(out / ".tmp-*"))
+    ckpt = torch.load(out / "checkpoint_00000001.pth", weights_only=False)
+    assert ckpt["step"] == 1 and "model" in ckpt
+
+
+def test_sigterm_checkpoints_and_resumes_to_same_weights(dataset, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    script = ("import sys, train, test_train; "
+              "sys.exit(train.main(sys.argv[1:], model_factory=test_train.tiny_factory))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    cmd = [sys.executable, "-c", script]
+    total = "6"
+    proc = subprocess.Popen(cmd + _args(dataset, b, "--max-steps", total, "--epochs", "3"),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = b / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and '"step": 2' in metrics.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "stopped by SIGTERM" in out and "--resume auto" in out
+    stopped_at = train.find_checkpoints(b)[-1][0]
+    assert 2 <= stopped_at < int(total)
+    resumed = subprocess.run(cmd + _args(dataset, b, "--max-steps", total, "--epochs", "3",
+                                         "--resume", "auto"),
+                             env=env, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert train.main(_args(dataset, a, "--max-steps", total, "--epochs", "3"),
+                      model_factory=tiny_factory) == 0
+    pa, pb = _params(_latest(a)), _params(_latest(b))
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=1e-6, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed (gloo)
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_hold_identical_weights(dataset, tmp_path):
+    script = ("import sys, torch, train, test_train\n"
+              "models = []\n"
+              "def factory(n):\n"
+              "    models.append(test_train.tiny_factory(n)); return models[-1]\n"
+              "rc = train.main(sys.argv[2:], model_factory=factory)\n"
+              "torch.save(models[0].state_dict(), sys.argv[1])\n"
+              "sys.exit(rc)\n")
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+        # 12 images / 2 ranks = 6 per shard: batch 2 gives 3 steps per epoch on each rank
+        args = _args(dataset, tmp_path / "run", "--max-steps", "4", "--batch-size", "2")
+        procs.append(subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"r{rank}.pt"),
+                                       *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    w0, w1 = (torch.load(tmp_path / f"r{r}.pt") for r in range(2))
+    for k in w0:
+        if "running" not in k and "num_batches" not in k:
+            torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=0, msg=k)
+    init = tiny_factory(3).state_dict()      # and they did train (moved from the initial weights)
+    assert any(not torch.equal(w0[k], init[k]) for k in w0 if "running" not in k)
+    # only rank 0 writes; the progress is printed once
+    assert "summary:" in outs[0] and "summary:" not in outs[1]
+    ckpt = torch.load(_latest(tmp_path / "run"), weights_only=False)
+    assert ckpt["world_size"] == 2 and len(ckpt["dali_state"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, before any work
+
+@pytest.mark.parametrize("case", ["arch", "batch", "val", "output", "ckpt_arch", "crop"])
+def test_bad_input_one_line_error(case, dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = _args(dataset, out)
+    if case == "arch":
+        argv += ["--arch", "resnet9000"]
+        expect = "unknown --arch 'resnet9000'"
+    elif case == "batch":
+        argv += ["--batch-size", "64"]
+        expect = "--batch-size 64 is larger than a shard"
+    elif case == "val":
+        nval = tmp_path / "noval"
+        os.makedirs(nval / "train")
+        os.symlink(dataset / "train" / "class0", nval / "train" / "class0")
+        argv = _args(nval, out)
+        argv[3] = str(dataset / "mixing")
+        expect = "validation folder .*noval/val does not exist"
+    elif case == "output":
+        (tmp_path / "afile").write_text("x")
+        argv = _args(dataset, tmp_path / "afile" / "sub")
+        expect = "--output-dir .*afile/sub is not writable"
+    elif case == "ckpt_arch":
+        ckpt = tmp_path / "other.pth"
+        torch.save({"model": {}, "arch": "resnet34"}, ckpt)
+        argv += ["--arch", "resnet18", "--resume", str(ckpt)]
+        expect = "checkpoint of --arch resnet34, but this run uses --arch resnet18"
+    else:
+        argv += ["--crop-scale", "1.5"]
+        expect = "--crop-scale must be in"
+    t0 = time.time()
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("train.py: error:"), err
+    import re
+    assert re.search(expect, err), err
+    assert not train.find_checkpoints(out) if out.exists() else True
+    assert time.time() - t0 < 30

@@ -1,0 +1,853 @@
+#!/usr/bin/env python
+"""Train an image classifier with IPMix augmentation fed by NVIDIA DALI.
+
+In the style of torchvision's references/classification/train.py: one file, explicit flags.
+
+The official IPMix ImageNet recipe (hzlsaber/IPMix imagenet.py) is the default: torchvision
+ResNet-50, 224 px crops, SGD (momentum 0.9, Nesterov, wd 5e-4), lr 0.01 with a per-iteration cosine
+schedule down to 1e-6*128/batch, 180 epochs, batch 128, the JSD consistency loss over
+(clean, IPMix, IPMix) views::
+
+    python train.py --data-path /data/imagenet --mixing-set /data/fractals --output-dir runs/rn50
+    torchrun --nproc_per_node=8 train.py --data-path /data/imagenet --mixing-set /data/fractals \
+        --batch-size 128 --lr-scale-batch 256 --output-dir runs/rn50
+
+``--data-path DIR`` holds ``DIR/train/<class>/*.jpg`` and ``DIR/val/<class>/*.jpg``.
+
+Without data flags (``python train.py``) a small built-in demo runs instead: a synthetic
+10-class set and a procedural fractal mixing set are generated once into a cache folder
+(``$DALI_IPMIX_CACHE`` or ``~/.cache/dali_ipmix/demo``), then a small model (ResNet-18 at 64 px
+unless overridden) trains for a few epochs.  It is a smoke test of the whole path
+(generation -> DALI IPMix -> training -> validation -> checkpoints), not the recipe.
+
+``--batch-size`` is per process (rank); the global batch is batch-size x world size.
+Each rank runs its own DALI pipeline on its own shard (shard_id=rank) with its own seed.
+Checkpoints hold the model, optimizer, scheduler, grad scaler, RNG states and the DALI pipeline
+state of every rank, so ``--resume PATH`` (or ``--resume auto``) continues with the exact next
+batch.  Errors in the user's input are reported as one line (exit code 2) before any work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import math
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from dali_ipmix import config as C
+from dali_ipmix.cli import UserError
+from dali_ipmix.losses import ipmix_loss
+
+CKPT_PATTERN = re.compile(r"^checkpoint_(\d+)\.pth$")
+METRICS_FILE = "metrics.jsonl"
+
+# Defaults that differ between the real recipe and the built-in demo (flags left unset).
+RECIPE_DEFAULTS = dict(arch="resnet50", image_size=None, epochs=180, batch_size=128, lr=0.01,
+                       warmup_epochs=0, print_freq=50, ckpt_every=1000, crop_scale=0.08)
+DEMO_DEFAULTS = dict(arch="resnet18", image_size=64, epochs=6, batch_size=32, lr=0.02,
+                     warmup_epochs=1, print_freq=10, ckpt_every=0, crop_scale=0.35)
+
+
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser(description="IPMix + DALI classification training "
+                                "(no data flags: built-in demo)", add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", default=None, help="folder with train/ and val/ class folders "
+                   "(omit for the built-in demo)")
+    g.add_argument("--train-dir", default=None, help="training class folder (default DATA_PATH/train)")
+    g.add_argument("--val-dir", default=None, help="validation class folder (default DATA_PATH/val)")
+    g.add_argument("--mixing-set", default=None, help="folder of mixing pictures (fractals); "
+                   "make one with `dali-ipmix fractals --out DIR --count N`")
+    g.add_argument("--demo-cache", default=None, help="cache folder of the demo data "
+                   "(default $DALI_IPMIX_CACHE or ~/.cache/dali_ipmix/demo)")
+    g.add_argument("--workers", "-j", type=int, default=4, help="DALI CPU threads per rank")
+    g.add_argument("--last-batch", choices=("drop", "partial", "fill"), default="drop",
+                   help="what to do with the last incomplete training batch of an epoch "
+                   "(validation always uses 'partial', so padding is never counted)")
+    g.add_argument("--crop-scale", type=float, default=None, metavar="MIN",
+                   help="smallest RandomResizedCrop area fraction (recipe 0.08 as torchvision; demo 0.35: "
+                   "its small pictures lose their object in tiny crops)")
+    g.add_argument("--val-batch-size", type=int, default=None, help="validation batch (default: --batch-size)")
+
+    g = p.add_argument_group("IPMix")
+    g.add_argument("--preset", choices=sorted(C.PRESETS), default="imagenet", help="IPMix hyperparameters")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="crop size (recipe 224, demo 64); patch sizes above it are dropped and it is added")
+    g.add_argument("--backend", choices=("fused", "dali", "none"), default=None,
+                   help="IPMix implementation inside the DALI graph (default fused; 'dali' if the fused "
+                   "kernel cannot be imported); 'none' = no augmentation")
+    g.add_argument("--no-jsd", action="store_true", help="one IPMix view and plain cross-entropy "
+                   "(default: clean + 2 IPMix views with the JSD consistency loss)")
+    g.add_argument("--jsd-weight", type=float, default=12.0, help="weight of the JSD term (official 12)")
+    g.add_argument("--k", type=int, default=None, help="IPMix chains (preset: 3)")
+    g.add_argument("--t", type=int, default=None, help="max chain depth (preset: 3)")
+    g.add_argument("--beta", type=float, default=None, help="add/multiply mixing strength (preset)")
+    g.add_argument("--aug-severity", type=float, default=None, help="image-op severity (preset)")
+    g.add_argument("--all-ops", action="store_true", help="also use the ImageNet-C-overlapping ops")
+
+    g = p.add_argument_group("model and optimisation")
+    g.add_argument("--arch", "-a", default=None, help="any torchvision classification model "
+                   "(recipe resnet50, demo resnet18; see --list-archs)")
+    g.add_argument("--list-archs", action="store_true", help="print the valid --arch names and exit")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (recipe 180, demo 6)")
+    g.add_argument("--max-steps", type=int, default=0,
+                   help="stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit; "
+                   "the LR schedule still spans --epochs")
+    g.add_argument("--batch-size", "-b", type=int, default=None, help="source images per rank and step "
+                   "(each gives 3 views with JSD; recipe 128, demo 32)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (recipe 0.01, demo 0.05)")
+    g.add_argument("--lr-scale-batch", type=int, default=0, metavar="N",
+                   help="linear scaling: use lr * global_batch / N (e.g. 256); 0 = no scaling (official)")
+    g.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup before the cosine")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=5e-4)
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                   help="mixed precision (auto: bf16 on GPU, off on CPU)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("run")
+    g.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="training and DALI device (auto: gpu if CUDA works)")
+    g.add_argument("--output-dir", default=None,
+                   help="checkpoints, metrics.jsonl, TensorBoard (default runs/<arch>-<time>)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output dir that holds checkpoints (deletes them)")
+    g.add_argument("--resume", default=None, metavar="PATH|auto",
+                   help="continue from a checkpoint; 'auto' = latest in --output-dir")
+    g.add_argument("--ckpt-every", type=int, default=None, metavar="N",
+                   help="also checkpoint every N steps (0 = only at epoch ends)")
+    g.add_argument("--keep-ckpts", type=int, default=3, help="checkpoints kept (oldest deleted)")
+    g.add_argument("--print-freq", type=int, default=None, help="progress line every N steps")
+    g.add_argument("--no-tensorboard", action="store_true")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+def is_main(args) -> bool:
+    return args.rank == 0
+
+
+def log(args, *msg):
+    if is_main(args):
+        print(*msg, flush=True)
+
+
+def list_archs():
+    import torchvision
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def fmt_time(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(0, seconds))))
+
+
+def find_checkpoints(folder):
+    """[(step, path)] sorted by step."""
+    out = []
+    for path in glob.glob(os.path.join(str(folder), "checkpoint_*.pth")):
+        m = CKPT_PATTERN.match(os.path.basename(path))
+        if m:
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def atomic_torch_save(obj, path):
+    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        try:  # make the rename itself durable
+            dfd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def dali_gpu_count() -> int:
+    try:
+        from nvidia.dali.backend import GetCUDADeviceCount
+        return int(GetCUDADeviceCount())
+    except Exception:
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: everything that can fail because of the user's input runs here, before any work.
+
+def init_distributed(args):
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args.rank = int(os.environ.get("RANK", "0"))
+    args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    args.distributed = args.world_size > 1
+
+
+def resolve_device(args):
+    want = args.device
+    cuda_ok = torch.cuda.is_available() and dali_gpu_count() > 0
+    if want == "gpu" and not cuda_ok:
+        raise UserError("--device gpu: no CUDA GPU usable by both PyTorch and DALI here; use --device cpu")
+    use_gpu = cuda_ok if want == "auto" else want == "gpu"
+    if use_gpu:
+        torch.cuda.set_device(args.local_rank % torch.cuda.device_count())
+        args.torch_device = torch.device("cuda", torch.cuda.current_device())
+        args.dali_device, args.dali_device_id = "gpu", torch.cuda.current_device()
+    else:
+        args.torch_device = torch.device("cpu")
+        args.dali_device, args.dali_device_id = "cpu", None
+    if args.amp == "auto":
+        args.amp = "bf16" if use_gpu else "off"
+    if args.amp == "fp16" and not use_gpu:
+        raise UserError("--amp fp16 needs a GPU; use --amp bf16 or --amp off on CPU")
+
+
+def apply_defaults(args):
+    args.demo = args.data_path is None and args.train_dir is None
+    if args.demo and (args.val_dir or args.mixing_set):
+        raise UserError("--val-dir/--mixing-set need --data-path or --train-dir as well")
+    if not args.demo and not args.mixing_set:
+        raise UserError("--mixing-set is required with --data-path/--train-dir (a folder of "
+                        "fractal pictures; make one with `dali-ipmix fractals --out DIR --count 1000`)")
+    for key, value in (DEMO_DEFAULTS if args.demo else RECIPE_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for flag in ("epochs", "batch_size", "workers"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 0 < args.crop_scale <= 1:
+        raise UserError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
+
+
+def resolve_arch(args):
+    names = list_archs()
+    if args.arch not in names:
+        raise UserError(f"unknown --arch {args.arch!r}: not a torchvision classification model "
+                        f"(run `python train.py --list-archs` to see the valid names)")
+
+
+def resolve_backend(args):
+    if args.backend is None:
+        args.backend = "fused"
+    if args.backend == "fused":
+        try:
+            import dali_ipmix.fused  # noqa: F401
+        except Exception as e:  # being developed / missing optional dependency
+            if is_main(args):
+                warnings.warn(f"--backend fused is not usable here ({type(e).__name__}: {e}); "
+                              f"falling back to --backend dali (slower to build and run)")
+            args.backend = "dali"
+
+
+def build_config(args) -> C.IPMixConfig:
+    cfg = C.preset(args.preset)
+    changes = {"jsd": not args.no_jsd, "all_ops": args.all_ops or cfg.all_ops}
+    for flag, field in (("k", "k"), ("t", "t"), ("beta", "beta"), ("aug_severity", "severity")):
+        if getattr(args, flag) is not None:
+            changes[field] = getattr(args, flag)
+    if args.image_size is not None and args.image_size != cfg.image_size:
+        size = args.image_size
+        if size < 8:
+            raise UserError(f"--image-size must be >= 8, got {size}")
+        changes["image_size"] = size
+        # the largest official patch is the whole crop: keep that, drop sizes that no longer fit
+        changes["patch_sizes"] = tuple(sorted({p for p in cfg.patch_sizes if p < size} | {size}))
+    try:
+        return cfg.replace(**changes)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def resolve_data(args):
+    root = Path(args.data_path) if args.data_path else None
+    train_dir = Path(args.train_dir) if args.train_dir else root / "train"
+    val_dir = Path(args.val_dir) if args.val_dir else (root / "val" if root else None)
+    if val_dir is None:
+        raise UserError("--train-dir given without --val-dir (or --data-path with a val/ folder)")
+    if not val_dir.is_dir():
+        raise UserError(f"validation folder {val_dir} does not exist (expected class folders "
+                        f"val/<class>/*.jpg; give --val-dir)")
+    args.train_dir, args.val_dir = str(train_dir), str(val_dir)
+    check_data(args)
+
+
+def check_data(args):
+    """Count files and compare the batch with a shard; raises UserError."""
+    from dali_ipmix import readers
+    files, _, classes = readers.class_folder_files(args.train_dir, flag="--data-path train")
+    vfiles, _, vclasses = readers.class_folder_files(args.val_dir, flag="--val-dir")
+    readers.picture_files(args.mixing_set, flag="--mixing-set")
+    if vclasses != classes:
+        raise UserError(f"validation classes of {args.val_dir} ({len(vclasses)}) differ from the training "
+                        f"classes of {args.train_dir} ({len(classes)}); the folder names must match")
+    shard = len(files) // args.world_size
+    if args.batch_size > shard:
+        raise UserError(f"--batch-size {args.batch_size} is larger than a shard: {len(files)} training "
+                        f"images / {args.world_size} rank(s) = {shard} per rank; lower --batch-size")
+    args.num_classes = len(classes)
+    args.num_train, args.num_val = len(files), len(vfiles)
+
+
+def prepare_output_dir(args):
+    if args.output_dir is None:
+        if args.resume not in (None, "auto"):
+            args.output_dir = os.path.dirname(os.path.abspath(args.resume))
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            args.output_dir = os.path.join("runs", f"{'demo-' if args.demo else ''}{args.arch}-{stamp}")
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as e:
+        raise UserError(f"--output-dir {out} is not writable ({e.strerror or e})") from None
+    existing = find_checkpoints(out)
+    if existing and args.resume is None and not args.overwrite:
+        raise UserError(f"--output-dir {out} already holds {len(existing)} checkpoint(s) of another run; "
+                        f"pass --resume auto to continue it, --overwrite to start afresh, or another --output-dir")
+    if args.resume == "auto":
+        if not existing:
+            raise UserError(f"--resume auto: no checkpoint_*.pth in {out}")
+        args.resume = existing[-1][1]
+
+
+def load_resume_checkpoint(args):
+    if args.resume is None:
+        return None
+    if not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such file")
+    try:
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"--resume {args.resume}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        raise UserError(f"--resume {args.resume}: not a train.py checkpoint (no model/arch entries)")
+    if ckpt["arch"] != args.arch:
+        raise UserError(f"--resume {args.resume}: checkpoint of --arch {ckpt['arch']}, but this run "
+                        f"uses --arch {args.arch}; pass --arch {ckpt['arch']}")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimiser, schedule
+
+def create_model(args, model_factory=None) -> nn.Module:
+    if model_factory is not None:
+        return model_factory(args.num_classes)
+    import torchvision
+    return torchvision.models.get_model(args.arch, weights=None, num_classes=args.num_classes)
+
+
+def make_lr_lambda(total_steps: int, warmup_steps: int, min_factor: float):
+    """Official schedule: cosine per iteration from 1 to ``min_factor`` (multiplier of the peak lr),
+    after an optional linear warmup."""
+    def lr_lambda(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr_lambda
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+def build_loaders(args, cfg, dali_checkpoint=None):
+    from dali_ipmix.loader import DaliLoader
+    from pipelines.imagenet import train_pipeline, val_pipeline
+    resize = max(cfg.image_size, round(cfg.image_size * 256 / 224))  # Resize(256) of a 224 crop
+    train_pipe = train_pipeline(
+        args.train_dir, args.mixing_set, cfg=cfg, batch_size=args.batch_size, num_threads=args.workers,
+        device=args.dali_device, device_id=args.dali_device_id, backend=args.backend, seed=args.seed,
+        shard_id=args.rank, num_shards=args.world_size, resize=resize, enable_checkpointing=True,
+        random_area=(args.crop_scale, 1.0),
+        checkpoint=dali_checkpoint)
+    val_pipe = val_pipeline(
+        args.val_dir, cfg=cfg, batch_size=args.val_batch_size or args.batch_size, num_threads=args.workers,
+        device=args.dali_device, device_id=args.dali_device_id, shard_id=args.rank,
+        num_shards=args.world_size, resize=resize)
+    train = DaliLoader(train_pipe, last_batch=args.last_batch, device=args.torch_device,
+                       channels_last=args.channels_last)
+    val = DaliLoader(val_pipe, last_batch="partial", device=args.torch_device,
+                     channels_last=args.channels_last)
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+class MetricsWriter:
+    """metrics.jsonl (+ TensorBoard scalars when available); rank 0 only."""
+
+    def __init__(self, args):
+        self.enabled = is_main(args)
+        self.file = None
+        self.tb = None
+        if not self.enabled:
+            return
+        self.file = open(os.path.join(args.output_dir, METRICS_FILE), "a", buffering=1)
+        if not args.no_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
+            except Exception as e:  # tensorboard is an optional dependency
+                print(f"note: TensorBoard logging skipped ({type(e).__name__}: {e}); metrics go to "
+                      f"{METRICS_FILE} only", flush=True)
+
+    def write(self, record: dict, step: int):
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            prefix = record.get("kind", "train")
+            for key, value in record.items():
+                if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def all_reduce_sum(values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def topk_correct(logits, labels, ks):
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(labels.view(-1, 1))
+    return [hit[:, :min(k, maxk)].any(dim=1).sum().item() for k in ks]
+
+
+def evaluate(model, loader, args):
+    model.eval()
+    loss_sum, c1, c5, n = 0.0, 0.0, 0.0, 0
+    crit = nn.CrossEntropyLoss(reduction="sum")
+    with torch.inference_mode(), autocast(args):
+        for images, labels in loader:
+            if labels.numel() == 0:
+                continue
+            logits = model(images).float()
+            loss_sum += crit(logits, labels).item()
+            a1, a5 = topk_correct(logits, labels, (1, 5))
+            c1, c5, n = c1 + a1, c5 + a5, n + labels.numel()
+    loss_sum, c1, c5, n = all_reduce_sum([loss_sum, c1, c5, n], args.torch_device)
+    n = max(n, 1)
+    return {"val_loss": loss_sum / n, "val_top1": 100.0 * c1 / n, "val_top5": 100.0 * c5 / n,
+            "val_images": int(n)}
+
+
+def autocast(args):
+    if args.amp in ("bf16", "fp16"):
+        return torch.autocast(args.torch_device.type,
+                              dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+    return torch.autocast(args.torch_device.type, enabled=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def gather_dali_states(loader, args):
+    state = loader.checkpoint()
+    if args.distributed:
+        states = [None] * args.world_size
+        dist.all_gather_object(states, state)
+        return states
+    return [state]
+
+
+def save_checkpoint(args, *, model, optimizer, scheduler, scaler, epoch, step, epoch_done,
+                    train_loader, best_top1, history):
+    dali_states = gather_dali_states(train_loader, args)  # a collective: every rank calls it
+    if not is_main(args):
+        return None
+    ckpt = {
+        "model": args.model_without_ddp.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,                  # epoch to continue (in progress unless epoch_done)
+        "epoch_done": epoch_done,
+        "step": step,
+        "arch": args.arch,
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "world_size": args.world_size,
+        "dali_state": dali_states,       # one per rank
+        "rng": rng_state(),
+        "best_top1": best_top1,
+        "history": history,
+    }
+    path = os.path.join(args.output_dir, f"checkpoint_{step:08d}.pth")
+    try:
+        atomic_torch_save(ckpt, path)
+    except OSError as e:
+        # disk full, permissions, quota: the run goes on, older checkpoints stay as they are
+        kept = find_checkpoints(args.output_dir)
+        print(f"train.py: warning: writing checkpoint {path} failed ({e.strerror or e}); "
+              f"{'previous checkpoint ' + kept[-1][1] if kept else 'no earlier checkpoint'} kept",
+              file=sys.stderr, flush=True)
+        return None
+    for _, old in find_checkpoints(args.output_dir)[:-max(1, args.keep_ckpts)]:
+        try:
+            os.unlink(old)
+        except OSError:
+            pass
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Interruption
+
+class StopRequest:
+    """SIGTERM / SIGINT ask the loop to stop after the current step (a second Ctrl-C stops at once).
+
+    With several ranks a signal may reach them at different steps, and checkpointing is collective,
+    so the flags are OR-reduced over a gloo group: the reduction started after step s is read after
+    step s + 1 (no stall waiting for it), and every rank stops after the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, distributed: bool):
+        self.signum = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self._group = dist.new_group(backend="gloo") if distributed else None
+        self._pending = None
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def should_stop(self) -> bool:
+        if self._group is None:
+            return self.signum is not None
+        stop = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            stop = bool(flag.item())
+        flag = torch.tensor([0 if self.signum is None else int(self.signum)], dtype=torch.int32)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group,
+                                         async_op=True), flag)
+        if stop and self.signum is None:
+            self.signum = int(flag.item()) or signal.SIGTERM
+        return stop
+
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "signal"
+
+    def close(self):
+        if self._pending is not None:
+            self._pending[0].wait()
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+def main(argv=None, *, model_factory=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.list_archs:
+        print("\n".join(list_archs()))
+        return 0
+    try:
+        return run(args, model_factory=model_factory)
+    except UserError as e:
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def run(args, model_factory=None) -> int:
+    t_start = time.perf_counter()
+    init_distributed(args)
+    apply_defaults(args)
+    if model_factory is None:
+        resolve_arch(args)
+    resolve_device(args)
+    if args.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if args.torch_device.type == "cuda" else "gloo")
+    try:
+        return _run(args, model_factory, t_start)
+    finally:
+        if args.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _sync_user_error(args, error):
+    """Make every rank fail together when one rank found a user error (no hanging collectives)."""
+    if not args.distributed:
+        if error:
+            raise error
+        return
+    msgs = [None] * args.world_size
+    dist.all_gather_object(msgs, str(error) if error else None)
+    for m in msgs:
+        if m:
+            raise UserError(m)
+
+
+def _run(args, model_factory, t_start) -> int:
+    resolve_backend(args)
+    cfg = build_config(args)
+    error = None
+    try:
+        if args.demo:
+            if is_main(args):
+                from dali_ipmix.demo_data import ensure_demo_data
+                train_dir, val_dir, mixing = ensure_demo_data(args.demo_cache, log=lambda m: log(args, m))
+                paths = [str(train_dir), str(val_dir), str(mixing)]
+            else:
+                paths = [None, None, None]
+            if args.distributed:
+                dist.broadcast_object_list(paths, src=0)
+            args.train_dir, args.val_dir, args.mixing_set = paths
+            check_data(args)
+        else:
+            resolve_data(args)
+        if is_main(args):
+            prepare_output_dir(args)
+        ckpt = load_resume_checkpoint(args) if is_main(args) else None
+    except UserError as e:
+        error = e
+    _sync_user_error(args, error)
+    if args.distributed:
+        obj = [args.output_dir, args.resume]
+        dist.broadcast_object_list(obj, src=0)
+        args.output_dir, args.resume = obj
+        ckpt = load_resume_checkpoint(args) if not is_main(args) else ckpt
+
+    # ---- model and optimiser --------------------------------------------------------------------
+    torch.manual_seed(args.seed)
+    model = create_model(args, model_factory).to(args.torch_device)
+    if args.distributed and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    args.model_without_ddp = model
+    global_batch = args.batch_size * args.world_size
+    lr = args.lr * global_batch / args.lr_scale_batch if args.lr_scale_batch else args.lr
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, nesterov=True,
+                                weight_decay=args.wd)
+    scaler = torch.amp.GradScaler(args.torch_device.type, enabled=args.amp == "fp16")
+
+    dali_state = None
+    if ckpt is not None:
+        if ckpt.get("world_size") == args.world_size and ckpt.get("dali_state"):
+            dali_state = ckpt["dali_state"][args.rank]
+        else:
+            log(args, f"warning: checkpoint written by {ckpt.get('world_size')} rank(s), this run has "
+                      f"{args.world_size}: the data pipeline restarts its epoch (data order differs)")
+    train_loader, val_loader = build_loaders(args, cfg, dali_state)
+    steps_per_epoch = len(train_loader)  # same on every rank (drop: floor of the smallest shard)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
+    final_lr = 1e-6 * 128 / global_batch          # official: 1e-6 / (lr * bs / 128) as a multiplier
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, make_lr_lambda(total_steps, warmup_steps, min(1.0, final_lr / lr)))
+
+    start_epoch, step, best_top1, history = 0, 0, 0.0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        best_top1, history = ckpt.get("best_top1", 0.0), ckpt.get("history", [])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if "cuda" in ckpt["rng"] and args.torch_device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        if dali_state is None and not ckpt.get("epoch_done", True):
+            start_epoch += 1  # cannot replay the rest of that epoch's data; start the next one
+        log(args, f"resumed from {args.resume}: epoch {start_epoch}, step {step}")
+
+    if args.distributed:
+        device_ids = [args.torch_device.index] if args.torch_device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if args.compile:
+        model = torch.compile(model)
+
+    metrics = MetricsWriter(args)
+    log(args, f"train.py: {'DEMO ' if args.demo else ''}arch {args.arch}, {args.num_classes} classes, "
+              f"{args.num_train} train / {args.num_val} val images, image {cfg.image_size}px, "
+              f"{cfg.views} view(s){' + JSD' if cfg.jsd else ''}, backend {args.backend}, "
+              f"device {args.torch_device} (DALI {args.dali_device}), amp {args.amp}, "
+              f"{args.world_size} rank(s) x batch {args.batch_size}, lr {lr:g}, "
+              f"{args.epochs} epochs x {steps_per_epoch} steps -> {args.output_dir}")
+    if args.demo:
+        log(args, "note: this is the built-in demo (synthetic data, small model); the real recipe is "
+                  "--data-path IMAGENET --mixing-set FRACTALS with the defaults (ResNet-50, 224 px)")
+
+    # ---- training ---------------------------------------------------------------------------------
+    setup_time = time.perf_counter() - t_start
+    train_images, train_time, last_path, stopped = 0, 0.0, None, False
+    views = cfg.views
+    ckpt_kw = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                   train_loader=train_loader)
+    stop_request = StopRequest(args.distributed)
+    interrupted = False
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            model.train()
+            win = {"t": time.perf_counter(), "data": 0.0, "n": 0, "losses": [], "c1": 0.0, "seen": 0}
+            t_data = time.perf_counter()
+            for images, labels in train_loader:
+                now = time.perf_counter()
+                win["data"] += now - t_data
+                with autocast(args):
+                    logits = model(images)
+                loss, clean = ipmix_loss(logits, labels, views, jsd_weight=args.jsd_weight,
+                                         label_smoothing=args.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                win["n"] += 1
+                win["seen"] += labels.numel()
+                win["losses"].append((step, loss.detach()))
+                win["c1"] += (clean.detach().argmax(1) == labels).sum()
+
+                if step % args.print_freq == 0 or step == args.max_steps:
+                    report_window(args, metrics, win, epoch, step, total_steps, scheduler)
+                    train_images += win["seen_global"]
+                    train_time += win["elapsed"]
+                    win = {"t": time.perf_counter(), "data": 0.0, "n": 0, "losses": [], "c1": 0.0, "seen": 0}
+                if args.ckpt_every and step % args.ckpt_every == 0:
+                    last_path = save_checkpoint(args, epoch=epoch, step=step, epoch_done=False,
+                                                best_top1=best_top1, history=history, **ckpt_kw) or last_path
+                if args.max_steps and step >= args.max_steps:
+                    stopped = True
+                    break
+                if stop_request.should_stop():
+                    stopped = interrupted = True
+                    break
+                t_data = time.perf_counter()
+            if win["n"]:
+                report_window(args, metrics, win, epoch, step, total_steps, scheduler)
+                train_images += win["seen_global"]
+                train_time += win["elapsed"]
+            if stopped:
+                if not (args.ckpt_every and step % args.ckpt_every == 0):
+                    last_path = save_checkpoint(args, epoch=epoch, step=step, epoch_done=False,
+                                                best_top1=best_top1, history=history, **ckpt_kw) or last_path
+                why = f"by {stop_request.name()}" if interrupted else "(--max-steps)"
+                log(args, f"stopped {why} after step {step}; checkpoint {last_path or 'not written'}; "
+                          f"continue with: --resume auto --output-dir {args.output_dir}")
+                break
+            t0 = time.perf_counter()
+            res = evaluate(args.model_without_ddp, val_loader, args)  # unwrapped: no DDP collectives
+            best_top1 = max(best_top1, res["val_top1"])
+            rec = {"kind": "epoch", "epoch": epoch + 1, "step": step, **res, "best_top1": best_top1,
+                   "val_seconds": time.perf_counter() - t0}
+            history.append(rec)
+            metrics.write(rec, step)
+            log(args, f"epoch {epoch + 1}/{args.epochs}: val top-1 {res['val_top1']:.2f}%  top-5 "
+                      f"{res['val_top5']:.2f}%  loss {res['val_loss']:.4f}  ({res['val_images']} images, "
+                      f"{rec['val_seconds']:.1f} s)  best top-1 {best_top1:.2f}%")
+            last_path = save_checkpoint(args, epoch=epoch + 1, step=step, epoch_done=True,
+                                        best_top1=best_top1, history=history, **ckpt_kw) or last_path
+    finally:
+        stop_request.close()
+        metrics.close()
+    if interrupted:
+        return 128 + int(stop_request.signum)   # the shell's convention for "killed by signal"
+
+    total = time.perf_counter() - t_start
+    if is_main(args):
+        img_s = train_images / train_time if train_time else 0.0
+        last = history[-1] if history else None
+        lines = [
+            "=" * 72,
+            f"summary: {args.arch}{' (demo)' if args.demo else ''}, {step} steps, "
+            f"{args.world_size} rank(s) x batch {args.batch_size} ({views} view(s) each)",
+            f"  val top-1: last {last['val_top1']:.2f}%  best {best_top1:.2f}%  (chance "
+            f"{100.0 / args.num_classes:.1f}%)  top-5 last {last['val_top5']:.2f}%" if last else
+            "  val top-1: (no completed epoch)",
+            f"  throughput: {img_s:.1f} source img/s ({img_s * views:.1f} views/s) while training",
+            f"  time: {fmt_time(total)} total ({total:.1f} s; setup {setup_time:.1f} s, training {train_time:.1f} s)",
+            f"  checkpoint: {last_path}" if last_path else "  checkpoint: none",
+            f"  metrics: {os.path.join(args.output_dir, METRICS_FILE)}",
+            "=" * 72,
+        ]
+        print("\n".join(lines), flush=True)
+        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+            json.dump({"arch": args.arch, "steps": step, "best_top1": best_top1,
+                       "last": last, "img_per_s": img_s, "seconds": total}, f)
+    return 0
+
+
+def report_window(args, metrics, win, epoch, step, total_steps, scheduler):
+    """Reduce a window of steps over ranks, print one progress line, write step records."""
+    elapsed = time.perf_counter() - win["t"]
+    losses = torch.stack([l for _, l in win["losses"]]).float().cpu()  # one sync per window
+    c1 = float(win["c1"]) if torch.is_tensor(win["c1"]) else win["c1"]
+    loss_sum, c1, seen, data_t, el = all_reduce_sum(
+        [float(losses.sum()), c1, win["seen"], win["data"], elapsed], args.torch_device)
+    n_ranks = args.world_size
+    win["seen_global"], win["elapsed"] = seen, el / n_ranks
+    img_s = seen / max(el / n_ranks, 1e-9)
+    data_share = data_t / max(el, 1e-9)
+    step_time = (el / n_ranks) / max(win["n"], 1)
+    end = min(args.max_steps, total_steps) if args.max_steps else total_steps
+    eta = step_time * max(0, end - step)
+    lr = scheduler.get_last_lr()[0]
+    mean_loss = loss_sum / (win["n"] * n_ranks)
+    if is_main(args):
+        for s, l in zip([s for s, _ in win["losses"]], losses.tolist()):
+            metrics.write({"kind": "step", "epoch": epoch + 1, "step": s, "loss": l}, s)
+        metrics.write({"kind": "train", "epoch": epoch + 1, "step": step, "loss": mean_loss,
+                       "top1_clean": 100.0 * c1 / max(seen, 1), "lr": lr, "img_per_s": img_s,
+                       "data_wait": data_share}, step)
+        print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps}  loss {mean_loss:.4f}  "
+              f"train top-1 {100.0 * c1 / max(seen, 1):.1f}%  lr {lr:.4g}  {img_s:.1f} img/s  "
+              f"data wait {100 * data_share:.0f}%  ETA {fmt_time(eta)}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
