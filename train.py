@@ -71,6 +71,11 @@ def get_args_parser(add_help=True):
     g.add_argument("--val-dir", default=None, help="validation class folder (default DATA_PATH/val)")
     g.add_argument("--mixing-set", default=None, help="folder of mixing pictures (fractals); "
                    "make one with `dali-ipmix fractals --out DIR --count N`")
+    g.add_argument("--train-filelist", default=None, metavar="FILE", help="train only on the files "
+                   "listed (`dali-ipmix verify TRAIN_DIR --write-filelist FILE` leaves out bad ones)")
+    g.add_argument("--val-filelist", default=None, metavar="FILE", help="the same for validation")
+    g.add_argument("--mixing-filelist", default=None, metavar="FILE",
+                   help="the same for the mixing set (`dali-ipmix verify DIR --mixing --write-filelist FILE`)")
     g.add_argument("--demo-cache", default=None, help="cache folder of the demo data "
                    "(default $DALI_IPMIX_CACHE or ~/.cache/dali_ipmix/demo)")
     g.add_argument("--workers", "-j", type=int, default=4, help="DALI CPU threads per rank")
@@ -303,9 +308,9 @@ def resolve_data(args):
 def check_data(args):
     """Count files and compare the batch with a shard; raises UserError."""
     from dali_ipmix import readers
-    files, _, classes = readers.class_folder_files(args.train_dir, flag="--data-path train")
-    vfiles, _, vclasses = readers.class_folder_files(args.val_dir, flag="--val-dir")
-    readers.picture_files(args.mixing_set, flag="--mixing-set")
+    files, _, classes = readers.listed_or_found(args.train_dir, args.train_filelist, flag="--data-path train")
+    vfiles, _, vclasses = readers.listed_or_found(args.val_dir, args.val_filelist, flag="--val-dir")
+    readers.picture_files(args.mixing_set, flag="--mixing-set", filelist=args.mixing_filelist)
     if vclasses != classes:
         raise UserError(f"validation classes of {args.val_dir} ({len(vclasses)}) differ from the training "
                         f"classes of {args.train_dir} ({len(classes)}); the folder names must match")
@@ -390,12 +395,13 @@ def build_loaders(args, cfg, dali_checkpoint=None):
         args.train_dir, args.mixing_set, cfg=cfg, batch_size=args.batch_size, num_threads=args.workers,
         device=args.dali_device, device_id=args.dali_device_id, backend=args.backend, seed=args.seed,
         shard_id=args.rank, num_shards=args.world_size, resize=resize, enable_checkpointing=True,
-        random_area=(args.crop_scale, 1.0),
+        random_area=(args.crop_scale, 1.0), filelist=args.train_filelist,
+        mixing_filelist=args.mixing_filelist,
         checkpoint=dali_checkpoint)
     val_pipe = val_pipeline(
         args.val_dir, cfg=cfg, batch_size=args.val_batch_size or args.batch_size, num_threads=args.workers,
         device=args.dali_device, device_id=args.dali_device_id, shard_id=args.rank,
-        num_shards=args.world_size, resize=resize)
+        num_shards=args.world_size, resize=resize, filelist=args.val_filelist)
     train = DaliLoader(train_pipe, last_batch=args.last_batch, device=args.torch_device,
                        channels_last=args.channels_last)
     val = DaliLoader(val_pipe, last_batch="partial", device=args.torch_device,
@@ -613,6 +619,15 @@ def run(args, model_factory=None) -> int:
         dist.init_process_group("nccl" if args.torch_device.type == "cuda" else "gloo")
     try:
         return _run(args, model_factory, t_start)
+    except RuntimeError as e:
+        # a bad file met by DALI mid-run: one line naming it and how to skip it, not a traceback
+        from dali_ipmix.verify import explain_pipeline_error
+        data = [d for d in (getattr(args, "train_dir", None), getattr(args, "val_dir", None)) if d]
+        mixing = [args.mixing_set] if getattr(args, "mixing_set", None) else []
+        err = explain_pipeline_error(e, data, mixing, search_limit=20000)
+        if err is None:
+            raise
+        raise err from None
     finally:
         if args.distributed and dist.is_initialized():
             dist.destroy_process_group()

@@ -40,8 +40,22 @@ def class_folder_files(root, flag="--data"):
     return files, labels, classes
 
 
-def picture_files(root, flag="--mixing"):
+def listed_or_found(root, filelist=None, flag="--data"):
+    """(files, labels, classes) from a verified file list (``dali-ipmix verify --write-filelist``)
+    when one is given, else from the class folders; the class names always come from the folders,
+    whose numbering the file list uses."""
+    files, labels, classes = class_folder_files(root, flag=flag)
+    if filelist is not None:
+        from .verify import filelist_files
+        files, labels = filelist_files(filelist, root=root)
+    return files, labels, classes
+
+
+def picture_files(root, flag="--mixing", filelist=None):
     """All pictures under ``root`` (flat or nested), relative paths, sorted."""
+    if filelist is not None:
+        from .verify import filelist_files
+        return filelist_files(filelist, root=root)[0]
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{flag} {root}: no such folder; give a folder of mixing pictures "

@@ -21,9 +21,10 @@ def _padded_random_crop(images, size):
 
 def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.CIFAR, batch_size=128,
                    num_threads=4, device="gpu", backend="fused", seed=0, shard_id=0,
-                   num_shards=1, extra_outputs=False, enable_checkpointing=False, checkpoint=None):
-    files = readers.class_folder_files(data_dir)
-    pictures = readers.picture_files(mixing_dir)
+                   num_shards=1, extra_outputs=False, enable_checkpointing=False, checkpoint=None,
+                   filelist=None, mixing_filelist=None):
+    files = readers.listed_or_found(data_dir, filelist)
+    pictures = readers.picture_files(mixing_dir, filelist=mixing_filelist)
     size = cfg.image_size
 
     @pipeline_def(enable_conditionals=(backend == "dali"))

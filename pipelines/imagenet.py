@@ -22,16 +22,19 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, bat
                    num_threads=4, device="gpu", device_id=None, backend="fused", seed=0,
                    shard_id=0, num_shards=1, dtype="float", resize=256, extra_outputs=False,
                    enable_checkpointing=False, checkpoint=None, hw_decoder_load=0.65,
-                   prefetch_queue_depth=2, random_area=(0.08, 1.0)):
+                   prefetch_queue_depth=2, random_area=(0.08, 1.0), filelist=None,
+                   mixing_filelist=None):
     """Build (not yet started) the IPMix training pipeline.
 
     Outputs ``images`` [V, 3, S, S] and ``labels`` [1]; with ``extra_outputs`` also the raw crop,
     the mixing picture (uint8 HWC) and the tapes [A, L], for replay through the reference.
     Each rank gets its own shard and its own seed (``seed + 1000 * shard_id``).
     ``random_area``: the RandomResizedCrop area range (torchvision's default ``(0.08, 1)``).
+    ``filelist`` / ``mixing_filelist``: verified file lists (``dali-ipmix verify --write-filelist``)
+    that leave out bad files.
     """
-    files = readers.class_folder_files(data_dir)
-    pictures = readers.picture_files(mixing_dir)
+    files = readers.listed_or_found(data_dir, filelist)
+    pictures = readers.picture_files(mixing_dir, filelist=mixing_filelist)
     rank_seed = seed + 1000 * shard_id
 
     @pipeline_def(enable_conditionals=(backend == "dali"))
@@ -60,9 +63,9 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, bat
 
 def val_pipeline(data_dir, *, cfg: C.IPMixConfig = C.IMAGENET, batch_size=64, num_threads=4,
                  device="gpu", device_id=None, shard_id=0, num_shards=1, resize=256,
-                 dtype="float"):
+                 dtype="float", filelist=None):
     """Resize 256 + center crop 224 + normalise; outputs ``images`` [3, S, S], ``labels``."""
-    files = readers.class_folder_files(data_dir, flag="--val-data")
+    files = readers.listed_or_found(data_dir, filelist, flag="--val-data")
 
     @pipeline_def
     def graph():

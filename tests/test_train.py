@@ -274,3 +274,22 @@ def test_bad_input_one_line_error(case, dataset, tmp_path, capsys):
     assert re.search(expect, err), err
     assert not train.find_checkpoints(out) if out.exists() else True
     assert time.time() - t0 < 30
+
+
+def test_bad_file_mid_run_names_it_and_filelist_skips_it(dataset, tmp_path, capsys):
+    import shutil
+    from dali_ipmix import verify
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    bad = data / "train" / "class1" / "zz_truncated.jpg"
+    bad.write_bytes((data / "train" / "class1" / "001.jpg").read_bytes()[:600])
+    out = tmp_path / "run"
+    assert train.main(_args(data, out, "--max-steps", "6"), model_factory=tiny_factory) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "zz_truncated.jpg" in err and "--train-filelist" in err
+    report = verify.scan(data / "train")
+    files, labels = report.good()
+    assert "class1/zz_truncated.jpg" not in files and len(files) == 12
+    good = verify.write_filelist(tmp_path / "good.txt", files, labels)
+    assert train.main(_args(data, tmp_path / "run2", "--max-steps", "6", "--train-filelist",
+                            str(good)), model_factory=tiny_factory) == 0

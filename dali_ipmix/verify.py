@@ -1,0 +1,516 @@
+"""``dali-ipmix verify``: find the files that would stop training (or that DALI quietly converts)
+before a multi-day run meets them, and write a DALI file list of the usable ones.
+
+DALI's reader and decoder stop the whole pipeline on the first file they cannot read, and for some
+faults (garbage bytes, unsupported formats) the error does not even name the file.  Each file is
+therefore fully decoded here with Pillow, in parallel, and sorted into one problem kind per fault
+(``PROBLEMS``).  Whether a kind is fatal is what DALI 2.4's CPU decoder (``fn.decoders.image`` /
+``image_random_crop`` with ``output_type=RGB``) does with such a file; tests/test_verify.py runs
+the decoder on one file of each kind to keep these claims true.
+
+``explain_pipeline_error`` turns the error DALI raises during ``pipe.run()`` about a bad file into a
+one-line ``UserError``; ``filelist_files`` reads a file list back as (files, labels) for the readers.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import os
+import re
+import shlex
+import time
+import zlib
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+from .cli import UserError
+from .data._io import pool_map, resolve_jobs
+from .readers import IMAGE_EXTENSIONS, class_folder_files, picture_files
+
+
+class Kind(NamedTuple):
+    fatal: bool
+    effect: str  # what DALI does with such a file
+
+
+# Every problem kind, checked against DALI 2.4's CPU decoder (tests/test_verify.py).
+PROBLEMS: Dict[str, Kind] = {
+    "empty": Kind(True, "zero bytes: the file reader stops ('File mapping failed: PATH')"),
+    "unreadable": Kind(True, "cannot be opened or read (permissions, I/O error, broken link): "
+                             "the file reader stops"),
+    "not_image": Kind(True, "content is no image format: the decoder stops "
+                            "('nvImageCodec failure', the file is not named)"),
+    "unsupported_format": Kind(True, "an image format DALI cannot decode (e.g. GIF): the decoder stops "
+                                     "('nvImageCodec failure', the file is not named)"),
+    "truncated": Kind(True, "the image data ends early: the decoder stops ('Failed to decode sample')"),
+    "corrupt": Kind(True, "the image data cannot be decoded: the decoder stops"),
+    "format_mismatch": Kind(False, "content format differs from the extension (e.g. PNG named .jpg): "
+                                   "decoded by content"),
+    "cmyk": Kind(False, "CMYK: converted to RGB by the decoder"),
+    "greyscale": Kind(False, "greyscale: copied to 3 channels by the decoder"),
+    "palette": Kind(False, "palette colours: expanded to RGB by the decoder"),
+    "alpha": Kind(False, "alpha channel: dropped by the decoder"),
+    "other_colour": Kind(False, "another colour mode: converted to RGB by the decoder"),
+    "wrong_extension": Kind(False, "extension is not an image type: the readers skip the file"),
+    "outside_classes": Kind(False, "not inside a class folder: the class-folder reader skips the file"),
+    "unlistable_name": Kind(False, "the name cannot go into a DALI file list (line break or "
+                                   "leading/trailing space): left out of --write-filelist"),
+}
+FATAL_KINDS = tuple(k for k, v in PROBLEMS.items() if v.fatal)
+
+# Pillow format name -> extensions that name it among readers.IMAGE_EXTENSIONS; the keys are the
+# formats DALI 2.4 decodes on the CPU (MPO is a JPEG with extra frames; JPEG 2000 and PNM decode
+# but no reader extension names them, so they always count as mismatched).
+DALI_FORMATS: Dict[str, Tuple[str, ...]] = {
+    "JPEG": (".jpg", ".jpeg"), "MPO": (".jpg", ".jpeg"), "PNG": (".png",), "BMP": (".bmp",),
+    "TIFF": (".tif", ".tiff"), "WEBP": (".webp",), "JPEG2000": (), "PPM": (),
+}
+# Pillow mode -> colour kind; RGB is clean, any other mode is "other_colour".
+COLOUR_KINDS = {
+    "CMYK": "cmyk", "1": "greyscale", "L": "greyscale", "I": "greyscale", "I;16": "greyscale",
+    "I;16B": "greyscale", "I;16L": "greyscale", "F": "greyscale", "P": "palette",
+    "RGBA": "alpha", "RGBa": "alpha", "LA": "alpha", "La": "alpha", "PA": "alpha",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One file with problems: ``path`` relative to the data folder, its kinds, Pillow's words."""
+    path: str
+    kinds: Tuple[str, ...]
+    detail: str = ""
+
+    @property
+    def fatal(self) -> bool:
+        return any(PROBLEMS[k].fatal for k in self.kinds)
+
+
+@dataclass
+class Report:
+    root: str
+    mixing: bool
+    files: List[str]            # what the reader would list (readers.class_folder_files / picture_files)
+    labels: List[int]           # their labels (0 for mixing pictures)
+    scanned: int                # every file under root
+    findings: List[Finding]     # sorted by path
+
+    def counts(self) -> Dict[str, int]:
+        c = Counter(k for f in self.findings for k in f.kinds)
+        return {k: c[k] for k in PROBLEMS if c[k]}
+
+    @property
+    def fatal(self) -> List[Finding]:
+        return [f for f in self.findings if f.fatal]
+
+    def good(self) -> Tuple[List[str], List[int]]:
+        """(files, labels) the readers can train on: the listed files without fatal problems
+        (warnings are decoded fine) and with names a DALI file list can hold."""
+        drop = {f.path for f in self.findings if f.fatal or "unlistable_name" in f.kinds}
+        keep = [(p, l) for p, l in zip(self.files, self.labels) if p not in drop]
+        return [p for p, _ in keep], [l for _, l in keep]
+
+    def to_json(self) -> dict:
+        return {"root": self.root, "layout": "mixing" if self.mixing else "class_folders",
+                "scanned": self.scanned, "listed": len(self.files), "good": len(self.good()[0]),
+                "counts": self.counts(), "fatal_kinds": list(FATAL_KINDS),
+                "problems": [dict(asdict(f), fatal=f.fatal) for f in self.findings]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checking one file
+@contextlib.contextmanager
+def _strict_pillow():
+    """Pillow as strict as DALI: no silently padded truncated images, no size limit (DALI decodes
+    huge pictures).  Both are process globals, so they are restored afterwards."""
+    from PIL import Image, ImageFile
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+    ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = False, None
+    try:
+        yield Image
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
+
+
+def _listable(name: str) -> bool:
+    # DALI's file_list: one "name label" per line; names may hold inner spaces, not trailing ones.
+    return not any(c in name for c in "\n\r") and name == name.strip()
+
+
+def _identify(Image, data: bytes) -> Optional[str]:
+    """Pillow's format name of ``data``, or None for no image format."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format
+    except Exception:
+        return None
+
+
+def _decode_failure(e: Exception, where: str) -> Tuple[Tuple[str, ...], str]:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return ("truncated" if "truncated" in msg.lower() else "corrupt",), f"{where}: {msg}"
+
+
+# DALI's codecs parse the container themselves before decoding, more strictly than Pillow (which
+# skips stray bytes between JPEG markers and does not check PNG checksums).
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # ITU-T T.81 table B.1
+JPEG_SOS, PNG_SIGNATURE = 0xDA, b"\x89PNG\r\n\x1a\n"
+
+
+def _jpeg_header_problem(data: bytes) -> Optional[Tuple[str, str]]:
+    """Walk the JPEG header segments from SOI to the first scan as DALI's JPEG parser does: each
+    segment starts with 0xFF (fill 0xFF bytes allowed) and a non-zero marker code, a frame header
+    (SOF) with at most 4 components comes before the scan (SOS)."""
+    pos, frame = 2, False
+    while True:
+        if pos >= len(data):
+            return "truncated", "JPEG header ends before the scan"
+        if data[pos] != 0xFF:
+            return "corrupt", f"JPEG header: stray byte 0x{data[pos]:02x} at offset {pos} instead of a marker"
+        while pos < len(data) and data[pos] == 0xFF:
+            pos += 1
+        if pos + 3 > len(data):
+            return "truncated", "JPEG header ends before the scan"
+        marker = data[pos]
+        if marker == 0:
+            return "corrupt", f"JPEG header: invalid marker 0xff00 at offset {pos - 1}"
+        if marker == JPEG_SOS:
+            return None if frame else ("corrupt", "JPEG header: no frame header (SOF) before the scan")
+        length = int.from_bytes(data[pos + 1:pos + 3], "big")
+        if marker in SOF_MARKERS:
+            frame = True
+            if pos + 9 > len(data):
+                return "truncated", "JPEG header ends in the frame header"
+            if data[pos + 8] > 4:
+                return "corrupt", f"JPEG frame header: {data[pos + 8]} components (at most 4)"
+        pos += 1 + length
+
+
+def _png_chunk_problem(data: bytes) -> Optional[Tuple[str, str]]:
+    """Walk the PNG chunks to IEND as DALI's PNG parser does, and check the CRC of every critical
+    chunk, which libpng treats as an error (a bad ancillary chunk is only dropped)."""
+    pos = len(PNG_SIGNATURE)
+    while True:
+        if pos + 8 > len(data):
+            return "truncated", "PNG ends before the IEND chunk"
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return "truncated", f"PNG ends inside the {kind.decode('latin-1')} chunk"
+        critical = kind[:1].isupper()
+        if critical and zlib.crc32(data[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+            return "corrupt", f"PNG: bad checksum of the {kind.decode('latin-1')} chunk"
+        if kind == b"IEND":
+            return None
+        pos = end + 4
+
+
+def check_image(data: bytes, ext: str) -> Tuple[Tuple[str, ...], str]:
+    """(problem kinds, detail) of the bytes of a file the reader lists; ``()`` when clean."""
+    if not data:
+        return ("empty",), "0 bytes"
+    with _strict_pillow() as Image:
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.UnidentifiedImageError:
+            return ("not_image",), f"{len(data)} bytes, no image format recognised"
+        except Exception as e:  # a known format whose header is cut or broken
+            return _decode_failure(e, "header")
+        with im:
+            fmt, mode = im.format, im.mode
+            if fmt not in DALI_FORMATS:
+                return ("unsupported_format",), f"{fmt} content"
+            structure = (_jpeg_header_problem(data) if fmt in ("JPEG", "MPO") else
+                         _png_chunk_problem(data) if fmt == "PNG" else None)
+            if structure:
+                return (structure[0],), structure[1]
+            try:
+                im.load()
+            except Exception as e:  # Pillow raises OSError, SyntaxError, zlib/struct errors...
+                return _decode_failure(e, fmt)
+            if fmt == "PNG" and "transparency" in im.info and mode in ("P", "L", "RGB"):
+                mode = {"P": "PA", "L": "LA", "RGB": "RGBA"}[mode]   # tRNS chunk: alpha as well
+    kinds = []
+    details = []
+    if ext not in DALI_FORMATS[fmt]:
+        kinds.append("format_mismatch")
+        details.append(f"{fmt} content")
+    if mode != "RGB":
+        kinds.append(COLOUR_KINDS.get(mode, "other_colour"))
+        details.append(f"mode {mode}")
+    return tuple(kinds), ", ".join(details)
+
+
+def check_file(root: str, item: Tuple[str, bool]) -> Optional[Finding]:
+    """The problems of file ``item = (relative path, listed by the reader)``; None when clean.
+    Files the reader skips are only identified (what would be lost), not decoded."""
+    rel, listed = item
+    path = os.path.join(root, rel)
+    ext = os.path.splitext(rel)[1].lower()
+    kinds: List[str] = [] if _listable(rel) else ["unlistable_name"]
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read() if listed else fh.read(1 << 16)
+    except OSError as e:
+        why = "broken link" if os.path.islink(path) else (e.strerror or type(e).__name__)
+        return Finding(rel, ("unreadable",), why)
+    if listed:
+        found, detail = check_image(data, ext)
+    else:
+        with _strict_pillow() as Image:
+            fmt = _identify(Image, data)
+        skipped = "wrong_extension" if ext not in IMAGE_EXTENSIONS else "outside_classes"
+        found, detail = (skipped,), (f"{fmt} content" if fmt else "no image content")
+    kinds.extend(found)
+    return Finding(rel, tuple(kinds), detail) if kinds else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scanning a folder
+def _all_files(root: Path) -> List[str]:
+    # os.walk without following links, as the readers list files
+    return sorted(str(Path(d, n).relative_to(root)) for d, _, names in os.walk(root) for n in names)
+
+
+def scan(root, *, mixing: bool = False, jobs: Optional[int] = None) -> Report:
+    """Check every file under ``root`` (a class-folder data set, or with ``mixing`` a folder of
+    mixing pictures) over ``jobs`` processes."""
+    root = Path(root)
+    if mixing:
+        files = picture_files(root, flag="DATA_DIR")
+        labels = [0] * len(files)
+    else:
+        files, labels, classes = class_folder_files(root, flag="DATA_DIR")
+        if set(classes) <= {"train", "val"}:   # a data-set root given instead of one split
+            raise UserError(f"DATA_DIR {root}: holds {' and '.join(c + '/' for c in classes)} rather than "
+                            f"class folders; verify each split: `dali-ipmix verify {root / classes[0]}`")
+    listed = set(files)
+    everything = _all_files(root)
+    results = pool_map(functools.partial(check_file, str(root)),
+                       [(rel, rel in listed) for rel in everything], jobs=jobs)
+    return Report(str(root), mixing, files, labels, len(everything), [f for f in results if f])
+
+
+# ---------------------------------------------------------------------------------------------------
+# File lists
+def write_filelist(path, files: Sequence[str], labels: Sequence[int], overwrite: bool = False) -> Path:
+    """Write a DALI ``file_list`` (``relative/path label`` per line; paths relative to the data
+    folder, given to the reader as ``file_root``).  Written to a temporary file and renamed, so an
+    interrupted run never leaves half a list."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"--write-filelist {path}: file exists; pass --overwrite or choose another name")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{f} {int(l)}\n" for f, l in zip(files, labels)))
+    os.replace(tmp, path)
+    return path
+
+
+def filelist_files(path, root=None) -> Tuple[List[str], List[int]]:
+    """(files, labels) from a DALI file list, in the format of ``readers.class_folder_files``
+    (relative paths, int labels).  With ``root``, every listed file must exist under it."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"file list {path}: cannot read it ({e.__class__.__name__}); give a file "
+                        f"written by `dali-ipmix verify DIR --write-filelist FILE`") from None
+    files, labels = [], []
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.rstrip().rsplit(None, 1)
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise UserError(f"file list {path}, line {no}: expected 'relative/path label', got {line!r}")
+        files.append(parts[0].rstrip())
+        labels.append(int(parts[1]))
+    if not files:
+        raise UserError(f"file list {path}: no files listed")
+    if root is not None:
+        missing = next((f for f in files if not os.path.isfile(os.path.join(root, f))), None)
+        if missing is not None:
+            raise UserError(f"file list {path}: {missing} is not in {root}; write the list again with "
+                            f"`dali-ipmix verify {root} --write-filelist {path} --overwrite`")
+    return files, labels
+
+
+# ---------------------------------------------------------------------------------------------------
+# DALI errors about bad files
+# What DALI 2.4 raises (RuntimeError from pipe.run() and from DALIGenericIterator alike):
+#   decoder, data ends early:   "Failed to decode sample #3 : c1/x.jpg"  (source_info: relative path)
+#   file reader, 0-byte/missing/broken link: "File mapping failed: /abs/c1/x.jpg"
+#   decoder, garbage or unsupported format:  "nvImageCodec failure: '#4'"  (no file named)
+_NAMED = (re.compile(r"Failed to decode sample #\d+ ?: ?(?P<path>[^\n]+)"),
+          re.compile(r"File mapping failed: (?P<path>[^\n]+)"),
+          re.compile(r"(?:Could not open file|Failed to open file)(?: for buffered read)?:? (?P<path>[^\n]+)"))
+_UNNAMED = re.compile(r"nvImageCodec failure: '#\d+'|Failed to decode|Could not decode")
+
+
+def verify_command(folder, mixing: bool = False) -> str:
+    mixing_flag = " --mixing" if mixing else ""
+    return f"`dali-ipmix verify {shlex.quote(str(folder))}{mixing_flag} --write-filelist good.txt`"
+
+
+def skip_hint(folder, mixing: bool = False) -> str:
+    flag = "--mixing-filelist" if mixing else "--train-filelist / --val-filelist"
+    return f"skip bad files with {verify_command(folder, mixing)}, then train with {flag} good.txt"
+
+
+def _locate(name: str, folders: Sequence[Path]) -> Tuple[Path, Optional[Path]]:
+    """(the file, the data folder holding it) for a path DALI reported: absolute (file reader) or
+    relative to the reader's ``file_root`` (decoder's source_info) or to the working folder."""
+    p = Path(name)
+    candidates = [p] if p.is_absolute() else [f / p for f in folders] + [p.absolute()]
+    for c in candidates:
+        for f in folders:
+            if c.is_relative_to(f) and (p.is_absolute() or c.exists() or c.is_symlink()):
+                return c, f
+    return p, None
+
+
+def _why(path: Path, dali_words: str) -> str:
+    if path.is_symlink() and not path.exists():
+        return "it is a broken link"
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "it no longer exists"
+    except OSError as e:
+        return f"it cannot be read ({e.strerror})"
+    return "it is empty (0 bytes)" if size == 0 else f"DALI: {dali_words}"
+
+
+def _folders(dirs) -> List[Path]:
+    dirs = [dirs] if isinstance(dirs, (str, os.PathLike)) else list(dirs)
+    return [Path(d).absolute() for d in dirs]
+
+
+def find_bad_file(data_dirs: Iterable, mixing_dirs: Iterable = (), limit: int = 20000):
+    """(folder, first fatal Finding, is_mixing) among folders of at most ``limit`` files in all,
+    or None (nothing fatal, or too many files to scan while the user waits)."""
+    dirs = [(d, False) for d in _folders(data_dirs)] + [(d, True) for d in _folders(mixing_dirs)]
+    if sum(len(_all_files(d)) for d, _ in dirs if d.is_dir()) > limit:
+        return None
+    for folder, is_mixing in dirs:
+        fatal = scan(folder, mixing=is_mixing).fatal
+        if fatal:
+            return folder, fatal[0], is_mixing
+    return None
+
+
+def explain_pipeline_error(exc: BaseException, data_dirs: Iterable, mixing_dirs: Iterable = (),
+                           search_limit: int = 0) -> Optional[UserError]:
+    """A one-line ``UserError`` for a DALI error about a bad data file (naming the file when DALI
+    does, else the folders), or None when ``exc`` is not about a data file.  ``data_dirs`` are the
+    class-folder roots, ``mixing_dirs`` the mixing-picture folders of the pipeline.  When DALI does
+    not name the file and the folders hold at most ``search_limit`` files, they are scanned
+    (``scan``) to name it."""
+    text = str(exc)
+    mixing = _folders(mixing_dirs)
+    folders = _folders(data_dirs) + mixing
+    for pattern in _NAMED:
+        m = pattern.search(text)
+        if m:
+            name = m.group("path").strip()
+            path, folder = _locate(name, folders)
+            words = m.group(0).strip()
+            why = _why(path, words) if folder else f"DALI: {words}"
+            hint = skip_hint(folder if folder else "DIR", folder in mixing)
+            return UserError(f"{path}: training stopped on this file, {why}; {hint}")
+    m = _UNNAMED.search(text)
+    if m is None:
+        return None
+    if search_limit:
+        found = find_bad_file(data_dirs, mixing_dirs, search_limit)
+        if found is not None:
+            folder, finding, is_mixing = found
+            return UserError(f"{folder / finding.path}: training stopped on this file "
+                             f"({', '.join(finding.kinds)}: {finding.detail or m.group(0)}; found by "
+                             f"scanning the data after DALI's '{m.group(0)}'); "
+                             f"{skip_hint(folder, is_mixing)}")
+    commands = " and ".join(verify_command(f, f in mixing) for f in folders) or verify_command("DIR")
+    return UserError(f"DALI could not decode a data file and does not say which ({m.group(0)}); "
+                     f"find and skip it with {commands}, then train with --train-filelist / "
+                     f"--val-filelist / --mixing-filelist")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+def format_report(report: Report, took: float, jobs: int, max_shown: int = 50) -> str:
+    counts = report.counts()
+    fatal = {k: n for k, n in counts.items() if PROBLEMS[k].fatal}
+    warn = {k: n for k, n in counts.items() if not PROBLEMS[k].fatal}
+    layout = "mixing pictures" if report.mixing else "class folders"
+    good = len(report.good()[0])
+    lines = [f"verify {report.root} ({layout}): {report.scanned} files, {len(report.files)} listed by "
+             f"the reader, {good} usable; {jobs} jobs, {took:.1f} s"]
+    for title, group in (("fatal (training stops on these)", fatal),
+                         ("warnings (DALI decodes or skips these; nothing stops)", warn)):
+        if group:
+            lines.append(f"{title}:")
+            lines += [f"  {k:<18} {n:>7}  {PROBLEMS[k].effect}" for k, n in group.items()]
+    shown: Counter = Counter()   # warnings listed per (first) kind; fatal files are always listed
+    listing = []
+    hidden = 0
+    for f in report.findings:
+        shown[f.kinds[0]] += not f.fatal
+        if max_shown and shown[f.kinds[0]] > max_shown:
+            hidden += 1
+            continue
+        listing.append(f"  {'FATAL' if f.fatal else 'warn ':<5} {f.path}  {', '.join(f.kinds)}"
+                       + (f" ({f.detail})" if f.detail else ""))
+    if listing:
+        lines.append("files:")
+        lines += listing
+        if hidden:
+            lines.append(f"  ... {hidden} more warnings (--max-shown 0 lists all, --json FILE writes all)")
+    if fatal:
+        lines.append(f"result: {len(report.fatal)} file(s) would stop training; "
+                     f"{skip_hint(report.root, report.mixing)}")
+    else:
+        lines.append("result: no fatal problems")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    for flag, target in (("--write-filelist", args.write_filelist), ("--json", args.json)):
+        if target and Path(target).exists() and not args.overwrite:   # refuse before the long scan
+            raise UserError(f"{flag} {target}: file exists; pass --overwrite or choose another name")
+    start = time.perf_counter()
+    report = scan(args.data_dir, mixing=args.mixing, jobs=args.jobs)
+    print(format_report(report, time.perf_counter() - start, min(resolve_jobs(args.jobs), report.scanned),
+                        max_shown=args.max_shown))
+    if args.write_filelist:
+        files, labels = report.good()
+        write_filelist(args.write_filelist, files, labels, overwrite=args.overwrite)
+        print(f"file list: {len(files)} files -> {args.write_filelist}")
+    if args.json:
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(report.to_json(), indent=1))
+        os.replace(tmp, args.json)
+    return 1 if report.fatal else 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "verify", help="check a data set for files that would stop training; write a list of the good ones",
+        description="Decode every file of a class-folder data set (DIR/<class>/<image>) or, with --mixing, "
+                    "a folder of mixing pictures, in parallel. Reports truncated, unreadable, empty, "
+                    "non-image and unsupported files (fatal: DALI stops on them) and CMYK, greyscale, "
+                    "palette, alpha, misnamed files (warnings: DALI converts or skips them). "
+                    "Exit code 0 without fatal problems, 1 with. Nothing is deleted.")
+    p.add_argument("data_dir", metavar="DATA_DIR", help="class-folder data set (e.g. imagenet/train)")
+    p.add_argument("--mixing", action="store_true", help="DATA_DIR is a (flat or nested) mixing-picture folder")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per CPU)")
+    p.add_argument("--write-filelist", metavar="FILE", default=None,
+                   help="write a DALI file list ('relative/path label' lines) of the usable files")
+    p.add_argument("--json", metavar="FILE", default=None, help="write the full report as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --write-filelist / --json files")
+    p.add_argument("--max-shown", type=int, default=50, metavar="N",
+                   help="list at most N files per warning kind (0: all; fatal files are always listed)")
+    p.set_defaults(func=_run)

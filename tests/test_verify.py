@@ -1,0 +1,279 @@
+"""`dali-ipmix verify`: a data set seeded with one file of each fault is reported exactly, DALI's
+CPU decoder agrees with every fatal/warning verdict, the file list feeds a DALI reader, and a real
+DALI failure becomes a one-line error naming the file."""
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import photo_crops
+from dali_ipmix import verify as V
+from dali_ipmix.cli import UserError, main
+from dali_ipmix.readers import class_folder_files
+
+SIZE = 48
+
+
+def _jpeg_bytes(img, **kw):
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+# The good files: real photographs in every format the readers list, all RGB (no false positives).
+GOOD = {
+    "c0/a.jpg": lambda im, p: p.write_bytes(_jpeg_bytes(im)),
+    "c0/progressive.jpg": lambda im, p: p.write_bytes(_jpeg_bytes(im, progressive=True)),
+    "c0/two words.jpeg": lambda im, p: p.write_bytes(_jpeg_bytes(im, subsampling="4:4:4")),
+    "c1/b.png": lambda im, p: Image.fromarray(im).save(p),
+    "c1/c.bmp": lambda im, p: Image.fromarray(im).save(p),
+    "c1/d.webp": lambda im, p: Image.fromarray(im).save(p, lossless=True),
+    "c1/e.tif": lambda im, p: Image.fromarray(im).save(p),
+    "c2/f.JPG": lambda im, p: p.write_bytes(_jpeg_bytes(im)),
+}
+def _stray_bytes_jpeg(img):
+    """Two stray bytes between header segments: Pillow decodes it, DALI's JPEG parser does not."""
+    data = _jpeg_bytes(img)
+    at = data.index(b"\xff\xdb")
+    return data[:at] + b"\x12\x34" + data[at:]
+
+
+def _bad_crc_png(img):
+    """A wrong IDAT checksum: Pillow ignores it, libpng in DALI does not."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    at = data.index(b"IDAT")
+    data[at + 4 + int.from_bytes(data[at - 4:at], "big")] ^= 0xFF
+    return bytes(data)
+
+
+# One file per fault: how it is made and the kinds verify must report.
+BAD = {
+    "c0/truncated.jpg": (lambda im, p: p.write_bytes(_jpeg_bytes(im)[: len(_jpeg_bytes(im)) // 2]), ("truncated",)),
+    "c0/garbage.jpg": (lambda im, p: p.write_bytes(np.random.default_rng(0).bytes(3000)), ("not_image",)),
+    "c0/empty.jpg": (lambda im, p: p.write_bytes(b""), ("empty",)),
+    "c0/broken_link.jpg": (lambda im, p: os.symlink(p.parent / "nowhere.jpg", p), ("unreadable",)),
+    "c0/stray_bytes.jpg": (lambda im, p: p.write_bytes(_stray_bytes_jpeg(im)), ("corrupt",)),
+    "c1/bad_crc.png": (lambda im, p: p.write_bytes(_bad_crc_png(im)), ("corrupt",)),
+    "c0/animation.jpg": (lambda im, p: Image.fromarray(im).save(p, "GIF"), ("unsupported_format",)),
+    "c1/cmyk.jpg": (lambda im, p: Image.fromarray(im).convert("CMYK").save(p, "JPEG"), ("cmyk",)),
+    "c1/grey.jpg": (lambda im, p: Image.fromarray(im).convert("L").save(p, "JPEG"), ("greyscale",)),
+    "c1/png_inside.jpg": (lambda im, p: Image.fromarray(im).save(p, "PNG"), ("format_mismatch",)),
+    "c1/rgba.png": (lambda im, p: Image.fromarray(im).convert("RGBA").save(p), ("alpha",)),
+    "c1/palette.png": (lambda im, p: Image.fromarray(im).convert("P").save(p), ("palette",)),
+    "c2/notes.txt": (lambda im, p: p.write_text("labels were checked by hand\n"), ("wrong_extension",)),
+    "stray.jpg": (lambda im, p: p.write_bytes(_jpeg_bytes(im)), ("outside_classes",)),
+}
+FATAL = {p for p, (_, kinds) in BAD.items() if any(V.PROBLEMS[k].fatal for k in kinds)}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seeded")
+    photos = photo_crops(SIZE, len(GOOD) + len(BAD), seed=4)
+    makers = list(GOOD.values()) + [make for make, _ in BAD.values()]
+    for rel, make, photo in zip(list(GOOD) + list(BAD), makers, photos):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        make(photo, root / rel)
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(dataset):
+    return V.scan(dataset, jobs=2)   # two worker processes: the parallel path
+
+
+def test_each_bad_file_reported_with_its_kind_and_no_false_positives(report):
+    assert {f.path: f.kinds for f in report.findings} == {p: kinds for p, (_, kinds) in BAD.items()}
+    assert {f.path for f in report.fatal} == FATAL
+    assert report.scanned == len(GOOD) + len(BAD)
+
+
+def _dali_decode(root, rel):
+    """Decode one file with DALI's CPU reader + decoder (output_type=RGB), as the readers do."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def one():
+        data, _ = fn.readers.file(file_root=str(root), files=[rel])
+        return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+
+    pipe = one()
+    pipe.build()
+    (out,) = pipe.run()
+    return np.asarray(out.at(0))
+
+
+@pytest.mark.parametrize("rel", sorted(p for p, (_, k) in BAD.items()
+                                       if k[0] not in ("wrong_extension", "outside_classes")))
+def test_dali_cpu_decoder_agrees_with_verdict(dataset, rel):
+    if rel in FATAL:      # fatal: DALI stops on the file
+        with pytest.raises(RuntimeError):
+            _dali_decode(dataset, rel)
+    else:                 # warning: DALI decodes it to exactly Pillow's RGB conversion
+        got = _dali_decode(dataset, rel)
+        want = np.asarray(Image.open(dataset / rel).convert("RGB"))
+        np.testing.assert_array_equal(got, want)
+
+
+def _damaged(rng, data):
+    """One random fault: a changed byte (anywhere or in the header), inserted junk, a cut tail."""
+    data = bytearray(data)
+    mode = rng.integers(4)
+    at = int(rng.integers(2, len(data) if mode != 1 else min(200, len(data))))
+    if mode <= 1:
+        data[at] ^= int(rng.integers(1, 256))
+    elif mode == 2:
+        data[at:at] = rng.bytes(int(rng.integers(1, 6)))
+    else:
+        del data[len(data) - int(rng.integers(1, 30)):]
+    return bytes(data)
+
+
+def test_verdict_matches_dali_on_randomly_damaged_files(tmp_path):
+    # Random damage lands on every path at once (header walk, entropy data, chunk checksums), so a
+    # verdict that drifts from what DALI's decoder does shows up here.
+    rng = np.random.default_rng(2024)
+    fatal = 0
+    for i, photo in enumerate(photo_crops(40, 24, seed=6)):
+        ext = ".png" if i % 3 == 2 else ".jpg"
+        buf = io.BytesIO()
+        Image.fromarray(photo).save(buf, "PNG" if ext == ".png" else "JPEG", progressive=i % 4 == 0)
+        rel = f"f{i:02d}{ext}"
+        (tmp_path / rel).write_bytes(_damaged(rng, buf.getvalue()))
+        kinds, detail = V.check_image((tmp_path / rel).read_bytes(), ext)
+        ours = any(V.PROBLEMS[k].fatal for k in kinds)
+        try:
+            _dali_decode(tmp_path, rel)
+            dali = False
+        except RuntimeError:
+            dali = True
+        assert ours == dali, f"{rel}: verify says {kinds} ({detail}), DALI {'fails' if dali else 'decodes it'}"
+        fatal += dali
+    assert 0 < fatal < 24          # the damage hits both outcomes
+
+
+def test_filelist_holds_the_usable_files_and_feeds_a_dali_reader(dataset, report, tmp_path, capsys):
+    out = tmp_path / "good.txt"
+    assert main(["verify", str(dataset), "--jobs", "1", "--write-filelist", str(out)]) == 1  # fatal files
+    printed = capsys.readouterr().out
+    for rel in BAD:
+        assert rel in printed
+    files, labels, _ = class_folder_files(dataset)
+    label_of = dict(zip(files, labels))
+    got_files, got_labels = V.filelist_files(out, root=dataset)
+    warnings_listed = {p for p, (_, k) in BAD.items() if p not in FATAL and p in label_of}
+    assert set(got_files) == set(GOOD) | warnings_listed
+    assert got_labels == [label_of[f] for f in got_files]
+
+    # DALI's own file_list parser reads it (including the name with a space) and decodes everything
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None)
+    def listed():
+        data, label = fn.readers.file(file_root=str(dataset), file_list=str(out), name="Reader")
+        return fn.decoders.image(data, device="cpu", output_type=types.RGB), label
+
+    pipe = listed()
+    pipe.build()
+    seen = []
+    for _ in range(-(-len(got_files) // 4)):
+        images, label = pipe.run()
+        seen += [int(np.asarray(label.at(i))[0]) for i in range(len(label))]
+        assert all(np.asarray(images.at(i)).shape == (SIZE, SIZE, 3) for i in range(len(images)))
+    assert sorted(seen[: len(got_files)]) == sorted(got_labels)
+
+
+def test_filelist_feeds_the_train_reader(dataset, tmp_path):
+    from nvidia.dali import pipeline_def
+    from dali_ipmix import readers
+    out = V.write_filelist(tmp_path / "list.txt", *V.scan(dataset, jobs=1).good())
+    files, labels = V.filelist_files(out, root=dataset)
+
+    @pipeline_def(batch_size=len(files), num_threads=1, device_id=None)
+    def train():
+        return readers.train_images(dataset, device="cpu", size=32, files=(files, labels), seed=1)
+
+    pipe = train()
+    pipe.build()
+    images, got = pipe.run()
+    assert sorted(int(np.asarray(got.at(i))[0]) for i in range(len(files))) == sorted(labels)
+
+
+def test_refuses_to_overwrite_without_flag(dataset, tmp_path, capsys):
+    out = tmp_path / "mine.txt"
+    out.write_text("keep me\n")
+    assert main(["verify", str(dataset), "--jobs", "1", "--write-filelist", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert out.read_text() == "keep me\n"
+    assert main(["verify", str(dataset), "--jobs", "1", "--write-filelist", str(out), "--overwrite"]) == 1
+    assert out.read_text() != "keep me\n"
+
+
+def test_clean_mixing_folder_exits_0_and_json_counts(tmp_path):
+    mix = tmp_path / "mix"
+    for i, photo in enumerate(photo_crops(SIZE, 4, seed=8)):
+        (mix / f"sub{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo).save(mix / f"sub{i % 2}" / f"p{i}.jpg")
+    Image.fromarray(photo).convert("L").save(mix / "grey.png")
+    js = tmp_path / "r.json"
+    assert main(["verify", str(mix), "--mixing", "--jobs", "1", "--json", str(js)]) == 0   # warnings only
+    data = json.loads(js.read_text())
+    assert data["layout"] == "mixing" and data["listed"] == data["good"] == 5
+    assert data["counts"] == {"greyscale": 1}
+    (mix / "sub0" / "cut.jpg").write_bytes(_jpeg_bytes(photo)[:300])
+    assert main(["verify", str(mix), "--mixing", "--jobs", "1"]) == 1
+
+
+def _run_until_error(root, files):
+    from nvidia.dali import pipeline_def
+    from dali_ipmix import readers
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def train():
+        return readers.train_images(root, device="cpu", size=32, files=(files, [0] * len(files)))
+
+    pipe = train()
+    pipe.build()
+    with pytest.raises(RuntimeError) as info:
+        for _ in range(len(files)):
+            pipe.run()
+    return info.value
+
+
+@pytest.mark.parametrize("bad, words", [("c0/truncated.jpg", "Failed to decode sample"),
+                                        ("c0/empty.jpg", "empty (0 bytes)"),
+                                        ("c0/broken_link.jpg", "broken link")])
+def test_explain_names_the_file_dali_failed_on(dataset, bad, words):
+    exc = _run_until_error(dataset, [bad] + list(GOOD)[:3])
+    err = V.explain_pipeline_error(exc, [dataset])
+    assert isinstance(err, UserError)
+    msg = str(err)
+    assert "\n" not in msg and str(dataset / bad) in msg and words in msg
+    assert f"dali-ipmix verify {dataset} --write-filelist" in msg
+
+
+def test_explain_nameless_dali_error_names_the_folders(dataset, tmp_path):
+    exc = _run_until_error(dataset, ["c0/garbage.jpg", "c0/a.jpg"])
+    err = V.explain_pipeline_error(exc, [dataset], mixing_dirs=[tmp_path])
+    msg = str(err)
+    assert "\n" not in msg and "nvImageCodec failure" in msg
+    assert f"dali-ipmix verify {dataset} --write-filelist" in msg
+    assert f"dali-ipmix verify {tmp_path} --mixing --write-filelist" in msg
+    assert V.explain_pipeline_error(RuntimeError("CUDA error: out of memory"), [dataset]) is None
+
+
+def test_filelist_errors_name_file_and_line(dataset, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("c0/a.jpg 0\nc0/progressive.jpg\n")
+    with pytest.raises(UserError, match=r"line 2"):
+        V.filelist_files(bad)
+    gone = tmp_path / "gone.txt"
+    gone.write_text("c0/a.jpg 0\nc9/missing.jpg 3\n")
+    assert V.filelist_files(gone) == (["c0/a.jpg", "c9/missing.jpg"], [0, 3])
+    with pytest.raises(UserError, match="c9/missing.jpg"):
+        V.filelist_files(gone, root=dataset)
