@@ -16,6 +16,7 @@ def _padded_random_crop(images, size):
     anchor = fn.cast(fn.random.uniform(range=[-PAD, PAD + 1], shape=[2]), dtype=types.INT32)
     anchor = fn.cast(anchor, dtype=types.FLOAT)
     return fn.slice(images, anchor, types.Constant([float(size), float(size)]), axes=[0, 1],
+                    normalized_anchor=False, normalized_shape=False,
                     out_of_bounds_policy="pad", fill_values=0)
 
 

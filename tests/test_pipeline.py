@@ -104,3 +104,20 @@ def test_bad_folders_give_one_line_errors(dataset, tmp_path):
 def test_config_out_of_range(knob, value, msg):
     with pytest.raises(ValueError, match=msg):
         CFG.replace(**{knob: value})
+
+
+def test_cifar_graph_32px_padded_crop_replays_through_reference(dataset):
+    from pipelines import cifar
+    cfg = C.CIFAR.replace(k=2, t=2)
+    pipe = cifar.train_pipeline(dataset / "train", dataset / "mixing", cfg=cfg, batch_size=BATCH,
+                                num_threads=2, device="cpu", backend="fused", seed=2,
+                                extra_outputs=True)
+    pipe.build()
+    views, labels, crops, pics, tapes = pipe.run()
+    for i in range(BATCH):
+        crop, pic = np.asarray(crops.at(i)), np.asarray(pics.at(i))
+        assert crop.shape == pic.shape == (32, 32, 3)
+        v = np.asarray(views.at(i))
+        assert v.shape == (3, 3, 32, 32)
+        ref = R.ipmix_views(crop, pic, np.asarray(tapes.at(i)), cfg)
+        assert np.abs(v - ref).mean() < 1e-4

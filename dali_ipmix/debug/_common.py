@@ -1,0 +1,176 @@
+"""What the debugging commands share: their common flags, the config and training pipeline they
+build, the tiny generated data set, and NumPy conversions of pipeline outputs."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import inspect
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import config as C
+from ..cli import UserError
+
+DEVICES = ("cpu", "gpu")
+# The mixing pictures of the ImageNet graph are resized to 256 before the 224 crop; other crop
+# sizes keep that ratio.
+IMAGENET_RESIZE_RATIO = 256 / 224
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags.
+
+def add_data_args(p) -> None:
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="class-folder training images (root/<class>/<image>); with --mixing. "
+                        "Without both, a tiny generated set in a temporary folder is used")
+    p.add_argument("--mixing", default=None, metavar="DIR", help="mixing pictures (e.g. from `dali-ipmix fractals`)")
+
+
+def add_config_args(p) -> None:
+    p.add_argument("--preset", choices=sorted(C.PRESETS), default="imagenet",
+                   help="training recipe and its graph (default %(default)s)")
+    p.add_argument("--jsd", action=argparse.BooleanOptionalAction, default=None,
+                   help="clean + two IPMix views (--jsd, the presets' default) or one view (--no-jsd)")
+    p.add_argument("--k", type=int, default=None, help="chains (default: the preset's)")
+    p.add_argument("--t", type=int, default=None, help="maximum chain depth (default: the preset's)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="crop size in pixels (default: the preset's; patch sizes above it are dropped)")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the pipeline runs (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="pipeline seed (default %(default)s)")
+
+
+def make_config(preset: str, jsd: Optional[bool] = None, k: Optional[int] = None,
+                t: Optional[int] = None, image_size: Optional[int] = None) -> C.IPMixConfig:
+    """The preset with the flags' changes; a bad value is a one-line UserError."""
+    base = C.preset(preset)
+    changes = {name: v for name, v in (("jsd", jsd), ("k", k), ("t", t)) if v is not None}
+    if image_size is not None:
+        changes["image_size"] = image_size
+        changes["patch_sizes"] = tuple(s for s in base.patch_sizes if s <= image_size) or (image_size,)
+    try:
+        return base.replace(**changes) if changes else base
+    except ValueError as e:
+        raise UserError(str(e).replace("IPMix config: ", "--")) from None
+
+
+def config_from_args(args) -> C.IPMixConfig:
+    return make_config(args.preset, args.jsd, args.k, args.t, args.image_size)
+
+
+def config_dict(cfg: C.IPMixConfig) -> dict:
+    import dataclasses
+    return {f.name: (list(v) if isinstance(v, tuple) else v)
+            for f in dataclasses.fields(cfg) for v in [getattr(cfg, f.name)]}
+
+
+def check_device(device: str) -> None:
+    if device == "gpu" and not has_gpu():
+        raise UserError("--device gpu: no CUDA GPU is visible here; use --device cpu")
+
+
+def has_gpu() -> bool:
+    try:
+        from nvidia.dali.backend import GetCUDADeviceCount
+        return GetCUDADeviceCount() > 0
+    except Exception:      # no driver: DALI raises instead of returning 0
+        return False
+
+
+def check_new_files(paths: Sequence[Path], overwrite: bool) -> None:
+    """Refuse to replace files the user already has, unless --overwrite."""
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise UserError(f"{path} exists; pass --overwrite or choose another --out")
+        if path.exists() and path.is_dir():
+            raise UserError(f"{path} is a folder; choose another --out")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+@contextlib.contextmanager
+def data_folders(data, mixing, seed: int = 0) -> Iterator[Tuple[Path, Path, bool]]:
+    """(data_dir, mixing_dir, generated): the user's folders, or a tiny generated set that lives
+    as long as the ``with`` block."""
+    if (data is None) != (mixing is None):
+        raise UserError("--data and --mixing go together: give both, or neither for a tiny generated set")
+    if data is not None:
+        yield Path(data), Path(mixing), False
+        return
+    from ._tiny_data import make_tiny_data
+    with tempfile.TemporaryDirectory(prefix="dali-ipmix-debug-") as tmp:
+        train, pictures = make_tiny_data(Path(tmp) / "data", seed=seed)
+        yield train, pictures, True
+
+
+# ---------------------------------------------------------------------------------------------
+# The training pipeline.
+
+def num_threads() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def train_pipeline(data_dir, mixing_dir, cfg: C.IPMixConfig, preset: str, *, batch_size: int,
+                   device: str, backend: str, seed: int, extra_outputs: bool = False):
+    """The preset's training pipeline (not yet built), exactly as training builds it."""
+    common = dict(cfg=cfg, batch_size=batch_size, num_threads=num_threads(), device=device,
+                  backend=backend, seed=seed, extra_outputs=extra_outputs)
+    if preset == "cifar":
+        from pipelines import cifar
+        return cifar.train_pipeline(data_dir, mixing_dir, **common)
+    from pipelines import imagenet
+    return imagenet.train_pipeline(data_dir, mixing_dir, resize=round(cfg.image_size * IMAGENET_RESIZE_RATIO),
+                                   **common)
+
+
+@contextlib.contextmanager
+def pipeline_options(**options):
+    """Every ``Pipeline`` constructed inside the block gets these constructor options (e.g.
+    ``exec_dynamic=False, enable_memory_stats=True`` for executor statistics), without changing
+    the functions that build the pipelines.  The original signature is kept visible because
+    ``pipeline_def`` sorts its keyword arguments by it."""
+    if not options:
+        yield
+        return
+    from nvidia.dali import pipeline as dali_pipeline
+    original = dali_pipeline.Pipeline.__init__
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        kwargs.update(options)
+        original(self, *args, **kwargs)
+
+    init.__signature__ = inspect.signature(original)
+    dali_pipeline.Pipeline.__init__ = init
+    try:
+        yield
+    finally:
+        dali_pipeline.Pipeline.__init__ = original
+
+
+STATS_OPTIONS = dict(exec_dynamic=False, enable_memory_stats=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs.
+
+def samples(tensor_list) -> list:
+    """A DALI TensorList (CPU or GPU) as a list of NumPy arrays, one per sample."""
+    as_cpu = getattr(tensor_list, "as_cpu", None)
+    tl = as_cpu() if as_cpu is not None else tensor_list
+    return [np.asarray(tl.at(i)) for i in range(len(tl))]
+
+
+def to_display(view: np.ndarray, cfg: C.IPMixConfig) -> np.ndarray:
+    """A normalised CHW float view back to HWC uint8 for showing it."""
+    mean = np.asarray(cfg.mean, np.float32)[:, None, None]
+    std = np.asarray(cfg.std, np.float32)[:, None, None]
+    rgb = (np.asarray(view, np.float32) * std + mean) * 255
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).transpose(1, 2, 0)
