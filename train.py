@@ -46,7 +46,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from dali_ipmix import advmixup
 from dali_ipmix import config as C
+from dali_ipmix import models
 from dali_ipmix.cli import UserError
 from dali_ipmix.losses import ipmix_loss
 
@@ -141,6 +143,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--keep-ckpts", type=int, default=3, help="checkpoints kept (oldest deleted)")
     g.add_argument("--print-freq", type=int, default=None, help="progress line every N steps")
     g.add_argument("--no-tensorboard", action="store_true")
+    advmixup.add_adv_args(p)
     return p
 
 
@@ -157,8 +160,7 @@ def log(args, *msg):
 
 
 def list_archs():
-    import torchvision
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    return models.list_models()
 
 
 def fmt_time(seconds: float) -> str:
@@ -249,6 +251,7 @@ def apply_defaults(args):
     for flag in ("epochs", "batch_size", "workers"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    advmixup.check_adv_args(args)
     if not 0 < args.crop_scale <= 1:
         raise UserError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
 
@@ -256,8 +259,8 @@ def apply_defaults(args):
 def resolve_arch(args):
     names = list_archs()
     if args.arch not in names:
-        raise UserError(f"unknown --arch {args.arch!r}: not a torchvision classification model "
-                        f"(run `python train.py --list-archs` to see the valid names)")
+        raise UserError(f"unknown --arch {args.arch!r}: not a torchvision classification model nor one "
+                        f"of {', '.join(sorted(models.ARCHS))} (`python train.py --list-archs` lists them)")
 
 
 def resolve_backend(args):
@@ -287,9 +290,13 @@ def build_config(args) -> C.IPMixConfig:
         # the largest official patch is the whole crop: keep that, drop sizes that no longer fit
         changes["patch_sizes"] = tuple(sorted({p for p in cfg.patch_sizes if p < size} | {size}))
     try:
-        return cfg.replace(**changes)
+        cfg = cfg.replace(**changes)
     except ValueError as e:
         raise UserError(str(e)) from None
+    # adversarial modes: the pipeline emits [0, 1] pixels and the model normalises (epsilon in
+    # pixel units); the normalisation constants move from the pipeline into the model
+    args.input_mean, args.input_std = cfg.mean, cfg.std
+    return advmixup.pixel_config(cfg) if advmixup.uses_pixels(args) else cfg
 
 
 def resolve_data(args):
@@ -369,8 +376,7 @@ def load_resume_checkpoint(args):
 def create_model(args, model_factory=None) -> nn.Module:
     if model_factory is not None:
         return model_factory(args.num_classes)
-    import torchvision
-    return torchvision.models.get_model(args.arch, weights=None, num_classes=args.num_classes)
+    return models.get_model(args.arch, args.num_classes)
 
 
 def make_lr_lambda(total_steps: int, warmup_steps: int, min_factor: float):
@@ -389,16 +395,21 @@ def make_lr_lambda(total_steps: int, warmup_steps: int, min_factor: float):
 
 def build_loaders(args, cfg, dali_checkpoint=None):
     from dali_ipmix.loader import DaliLoader
-    from pipelines.imagenet import train_pipeline, val_pipeline
-    resize = max(cfg.image_size, round(cfg.image_size * 256 / 224))  # Resize(256) of a 224 crop
-    train_pipe = train_pipeline(
-        args.train_dir, args.mixing_set, cfg=cfg, batch_size=args.batch_size, num_threads=args.workers,
-        device=args.dali_device, device_id=args.dali_device_id, backend=args.backend, seed=args.seed,
-        shard_id=args.rank, num_shards=args.world_size, resize=resize, enable_checkpointing=True,
-        random_area=(args.crop_scale, 1.0), filelist=args.train_filelist,
-        mixing_filelist=args.mixing_filelist,
-        checkpoint=dali_checkpoint)
-    val_pipe = val_pipeline(
+    from pipelines import cifar, imagenet
+    common = dict(cfg=cfg, batch_size=args.batch_size, num_threads=args.workers,
+                  device=args.dali_device, device_id=args.dali_device_id, backend=args.backend,
+                  seed=args.seed, shard_id=args.rank, num_shards=args.world_size,
+                  enable_checkpointing=True, checkpoint=dali_checkpoint,
+                  filelist=args.train_filelist, mixing_filelist=args.mixing_filelist)
+    if args.preset == "cifar":
+        # 32 px pictures: flip + RandomCrop(32, padding=4); validation is the picture itself
+        resize = cfg.image_size
+        train_pipe = cifar.train_pipeline(args.train_dir, args.mixing_set, **common)
+    else:
+        resize = max(cfg.image_size, round(cfg.image_size * 256 / 224))  # Resize(256) of a 224 crop
+        train_pipe = imagenet.train_pipeline(args.train_dir, args.mixing_set, resize=resize,
+                                              random_area=(args.crop_scale, 1.0), **common)
+    val_pipe = imagenet.val_pipeline(
         args.val_dir, cfg=cfg, batch_size=args.val_batch_size or args.batch_size, num_threads=args.workers,
         device=args.dali_device, device_id=args.dali_device_id, shard_id=args.rank,
         num_shards=args.world_size, resize=resize, filelist=args.val_filelist)
@@ -511,7 +522,9 @@ def save_checkpoint(args, *, model, optimizer, scheduler, scaler, epoch, step, e
     if not is_main(args):
         return None
     ckpt = {
-        "model": args.model_without_ddp.state_dict(),
+        "model": args.net.state_dict(),
+        "input": {"pixels_0_1": advmixup.uses_pixels(args), "mean": list(args.input_mean),
+                  "std": list(args.input_std)},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -678,12 +691,16 @@ def _run(args, model_factory, t_start) -> int:
 
     # ---- model and optimiser --------------------------------------------------------------------
     torch.manual_seed(args.seed)
-    model = create_model(args, model_factory).to(args.torch_device)
+    net = create_model(args, model_factory).to(args.torch_device)
     if args.distributed and args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    # checkpoints hold ``net`` alone; in the adversarial modes the model takes [0, 1] pixels and
+    # starts with the normalisation layer
+    model = (advmixup.with_normalization(net, args.input_mean, args.input_std).to(args.torch_device)
+             if advmixup.uses_pixels(args) else net)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    args.model_without_ddp = model
+    args.net, args.model_without_ddp = net, model
     global_batch = args.batch_size * args.world_size
     lr = args.lr * global_batch / args.lr_scale_batch if args.lr_scale_batch else args.lr
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, nesterov=True,
@@ -707,7 +724,7 @@ def _run(args, model_factory, t_start) -> int:
 
     start_epoch, step, best_top1, history = 0, 0, 0.0, []
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -753,10 +770,19 @@ def _run(args, model_factory, t_start) -> int:
             for images, labels in train_loader:
                 now = time.perf_counter()
                 win["data"] += now - t_data
-                with autocast(args):
-                    logits = model(images)
-                loss, clean = ipmix_loss(logits, labels, views, jsd_weight=args.jsd_weight,
-                                         label_smoothing=args.label_smoothing)
+                if args.adv_mixup != "off":
+                    # the attack runs on the unwrapped model (no DDP all-reduce of attack gradients)
+                    loss, info = advmixup.adv_mixup_loss(
+                        args.model_without_ddp, model, images, labels, args.num_classes, args,
+                        seed=args.seed, epoch=epoch, step=step, rank=args.rank,
+                        autocast_ctx=lambda: autocast(args), views=views)
+                    correct = info["correct"]
+                else:
+                    with autocast(args):
+                        logits = model(images)
+                    loss, clean = ipmix_loss(logits, labels, views, jsd_weight=args.jsd_weight,
+                                             label_smoothing=args.label_smoothing)
+                    correct = (clean.detach().argmax(1) == labels).sum()
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -766,7 +792,7 @@ def _run(args, model_factory, t_start) -> int:
                 win["n"] += 1
                 win["seen"] += labels.numel()
                 win["losses"].append((step, loss.detach()))
-                win["c1"] += (clean.detach().argmax(1) == labels).sum()
+                win["c1"] += correct
 
                 if step % args.print_freq == 0 or step == args.max_steps:
                     report_window(args, metrics, win, epoch, step, total_steps, scheduler)
@@ -807,6 +833,11 @@ def _run(args, model_factory, t_start) -> int:
                       f"{rec['val_seconds']:.1f} s)  best top-1 {best_top1:.2f}%")
             last_path = save_checkpoint(args, epoch=epoch + 1, step=step, epoch_done=True,
                                         best_top1=best_top1, history=history, **ckpt_kw) or last_path
+        if args.adv_eval != "off" and not interrupted:
+            robust = robust_evaluate(args, val_loader)
+            metrics.write({"kind": "robust", "step": step, **{k: v for k, v in robust.items()
+                                                            if isinstance(v, (int, float))}}, step)
+            history.append({"kind": "robust", **robust})
     finally:
         stop_request.close()
         metrics.close()
@@ -816,7 +847,8 @@ def _run(args, model_factory, t_start) -> int:
     total = time.perf_counter() - t_start
     if is_main(args):
         img_s = train_images / train_time if train_time else 0.0
-        last = history[-1] if history else None
+        epochs_done = [h for h in history if h.get("kind") == "epoch"]
+        last = epochs_done[-1] if epochs_done else None
         lines = [
             "=" * 72,
             f"summary: {args.arch}{' (demo)' if args.demo else ''}, {step} steps, "
@@ -826,6 +858,10 @@ def _run(args, model_factory, t_start) -> int:
             "  val top-1: (no completed epoch)",
             f"  throughput: {img_s:.1f} source img/s ({img_s * views:.1f} views/s) while training",
             f"  time: {fmt_time(total)} total ({total:.1f} s; setup {setup_time:.1f} s, training {train_time:.1f} s)",
+            *([f"  robust ({r['eps'] * 255:g}/255): clean {r['clean']:.2f}%  PGD-{r['steps']} {r['pgd']:.2f}%"
+               + (f"  AutoAttack {r['autoattack']:.2f}%" if r.get('autoattack') is not None else "")
+               + f"  ({r['images']} images)"
+               for r in history if r.get("kind") == "robust"]),
             f"  checkpoint: {last_path}" if last_path else "  checkpoint: none",
             f"  metrics: {os.path.join(args.output_dir, METRICS_FILE)}",
             "=" * 72,
@@ -833,8 +869,31 @@ def _run(args, model_factory, t_start) -> int:
         print("\n".join(lines), flush=True)
         with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
             json.dump({"arch": args.arch, "steps": step, "best_top1": best_top1,
-                       "last": last, "img_per_s": img_s, "seconds": total}, f)
+                       "last": last, "img_per_s": img_s, "seconds": total,
+                       "robust": [h for h in history if h.get("kind") == "robust"]}, f)
     return 0
+
+
+def robust_evaluate(args, loader) -> dict:
+    """PGD (and AutoAttack) accuracy on the validation set after training; counts summed over ranks."""
+    per_rank = args.adv_eval_images // args.world_size if args.adv_eval_images else 0
+    res = advmixup.robust_eval(
+        args.model_without_ddp, loader, args.adv_eval_eps, args.adv_eval_step_size,
+        args.adv_eval_steps, restarts=args.adv_eval_restarts, autoattack=args.adv_eval == "autoattack",
+        max_images=per_rank, seed=args.seed + args.rank, autocast_ctx=lambda: autocast(args))
+    keys = [k for k in res if k.startswith("n_")] + ["images"]
+    sums = dict(zip(keys, all_reduce_sum([res[k] for k in keys], args.torch_device)))
+    total = max(sums["images"], 1)
+    for k in keys[:-1]:
+        res[k[2:]] = 100.0 * sums[k] / total
+    res["images"] = int(sums["images"])
+    res["clean_minus_pgd"] = res["clean"] - res["pgd"]
+    if res.get("autoattack") is not None:
+        res["pgd_minus_aa"] = res["pgd"] - res["autoattack"]
+    log(args, f"robust eval ({res['images']} images, eps {res['eps']:.4g}): clean {res['clean']:.2f}%  "
+              f"PGD {res['pgd']:.2f}%" + (f"  AutoAttack {res['autoattack']:.2f}%"
+                                          if res.get("autoattack") is not None else ""))
+    return res
 
 
 def report_window(args, metrics, win, epoch, step, total_steps, scheduler):

@@ -21,9 +21,12 @@ def _padded_random_crop(images, size):
 
 
 def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.CIFAR, batch_size=128,
-                   num_threads=4, device="gpu", backend="fused", seed=0, shard_id=0,
-                   num_shards=1, extra_outputs=False, enable_checkpointing=False, checkpoint=None,
-                   filelist=None, mixing_filelist=None):
+                   num_threads=4, device="gpu", device_id=None, backend="fused", seed=0,
+                   shard_id=0, num_shards=1, extra_outputs=False, enable_checkpointing=False,
+                   checkpoint=None, filelist=None, mixing_filelist=None):
+    """Like ``pipelines.imagenet.train_pipeline``: outputs views [V, 3, 32, 32] and labels (with
+    ``extra_outputs`` also crops, mixing pictures and tapes).  Validation: the ImageNet
+    ``val_pipeline`` with ``resize=32`` (the pictures themselves)."""
     files = readers.listed_or_found(data_dir, filelist)
     pictures = readers.picture_files(mixing_dir, filelist=mixing_filelist)
     size = cfg.image_size
@@ -48,5 +51,6 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.CIFAR, batch_
 
     kw = {} if checkpoint is None else {"checkpoint": checkpoint}
     return graph(batch_size=batch_size, num_threads=num_threads,
-                 device_id=0 if device == "gpu" else None, seed=seed + 1000 * shard_id,
+                 device_id=(0 if device == "gpu" else None) if device_id is None else device_id,
+                 seed=seed + 1000 * shard_id,
                  enable_checkpointing=enable_checkpointing, **kw)

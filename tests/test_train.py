@@ -293,3 +293,30 @@ def test_bad_file_mid_run_names_it_and_filelist_skips_it(dataset, tmp_path, caps
     good = verify.write_filelist(tmp_path / "good.txt", files, labels)
     assert train.main(_args(data, tmp_path / "run2", "--max-steps", "6", "--train-filelist",
                             str(good)), model_factory=tiny_factory) == 0
+
+
+@pytest.mark.parametrize("mode", ["aom", "mixup_pgd"])
+def test_adversarial_mixup_mode_trains_and_reports_robust_accuracy(mode, dataset, tmp_path):
+    out = tmp_path / "run"
+    argv = _args(dataset, out, "--epochs", "1", "--adv-mixup", mode, "--adv-steps", "2",
+                 "--adv-eval", "pgd", "--adv-eval-steps", "2", "--adv-eval-images", "8")
+    assert train.main(argv, model_factory=tiny_factory) == 0
+    summary = json.load(open(out / "summary.json"))
+    robust = summary["robust"][0]
+    assert robust["images"] == 8 and 0 <= robust["pgd"] <= robust["clean"] <= 100
+    ckpt = torch.load(_latest(out), weights_only=False)
+    # the bare network is stored (loadable without the pixel wrapper); the input kind is recorded
+    assert set(ckpt["model"]) == set(tiny_factory(3).state_dict())
+    assert ckpt["input"]["pixels_0_1"] is True
+    steps = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert all(np.isfinite(r["loss"]) for r in steps if r["kind"] == "step")
+
+
+def test_cifar_preset_with_preactresnet(dataset, tmp_path):
+    out = tmp_path / "run"
+    argv = _args(dataset, out, "--preset", "cifar", "--arch", "preactresnet18", "--max-steps", "1",
+                 "--no-jsd")
+    argv[argv.index("--image-size") + 1] = "32"
+    assert train.main(argv) == 0
+    ckpt = torch.load(_latest(out), weights_only=False)
+    assert ckpt["arch"] == "preactresnet18" and ckpt["args"]["preset"] == "cifar"

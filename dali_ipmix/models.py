@@ -1,0 +1,139 @@
+"""Classification models by name: the project's own CIFAR-sized networks, then torchvision's.
+
+torchvision has no CIFAR-style networks (3x3 stem, no max-pool), so the two that adversarial
+training papers use are defined here:
+
+* ``preactresnet18`` -- PreAct ResNet-18 (He et al., "Identity Mappings in Deep Residual
+  Networks"), the model of Rice et al.'s robust-overfitting reference code (~11.2 M parameters);
+* ``wrn34_10`` -- WideResNet-34-10 (Zagoruyko & Komodakis), the larger standard option (~46 M);
+* ``tiny_cnn`` -- a 4-layer CNN for tests, benchmarks and smoke runs on a CPU.
+
+``get_model(arch, num_classes)`` returns one of these, or else
+``torchvision.models.get_model(arch, weights=None, num_classes=num_classes)``.  None of the models
+normalises its input; wrap it with :func:`dali_ipmix.advmixup.with_normalization` to feed
+pixels in [0, 1].
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3; the shortcut (1x1 conv when the shape changes) branches
+    off after the first BN-ReLU, as in the pre-activation paper."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    def __init__(self, blocks=(2, 2, 2, 2), num_classes: int = 10, width: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        layers, in_planes = [], width
+        for i, n in enumerate(blocks):
+            planes = width * 2 ** i
+            for j in range(n):
+                layers.append(PreActBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.conv1(x))
+        x = F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1)
+        return self.fc(x)
+
+
+class WideBlock(nn.Module):
+    """Pre-activation wide basic block (no dropout)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth: int = 34, widen: int = 10, num_classes: int = 10):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        layers, in_planes = [], widths[0]
+        for i, planes in enumerate(widths[1:]):
+            for j in range(n):
+                layers.append(WideBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.conv1(x))
+        x = F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1)
+        return self.fc(x)
+
+
+def tiny_cnn(num_classes: int = 10, width: int = 16) -> nn.Module:
+    """conv-BN-ReLU x 3 (two stride-2) + global pool + linear: trains in seconds on a CPU."""
+    def block(cin, cout, stride):
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+    return nn.Sequential(*block(3, width, 1), *block(width, 2 * width, 2),
+                         *block(2 * width, 4 * width, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4 * width, num_classes))
+
+
+ARCHS: Dict[str, Callable[[int], nn.Module]] = {
+    "preactresnet18": lambda num_classes: PreActResNet((2, 2, 2, 2), num_classes),
+    "wrn34_10": lambda num_classes: WideResNet(34, 10, num_classes),
+    "tiny_cnn": lambda num_classes: tiny_cnn(num_classes),
+}
+
+
+def list_models() -> List[str]:
+    """The project's names followed by torchvision's classification models."""
+    import torchvision
+    return sorted(ARCHS) + sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def get_model(arch: str, num_classes: int) -> nn.Module:
+    """A freshly initialised model (no pretrained weights are ever fetched)."""
+    if arch in ARCHS:
+        return ARCHS[arch](num_classes)
+    import torchvision
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown arch {arch!r}: use one of {', '.join(sorted(ARCHS))} or a "
+                         f"torchvision classification model name")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)

@@ -1,0 +1,181 @@
+"""``dali-ipmix eval``: the robustness report of a checkpoint (table on stdout, JSON on request)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+from ..cli import UserError
+from .attacks import PGD_STEPS
+from .metrics import ECE_BINS, RMS_BIN_SIZE
+from .tables import CORRUPTIONS, SEVERITIES
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="robustness report of a checkpoint: clean, corruptions, calibration, R/A, PGD",
+        description="Evaluate a train.py checkpoint (or a bare state_dict with --arch): clean top-1/top-5 "
+                    "error, corruption errors (ImageNet-C or CIFAR-C folder, else the 15 ImageNet-C "
+                    "corruptions generated from --data), RMS calibration error and ECE, ImageNet-R/-A "
+                    "with 200-class logit masks, and PGD-Linf error.  Prints a table; --json writes the "
+                    "full report.  All numbers are percentages.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", required=True, help="train.py checkpoint_*.pth, or a state_dict file")
+    g.add_argument("--arch", default=None, help="model name (needed for a bare state_dict)")
+    g.add_argument("--num-classes", type=int, default=None, help="classes (default: from the checkpoint)")
+    g.add_argument("--preset", choices=("imagenet", "cifar"), default=None,
+                   help="normalisation and default sizes (default: the checkpoint's, else imagenet)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, metavar="VAL_DIR", help="clean validation class folder; its "
+                   "sorted folder names are the model's classes")
+    g.add_argument("--imagenet-c", default=None, metavar="DIR",
+                   help="ImageNet-C copy: DIR/<corruption>/<severity>/<class>/<image>")
+    g.add_argument("--cifar-c", default=None, metavar="DIR",
+                   help="CIFAR-10-C / CIFAR-100-C copy: DIR/<corruption>.npy, DIR/labels.npy")
+    g.add_argument("--no-corruptions", action="store_true", help="skip corruptions (by default they are "
+                   "generated from --data when no -C folder is given)")
+    g.add_argument("--corruptions", default="all", help="comma-separated subset of: " + ", ".join(CORRUPTIONS))
+    g.add_argument("--severities", default="1,2,3,4,5", help="comma-separated severities (1-5)")
+    g.add_argument("--imagenet-r", default=None, metavar="DIR", help="ImageNet-R class folders (wnids)")
+    g.add_argument("--imagenet-a", default=None, metavar="DIR", help="ImageNet-A class folders (wnids)")
+    g.add_argument("--image-size", type=int, default=None, help="centre crop (default: the checkpoint's, "
+                   "else 224 / 32 for the cifar preset)")
+    g.add_argument("--resize", type=int, default=None, help="shorter side before the crop (default "
+                   "image-size*256/224; image-size for cifar)")
+    g.add_argument("--max-images", type=int, default=None, help="use N images of each set (spread over classes)")
+    g = p.add_argument_group("adversarial")
+    g.add_argument("--no-pgd", action="store_true", help="skip the PGD evaluation")
+    g.add_argument("--pgd-eps", default="2/255", help="L-inf budget in pixels [0,1] (paper, CIFAR: 2/255)")
+    g.add_argument("--pgd-alpha", default="0.5/255", help="step size (paper: 0.5/255)")
+    g.add_argument("--pgd-steps", type=int, default=PGD_STEPS, help="steps (paper: 20)")
+    g.add_argument("--pgd-restarts", type=int, default=1, help="random restarts")
+    g.add_argument("--pgd-max-images", type=int, default=None, help="attack N clean images (default: all)")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--rms-bin-size", type=int, default=RMS_BIN_SIZE, help="samples per adaptive bin")
+    g.add_argument("--rms-all-bins", action="store_true",
+                   help="count the most confident bin too (the official calib_err leaves it out)")
+    g.add_argument("--ece-bins", type=int, default=ECE_BINS, help="equal-width ECE bins")
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", "-b", type=int, default=64)
+    g.add_argument("--workers", "-j", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data-loading processes (0: in the main process)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--seed", type=int, default=0, help="seeds generated corruptions and PGD starts")
+    g.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    p.set_defaults(func=run)
+
+
+def parse_fraction(text: str, flag: str) -> float:
+    """'2/255', '0.0078' -> float."""
+    try:
+        num, _, den = text.strip().partition("/")
+        value = float(num) / float(den or 1)
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"{flag} {text!r}: give a number or a fraction like 2/255") from None
+    return value
+
+
+def parse_severities(text: str):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--severities {text!r}: give comma-separated integers 1-5") from None
+    bad = [v for v in values if v not in SEVERITIES]
+    if bad or not values:
+        raise UserError(f"--severities {text!r}: severities are 1-5 (got {', '.join(map(str, bad)) or 'none'})")
+    return tuple(sorted(set(values)))
+
+
+def parse_corruptions(text: str):
+    if text.strip() == "all":
+        return CORRUPTIONS
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in CORRUPTIONS]
+    if bad or not names:
+        raise UserError(f"--corruptions: unknown {', '.join(bad) or '(empty)'}; "
+                        f"choose from {', '.join(CORRUPTIONS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def _positive(value: Optional[int], flag: str, minimum: int = 1):
+    if value is not None and value < minimum:
+        raise UserError(f"{flag} {value}: must be >= {minimum}")
+    return value
+
+
+def settings_from_args(args, loaded):
+    """EvalSettings and (mean, std) from the flags and the checkpoint's recorded args."""
+    import torch
+    from .. import config as C
+    from .evaluate import EvalSettings, PGDSettings
+    recorded = loaded.args
+    preset_name = args.preset or (recorded.get("preset") if recorded.get("preset") in C.PRESETS else "imagenet")
+    cfg = C.preset(preset_name)
+    size = _positive(args.image_size, "--image-size", 8) or recorded.get("image_size") or cfg.image_size
+    cifar = preset_name == "cifar"
+    resize = _positive(args.resize, "--resize", 8) or (size if cifar else max(size, round(size * 256 / 224)))
+    if resize < size:
+        raise UserError(f"--resize {resize} is smaller than the crop --image-size {size}")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-images", args.max_images),
+                        ("--pgd-max-images", args.pgd_max_images), ("--rms-bin-size", args.rms_bin_size),
+                        ("--ece-bins", args.ece_bins), ("--pgd-restarts", args.pgd_restarts)):
+        _positive(value, flag)
+    _positive(args.workers, "--workers", 0)
+    _positive(args.pgd_steps, "--pgd-steps", 0)
+    if args.imagenet_c and args.cifar_c:
+        raise UserError("give either --imagenet-c or --cifar-c, not both")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here; use --device cpu")
+    pgd = None if args.no_pgd else PGDSettings(
+        eps=parse_fraction(args.pgd_eps, "--pgd-eps"), alpha=parse_fraction(args.pgd_alpha, "--pgd-alpha"),
+        steps=args.pgd_steps, restarts=args.pgd_restarts, max_images=args.pgd_max_images)
+    if pgd and not (0 <= pgd.eps <= 1 and 0 <= pgd.alpha <= 1):
+        raise UserError(f"--pgd-eps / --pgd-alpha are in pixel units [0, 1] (e.g. 2/255), "
+                        f"got {args.pgd_eps}, {args.pgd_alpha}")
+    settings = EvalSettings(
+        data=args.data, image_size=size, resize=resize,
+        imagenet_c=None if args.no_corruptions else args.imagenet_c,
+        cifar_c=None if args.no_corruptions else args.cifar_c,
+        generate_corruptions=not args.no_corruptions,
+        corruptions=parse_corruptions(args.corruptions), severities=parse_severities(args.severities),
+        imagenet_r=args.imagenet_r, imagenet_a=args.imagenet_a, pgd=pgd, batch_size=args.batch_size,
+        workers=args.workers, device=device, seed=args.seed, max_images=args.max_images,
+        rms_bin_size=args.rms_bin_size, rms_skip_last_bin=not args.rms_all_bins, ece_bins=args.ece_bins)
+    return settings, (cfg.mean, cfg.std), preset_name
+
+
+def run(args) -> int:
+    from .evaluate import evaluate
+    from .model import Normalized, load_checkpoint
+    from .report import format_report
+    if not any((args.data, args.imagenet_c, args.cifar_c, args.imagenet_r, args.imagenet_a)):
+        raise UserError("nothing to evaluate: give --data VAL_DIR and/or --imagenet-c / --cifar-c / "
+                        "--imagenet-r / --imagenet-a")
+    if args.json and os.path.exists(args.json) and not args.overwrite:
+        raise UserError(f"--json {args.json} exists; pass --overwrite to replace it or choose another path")
+    loaded = load_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
+    settings, (mean, std), preset_name = settings_from_args(args, loaded)
+    model = Normalized(loaded.model, mean, std).to(settings.device)
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    log(f"dali-ipmix eval: {loaded.arch} ({loaded.num_classes} classes) from {args.checkpoint}, "
+        f"preset {preset_name}, crop {settings.image_size} (resize {settings.resize}), {settings.device}")
+    report = evaluate(model, loaded.num_classes, settings, log=log)
+    report = {"checkpoint": os.path.abspath(args.checkpoint), "arch": loaded.arch,
+              "num_classes": loaded.num_classes, "preset": preset_name, **report}
+    print(format_report(report))
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(folder, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        log(f"report written to {args.json}")
+    return 0
