@@ -16,7 +16,7 @@ schedule down to 1e-6*128/batch, 180 epochs, batch 128, the JSD consistency loss
 
 Without data flags (``python train.py``) a small built-in demo runs instead: a synthetic
 10-class set and a procedural fractal mixing set are generated once into a cache folder
-(``$DALI_IPMIX_CACHE`` or ``~/.cache/dali_ipmix/demo``), then a small model (ResNet-18 at 64 px
+(``$DALI_IPMIX_CACHE`` or ``~/.cache/dali_ipmix/demo``), then a small model (ResNet-18 at 32 px
 unless overridden) trains for a few epochs.  It is a smoke test of the whole path
 (generation -> DALI IPMix -> training -> validation -> checkpoints), not the recipe.
 
@@ -58,7 +58,7 @@ METRICS_FILE = "metrics.jsonl"
 # Defaults that differ between the real recipe and the built-in demo (flags left unset).
 RECIPE_DEFAULTS = dict(arch="resnet50", image_size=None, epochs=180, batch_size=128, lr=0.01,
                        warmup_epochs=0, print_freq=50, ckpt_every=1000, crop_scale=0.08)
-DEMO_DEFAULTS = dict(arch="resnet18", image_size=64, epochs=6, batch_size=32, lr=0.02,
+DEMO_DEFAULTS = dict(arch="resnet18", image_size=32, epochs=6, batch_size=32, lr=0.05,
                      warmup_epochs=1, print_freq=10, ckpt_every=0, crop_scale=0.35)
 
 
@@ -92,7 +92,7 @@ def get_args_parser(add_help=True):
     g = p.add_argument_group("IPMix")
     g.add_argument("--preset", choices=sorted(C.PRESETS), default="imagenet", help="IPMix hyperparameters")
     g.add_argument("--image-size", type=int, default=None,
-                   help="crop size (recipe 224, demo 64); patch sizes above it are dropped and it is added")
+                   help="crop size (recipe 224, demo 32); patch sizes above it are dropped and it is added")
     g.add_argument("--backend", choices=("fused", "dali", "none"), default=None,
                    help="IPMix implementation inside the DALI graph (default fused; 'dali' if the fused "
                    "kernel cannot be imported); 'none' = no augmentation")
