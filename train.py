@@ -58,7 +58,7 @@ METRICS_FILE = "metrics.jsonl"
 # Defaults that differ between the real recipe and the built-in demo (flags left unset).
 RECIPE_DEFAULTS = dict(arch="resnet50", image_size=None, epochs=180, batch_size=128, lr=0.01,
                        warmup_epochs=0, print_freq=50, ckpt_every=1000, crop_scale=0.08)
-DEMO_DEFAULTS = dict(arch="resnet18", image_size=32, epochs=6, batch_size=32, lr=0.05,
+DEMO_DEFAULTS = dict(arch="resnet18", image_size=32, epochs=8, batch_size=32, lr=0.02,
                      warmup_epochs=1, print_freq=10, ckpt_every=0, crop_scale=0.35)
 
 
@@ -109,13 +109,13 @@ def get_args_parser(add_help=True):
     g.add_argument("--arch", "-a", default=None, help="any torchvision classification model "
                    "(recipe resnet50, demo resnet18; see --list-archs)")
     g.add_argument("--list-archs", action="store_true", help="print the valid --arch names and exit")
-    g.add_argument("--epochs", type=int, default=None, help="epochs (recipe 180, demo 6)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (recipe 180, demo 8)")
     g.add_argument("--max-steps", type=int, default=0,
                    help="stop (with a checkpoint) after this many optimizer steps in total; 0 = no limit; "
                    "the LR schedule still spans --epochs")
     g.add_argument("--batch-size", "-b", type=int, default=None, help="source images per rank and step "
                    "(each gives 3 views with JSD; recipe 128, demo 32)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (recipe 0.01, demo 0.05)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (recipe 0.01, demo 0.02)")
     g.add_argument("--lr-scale-batch", type=int, default=0, metavar="N",
                    help="linear scaling: use lr * global_batch / N (e.g. 256); 0 = no scaling (official)")
     g.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup before the cosine")
@@ -912,6 +912,10 @@ def report_window(args, metrics, win, epoch, step, total_steps, scheduler):
     eta = step_time * max(0, end - step)
     lr = scheduler.get_last_lr()[0]
     mean_loss = loss_sum / (win["n"] * n_ranks)
+    if not math.isfinite(mean_loss):
+        raise UserError(f"the training loss became {mean_loss} by step {step} (diverged); the last good "
+                        f"checkpoint is kept: lower --lr (now {lr:g}) or add --warmup-epochs, then "
+                        f"--resume or start afresh")
     if is_main(args):
         for s, l in zip([s for s, _ in win["losses"]], losses.tolist()):
             metrics.write({"kind": "step", "epoch": epoch + 1, "step": s, "loss": l}, s)

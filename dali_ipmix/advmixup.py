@@ -44,7 +44,7 @@ import argparse
 import contextlib
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch

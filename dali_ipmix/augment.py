@@ -29,3 +29,17 @@ def ipmix(images, pictures, cfg: C.IPMixConfig, *, device: str, backend: str = "
         return ipmix_views(images, pictures, tapes, cfg), tapes
     from .fused import fused_ipmix_node
     return fused_ipmix_node(images, pictures, tapes, cfg, device), tapes
+
+
+def training_outputs(images, pictures, labels, cfg: C.IPMixConfig, *, device: str, backend: str,
+                     extra_outputs: bool = False, dtype: str = "float"):
+    """The outputs of a training graph: (views, labels) or, with ``extra_outputs``, also the crops,
+    the mixing pictures and the tapes [A, L] (to replay a batch through the reference)."""
+    from nvidia.dali import fn, types
+    views, tapes = ipmix(images, pictures, cfg, device=device, backend=backend)
+    if dtype == "float16":
+        views = fn.cast(views, dtype=types.FLOAT16)
+    labels = labels.gpu() if device == "gpu" else labels
+    if extra_outputs:
+        return views, labels, images, pictures, fn.stack(*tapes, axis=0)
+    return views, labels

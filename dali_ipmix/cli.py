@@ -11,6 +11,13 @@ import sys
 SUBCOMMANDS = {
     "fractals": "dali_ipmix.data.fractals",
     "synth": "dali_ipmix.data.synth",
+    "graph": "dali_ipmix.debug.graph",
+    "preview": "dali_ipmix.debug.preview",
+    "stages": "dali_ipmix.debug.stages",
+    "doctor": "dali_ipmix.debug.doctor",
+    "bench": "dali_ipmix.bench",
+    "eval": "dali_ipmix.robustness.cli",
+    "verify": "dali_ipmix.verify",
 }
 
 

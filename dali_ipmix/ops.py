@@ -423,7 +423,7 @@ def ipmix_views(x, f, tapes, cfg: C.IPMixConfig):
 
 def _run_graph(graph, inputs, device, num_threads=2):
     """Run ``graph(*input_nodes) -> node`` once on a batch of NumPy inputs; NumPy out."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
     batch = len(inputs[0])
 
     @pipeline_def(batch_size=batch, num_threads=num_threads, device_id=0 if device == "gpu" else None,

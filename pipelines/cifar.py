@@ -6,7 +6,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from dali_ipmix import config as C
 from dali_ipmix import readers
-from dali_ipmix.augment import ipmix
+from dali_ipmix.augment import training_outputs
 
 PAD = 4
 
@@ -43,11 +43,8 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.CIFAR, batch_
         images = _padded_random_crop(images, size)
         pics = readers.mixing_pictures(mixing_dir, device=device, size=size, resize=size + PAD,
                                        files=pictures)
-        views, tapes = ipmix(images, pics, cfg, device=device, backend=backend)
-        labels = labels.gpu() if device == "gpu" else labels
-        if extra_outputs:
-            return views, labels, images, pics, fn.stack(*tapes, axis=0)
-        return views, labels
+        return training_outputs(images, pics, labels, cfg, device=device, backend=backend,
+                                extra_outputs=extra_outputs)
 
     kw = {} if checkpoint is None else {"checkpoint": checkpoint}
     return graph(batch_size=batch_size, num_threads=num_threads,

@@ -11,7 +11,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from dali_ipmix import config as C
 from dali_ipmix import readers
-from dali_ipmix.augment import ipmix
+from dali_ipmix.augment import training_outputs
 
 
 def _device_id(device):
@@ -46,13 +46,8 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, bat
         images = fn.flip(images, horizontal=fn.random.coin_flip())
         pics = readers.mixing_pictures(mixing_dir, device=device, size=cfg.image_size,
                                        resize=resize, files=pictures)
-        views, tapes = ipmix(images, pics, cfg, device=device, backend=backend)
-        if dtype == "float16":
-            views = fn.cast(views, dtype=types.FLOAT16)
-        labels = labels.gpu() if device == "gpu" else labels
-        if extra_outputs:
-            return views, labels, images, pics, fn.stack(*tapes, axis=0)
-        return views, labels
+        return training_outputs(images, pics, labels, cfg, device=device, backend=backend,
+                                extra_outputs=extra_outputs, dtype=dtype)
 
     kw = {} if checkpoint is None else {"checkpoint": checkpoint}
     return graph(batch_size=batch_size, num_threads=num_threads,

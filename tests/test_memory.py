@@ -8,6 +8,8 @@ phase retains batches on purpose and checks that the probe sees them, so the tes
 because RSS is mismeasured.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -45,6 +47,17 @@ def tiny_set(tmp_path_factory):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_rss_flat_over_hundreds_of_steps(tiny_set):
+    # A fresh process: in a long pytest session freed pages of earlier tests would absorb a leak
+    # (and the probe below) without any RSS change.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests")]))
+    code = f"import test_memory, pathlib; test_memory.measure(pathlib.Path({str(tiny_set)!r}))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def measure(tiny_set):
     pipe = imagenet.train_pipeline(tiny_set / "train", tiny_set / "mix", cfg=CFG, batch_size=BATCH,
                                    num_threads=2, device="cpu", backend="fused", resize=36)
     loader = DaliLoader(pipe)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple

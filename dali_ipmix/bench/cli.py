@@ -1,0 +1,120 @@
+"""``dali-ipmix bench``: the contenders side by side in one run; table, JSON and plot."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_CONTENDERS = "reference,dali-plain,dali-ipmix,train,synthetic"
+
+
+def _int_list(text: str):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, e.g. 1,2; got {text!r}")
+    return values
+
+
+def _names(text: str):
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def command_line(args: argparse.Namespace, actions) -> list:
+    """The effective command, every option spelled out (what bench.json records as ``command``):
+    ``dali-ipmix bench`` may be run through ``main(argv)`` (tests, scripts), where ``sys.argv``
+    is someone else's command line."""
+    words = ["dali-ipmix", "bench"]
+    for action in actions:
+        value = getattr(args, action.dest)
+        if action.nargs == 0:                    # a switch
+            words += [action.option_strings[0]] if value else []
+        elif value is not None:
+            words += [action.option_strings[0],
+                      ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return words
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dali_ipmix.bench.report import caption, check_out_dir, table, write_outputs
+    from dali_ipmix.bench.runner import run_bench
+    if args.out:
+        check_out_dir(args.out, args.overwrite)
+    result = run_bench(
+        data=args.data, mixing=args.mixing, contenders=args.contenders, threads=args.threads,
+        batch_size=args.batch_size, image_size=args.image_size, warmup=args.warmup,
+        iters=args.iters, device=args.device, backend=args.backend,
+        hw_decoder_load=args.hw_decoder_load, arch=args.arch, amp=args.amp,
+        channels_last=args.channels_last, gen_images=args.gen_images,
+        gen_pictures=args.gen_pictures, gen_size=args.gen_size, gen_classes=args.gen_classes,
+        seed=args.seed, command=command_line(args, args.options),
+        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(caption(result))
+    print(table(result["rows"]))
+    if args.out:
+        paths = write_outputs(result, args.out)
+        print("wrote " + ", ".join(str(p) for p in paths))
+    if any(r["error"] for r in result["rows"]):
+        print("dali-ipmix bench: some rows failed (see the 'error' lines); the others were measured",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="throughput of the IPMix loaders and training, side by side in one run",
+        description="Measure, in one process and on the same files, source images per second of: "
+                    "reference (the official PyTorch DataLoader + PIL/NumPy IPMix), dali-plain (the "
+                    "DALI pipeline without IPMix), dali-ipmix / dali-ipmix-jsd (the DALI IPMix "
+                    "pipeline, one view / the JSD triple), train (pipeline + training step) and "
+                    "synthetic (training step on random device data).  Prints a table; with --out "
+                    "also writes bench.json, bench.txt and bench.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    actions = []
+
+    def add(group, *flags, **kw):
+        actions.append(group.add_argument(*flags, **kw))
+
+    g = p.add_argument_group("what to measure")
+    add(g, "--contenders", type=_names, default=DEFAULT_CONTENDERS,
+        help="comma-separated contenders (reference, dali-plain, dali-ipmix, train, synthetic) "
+        "or single rows (reference-jsd, dali-ipmix-jsd, ...)")
+    add(g, "--threads", type=_int_list, default=str(os.cpu_count() or 1),
+        help="CPU threads to sweep, e.g. 1,2: DALI num_threads and torch intra-op threads; "
+        "DataLoader workers for reference")
+    add(g, "--device", choices=("auto", "cpu", "gpu"), default="auto",
+        help="where DALI and the model run (auto: gpu if usable)")
+    add(g, "--backend", choices=("fused", "dali"), default="fused",
+        help="IPMix backend of the dali-ipmix and train rows")
+    add(g, "--hw-decoder-load", type=float, default=0.65,
+        help="share of JPEG decoding on the hardware decoder (GPU only)")
+    add(g, "--batch-size", "-b", type=int, default=32, help="source images per batch")
+    add(g, "--image-size", type=int, default=224, help="crop size (px)")
+    add(g, "--warmup", type=int, default=3, help="untimed batches first (plus the prefetch queue)")
+    add(g, "--iters", type=int, default=10, help="timed batches")
+    add(g, "--arch", default="resnet50", help="torchvision model of the train/synthetic rows")
+    add(g, "--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+        help="mixed precision of the training step (auto: bf16 on GPU, off on CPU)")
+    add(g, "--channels-last", action="store_true", help="channels_last model and images")
+    add(g, "--seed", type=int, default=0)
+
+    g = p.add_argument_group("images (all contenders read the same files)")
+    add(g, "--data", default=None, metavar="DIR",
+        help="class-folder image set (DIR/<class>/<image>); default: generated JPEGs")
+    add(g, "--mixing", default=None, metavar="DIR",
+        help="mixing pictures (e.g. from `dali-ipmix fractals`); default: generated JPEGs")
+    add(g, "--gen-images", type=int, default=256, help="generated source images")
+    add(g, "--gen-pictures", type=int, default=64, help="generated mixing pictures")
+    add(g, "--gen-size", type=int, default=None,
+        help="generated source height and mixing picture side in px "
+        "(default round(image_size * 256 / 224)); sources are 4:3")
+    add(g, "--gen-classes", type=int, default=4, help="class folders of the generated set")
+
+    g = p.add_argument_group("output")
+    add(g, "--out", default=None, metavar="DIR",
+        help="also write bench.json, bench.txt and bench.png here")
+    add(g, "--overwrite", action="store_true", help="replace those files if --out holds them")
+    p.set_defaults(func=_run, options=tuple(actions))

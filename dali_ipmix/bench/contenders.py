@@ -1,0 +1,261 @@
+"""One function per contender: build it, warm it up, time ``iters`` batches, free it.
+
+Each returns ``{"seconds", "setup_s"}``: ``seconds`` covers exactly ``iters`` batches of
+``batch_size`` source images after the warm-up, with CUDA synchronised before the clock stops;
+``setup_s`` is the time from the start of the contender to its first batch (pipeline build,
+worker start-up, kernel compilation, the model's first step).
+The warm-up also drains the loader's prefetch queue (DALI ``prefetch_queue_depth``, the
+DataLoader's ``prefetch_factor * workers``), so batches made during set-up are never counted as
+if they had been made during the timed window.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from dali_ipmix import config as C
+from dali_ipmix.bench.data import BenchData
+
+DALI_PREFETCH = 2          # the pipelines' default prefetch_queue_depth
+LOADER_PREFETCH = 2        # torch DataLoader's default prefetch_factor
+# Optimiser of train.py / the official code (SGD, Nesterov momentum); values do not change speed.
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every contender shares in one run."""
+    data: BenchData
+    cfg: C.IPMixConfig            # the training config (JSD triple) at --image-size
+    batch_size: int
+    warmup: int
+    iters: int
+    device: str                   # "cpu" or "gpu" (DALI and PyTorch alike)
+    backend: str                  # IPMix backend of the dali-ipmix and train rows
+    hw_decoder_load: float
+    arch: str
+    amp: str                      # "off", "bf16" or "fp16"
+    channels_last: bool
+    seed: int
+
+    @property
+    def resize(self) -> int:
+        """Shorter side of the mixing picture before its random crop: Resize(256) for 224."""
+        return max(self.cfg.image_size, round(self.cfg.image_size * 256 / 224))
+
+    @cached_property
+    def torch_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" \
+            else torch.device("cpu")
+
+    def sync(self) -> None:
+        if self.device == "gpu":
+            torch.cuda.synchronize()
+
+
+def timed(setup: Setup, start: float, next_batch: Callable, consume: Callable,
+          extra_warmup: int = 0) -> dict:
+    """Time ``setup.iters`` batches after ``setup.warmup + extra_warmup`` untimed ones; ``start``:
+    when the contender began (``time.perf_counter()``), for ``setup_s``."""
+    first = None
+    for _ in range(setup.warmup + extra_warmup):
+        consume(next_batch())
+        if first is None:
+            setup.sync()
+            first = time.perf_counter()
+    setup.sync()
+    timed_start = time.perf_counter()
+    for _ in range(setup.iters):
+        consume(next_batch())
+    setup.sync()
+    end = time.perf_counter()
+    return {"seconds": end - timed_start, "setup_s": (first or timed_start) - start}
+
+
+def endless(loader) -> Iterator:
+    """Batches of ``loader`` across epoch ends (small sets run many epochs)."""
+    while True:
+        got = 0
+        for batch in loader:
+            got += 1
+            yield batch
+        if not got:
+            raise RuntimeError("the loader gave no batch in a whole epoch")
+
+
+def touch(batch) -> None:
+    """Consume a loader batch without work (the loader-only rows)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# DALI rows: dali-plain, dali-ipmix, dali-ipmix-jsd.
+
+def dali_loader(setup: Setup, threads: int, cfg: C.IPMixConfig, backend: str,
+                channels_last: bool = False):
+    from dali_ipmix.loader import DaliLoader
+    from pipelines.imagenet import train_pipeline
+    pipe = train_pipeline(setup.data.train_dir, setup.data.mixing_dir, cfg=cfg,
+                          batch_size=setup.batch_size, num_threads=threads, device=setup.device,
+                          backend=backend, seed=setup.seed, resize=setup.resize,
+                          hw_decoder_load=setup.hw_decoder_load, prefetch_queue_depth=DALI_PREFETCH)
+    # "fill": a set smaller than a batch still gives full batches (wrapping into the next epoch).
+    return DaliLoader(pipe, last_batch="fill", device=setup.torch_device, channels_last=channels_last)
+
+
+def dali_pipeline(setup: Setup, threads: int, *, jsd: bool, backend: Optional[str] = None) -> dict:
+    """The DALI training pipeline alone (decode, crop, flip, IPMix on ``backend`` -- default the
+    run's -- and normalise; ``backend="none"``: no IPMix, the ceiling)."""
+    start = time.perf_counter()
+    loader = dali_loader(setup, threads, setup.cfg.replace(jsd=jsd), backend or setup.backend)
+    batches = endless(loader)
+    result = timed(setup, start, lambda: next(batches), touch, extra_warmup=DALI_PREFETCH)
+    del batches, loader
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference row: the official recipe (torch DataLoader + PIL + NumPy IPMix).
+
+def _pil_load(path: str):
+    from PIL import Image
+    with open(path, "rb") as fh:                 # what torchvision's ImageFolder does
+        return Image.open(fh).convert("RGB")
+
+
+class ReferenceDataset(torch.utils.data.Dataset):
+    """The official IPMixDataset: PIL decode, RandomResizedCrop + flip of the source, a random
+    mixing picture with Resize + RandomCrop, then the NumPy/PIL IPMix (``reference.ipmix_views``)
+    with tapes from ``tape.sample``.  Returns ([V, 3, S, S] float32 normalised views, label)."""
+
+    def __init__(self, data: BenchData, cfg: C.IPMixConfig, resize: int):
+        from torchvision import transforms
+        from dali_ipmix.readers import class_folder_files, picture_files
+        files, self.labels, _ = class_folder_files(data.train_dir)
+        self.paths = [str(data.train_dir / f) for f in files]
+        self.pictures = [str(data.mixing_dir / p) for p in picture_files(data.mixing_dir)]
+        self.cfg = cfg
+        self.source = transforms.Compose([transforms.RandomResizedCrop(cfg.image_size),
+                                          transforms.RandomHorizontalFlip()])
+        self.mixing = transforms.Compose([transforms.Resize(resize),
+                                          transforms.RandomCrop(cfg.image_size)])
+        self._rng = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def rng(self) -> np.random.Generator:
+        # Made lazily in each worker: torch gives every worker its own initial seed.
+        if self._rng is None:
+            self._rng = np.random.default_rng(torch.initial_seed())
+        return self._rng
+
+    def __getitem__(self, i):
+        from dali_ipmix import reference as R
+        from dali_ipmix import tape as T
+        rng = self.rng()
+        x = np.asarray(self.source(_pil_load(self.paths[i])))
+        f = np.asarray(self.mixing(_pil_load(self.pictures[rng.integers(len(self.pictures))])))
+        tapes = T.sample(rng, self.cfg, 2 if self.cfg.jsd else 1)
+        return torch.from_numpy(R.ipmix_views(x, f, tapes, self.cfg)), self.labels[i]
+
+
+def reference_pipeline(setup: Setup, threads: int, *, jsd: bool) -> dict:
+    """``threads`` DataLoader worker processes running :class:`ReferenceDataset`; on GPU the batch
+    is copied to the device from pinned memory, as the official training loop does."""
+    from torch.utils.data import DataLoader, RandomSampler
+    start = time.perf_counter()
+    dataset = ReferenceDataset(setup.data, setup.cfg.replace(jsd=jsd), setup.resize)
+    ahead = LOADER_PREFETCH * threads
+    # Enough indices that the workers never run dry before the last timed batch.
+    needed = (setup.warmup + setup.iters + 2 * ahead + threads) * setup.batch_size
+    generator = torch.Generator().manual_seed(setup.seed)
+    loader = DataLoader(dataset, batch_size=setup.batch_size, num_workers=threads, drop_last=True,
+                        sampler=RandomSampler(dataset, replacement=True, num_samples=needed,
+                                              generator=generator),
+                        prefetch_factor=LOADER_PREFETCH, pin_memory=setup.device == "gpu")
+    batches = iter(loader)
+    device = setup.torch_device
+
+    def to_device(batch):
+        images, labels = batch
+        images.to(device, non_blocking=True)
+        labels.to(device, non_blocking=True)
+
+    result = timed(setup, start, lambda: next(batches), to_device, extra_warmup=ahead)
+    del batches, loader
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Training rows: train (pipeline + step) and synthetic (step alone).
+
+def autocast(setup: Setup):
+    if setup.amp in ("bf16", "fp16"):
+        return torch.autocast(setup.torch_device.type,
+                              dtype=torch.bfloat16 if setup.amp == "bf16" else torch.float16)
+    return torch.autocast(setup.torch_device.type, enabled=False)
+
+
+def train_step(setup: Setup, views: int) -> Callable:
+    """``step((images [B*views, 3, S, S], labels [B]))``: forward, IPMix loss, backward, SGD, as in
+    train.py (model from torchvision, random init)."""
+    import torchvision
+    from dali_ipmix.losses import ipmix_loss
+    torch.manual_seed(setup.seed)
+    model = torchvision.models.get_model(setup.arch, weights=None,
+                                         num_classes=setup.data.classes).to(setup.torch_device)
+    if setup.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if setup.device == "gpu":
+        torch.backends.cudnn.benchmark = True        # as the official code
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
+                                weight_decay=WEIGHT_DECAY)
+    scaler = torch.amp.GradScaler(setup.torch_device.type, enabled=setup.amp == "fp16")
+
+    def step(batch) -> None:
+        images, labels = batch
+        with autocast(setup):
+            logits = model(images)
+        loss, _ = ipmix_loss(logits, labels, views)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def train_pipeline_step(setup: Setup, threads: int) -> dict:
+    """The DALI IPMix pipeline (``setup.backend``, JSD triple) feeding the training step."""
+    start = time.perf_counter()
+    step = train_step(setup, setup.cfg.views)
+    loader = dali_loader(setup, threads, setup.cfg, setup.backend, setup.channels_last)
+    batches = endless(loader)
+    result = timed(setup, start, lambda: next(batches), step, extra_warmup=DALI_PREFETCH)
+    del batches, loader, step
+    return result
+
+
+def synthetic_step(setup: Setup, threads: int) -> dict:
+    """The training step alone on one batch of random data made on the device: the most images
+    per second any loader can make this model train on."""
+    start = time.perf_counter()
+    views = setup.cfg.views
+    step = train_step(setup, views)
+    gen = torch.Generator(setup.torch_device).manual_seed(setup.seed)
+    size = setup.cfg.image_size
+    images = torch.randn(setup.batch_size * views, 3, size, size, generator=gen,
+                         device=setup.torch_device)
+    if setup.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, setup.data.classes, (setup.batch_size,), generator=gen,
+                           device=setup.torch_device)
+    result = timed(setup, start, lambda: (images, labels), step)
+    del step, images, labels
+    return result

@@ -1,0 +1,95 @@
+"""The images every contender reads: a given class-folder set and mixing set, or quick generated JPEGs.
+
+Generated pictures are photo-like for the decoder (smooth colour noise plus grain, so the JPEGs
+have realistic entropy), not meaningful for a model: throughput does not depend on content.
+Sources are ``size`` px high and ``4/3 * size`` wide (a typical photo aspect, so RandomResizedCrop
+and the decoder see non-square input); mixing pictures are ``size`` px squares, like the fractal
+sets (`dali-ipmix fractals`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from dali_ipmix.data._io import smooth_noise, write_jpeg
+from dali_ipmix.readers import class_folder_files, picture_files
+
+GRAIN_SIGMA = 10.0         # grey levels of per-pixel noise: photo-like JPEG sizes (~0.4 bytes/pixel at quality 90)
+SOURCE_ASPECT = 4 / 3      # width / height of a generated source image
+
+
+@dataclass(frozen=True)
+class BenchData:
+    """The two folders every contender reads, and what is in them."""
+    train_dir: Path
+    mixing_dir: Path
+    images: int
+    pictures: int
+    classes: int
+    generated_images: bool
+    generated_pictures: bool
+    size: Optional[int] = None            # generated files: source height, mixing picture side (px)
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self) | {"train_dir": str(self.train_dir),
+                                           "mixing_dir": str(self.mixing_dir)}
+
+
+def noise_picture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """uint8 (H, W, 3): two random colours blended by multi-scale noise, plus grain."""
+    n = smooth_noise(rng, height, width, channels=3)
+    rgb = n * rng.uniform(60, 255, 3) + rng.uniform(0, 80, 3)
+    rgb += rng.normal(0.0, GRAIN_SIGMA, (height, width, 1))
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+def write_sources(root: Path, count: int, size: int, classes: int, seed: int = 0) -> Path:
+    """``count`` JPEGs in ``classes`` class folders under ``root`` (round robin)."""
+    rng = np.random.default_rng([seed, 0])
+    width = max(1, round(size * SOURCE_ASPECT))
+    for i in range(count):
+        folder = root / f"class{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_jpeg(folder / f"{i:05d}.jpg", noise_picture(rng, size, width))
+    return root
+
+
+def write_pictures(root: Path, count: int, size: int, seed: int = 0) -> Path:
+    """``count`` square JPEG mixing pictures in ``root``."""
+    rng = np.random.default_rng([seed, 1])
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        write_jpeg(root / f"{i:05d}.jpg", noise_picture(rng, size, size))
+    return root
+
+
+def check_folders(data_dir=None, mixing_dir=None) -> None:
+    """One-line UserError naming --data / --mixing if a given folder is missing or holds no images."""
+    if data_dir is not None:
+        class_folder_files(data_dir, flag="--data")
+    if mixing_dir is not None:
+        picture_files(mixing_dir, flag="--mixing")
+
+
+def bench_data(workdir: Path, *, data_dir=None, mixing_dir=None, images: int = 256,
+               pictures: int = 64, size: int = 256, classes: int = 4, seed: int = 0) -> BenchData:
+    """The folders to read: ``data_dir`` / ``mixing_dir`` where given, else generated in ``workdir``."""
+    from dali_ipmix.cli import UserError
+    for flag, value in (("--gen-images", images), ("--gen-pictures", pictures),
+                        ("--gen-size", size), ("--gen-classes", classes)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    gen_images, gen_pictures = data_dir is None, mixing_dir is None
+    check_folders(data_dir, mixing_dir)   # a wrong folder is reported before any generation
+    if gen_images:
+        data_dir = write_sources(Path(workdir) / "train", images, size, classes, seed)
+    if gen_pictures:
+        mixing_dir = write_pictures(Path(workdir) / "mixing", pictures, size, seed)
+    files, _, names = class_folder_files(data_dir, flag="--data")
+    pics = picture_files(mixing_dir, flag="--mixing")
+    return BenchData(Path(data_dir), Path(mixing_dir), len(files), len(pics), len(names),
+                     gen_images, gen_pictures, size if gen_images or gen_pictures else None)

@@ -1,0 +1,174 @@
+"""Ratios, the stdout table, the JSON record, machine facts and the threads plot of a bench run."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REFERENCE_ROWS = {1: "reference", 3: "reference-jsd"}   # views per source image -> its reference row
+SYNTHETIC_ROW = "synthetic"
+OUTPUT_FILES = ("bench.json", "bench.txt", "bench.png")
+
+
+def add_ratios(rows: List[dict]) -> List[dict]:
+    """Give every row ``vs_reference`` and ``vs_synthetic``: its images/s over the rate of the
+    reference row with as many views per image (``reference`` / ``reference-jsd``) and of the
+    ``synthetic`` row, both at the same thread count and from the same run (``None`` where that
+    row was not measured)."""
+    rate = {(r["name"], r["threads"]): r["images_per_s"] for r in rows}
+
+    def ratio(value, other_name, threads):
+        other = rate.get((other_name, threads))
+        return None if not value or not other else value / other
+
+    for r in rows:
+        r["reference_row"] = REFERENCE_ROWS.get(r["views"])
+        r["synthetic_row"] = SYNTHETIC_ROW
+        r["vs_reference"] = ratio(r["images_per_s"], r["reference_row"], r["threads"])
+        r["vs_synthetic"] = ratio(r["images_per_s"], SYNTHETIC_ROW, r["threads"])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Table.
+
+COLUMNS = (  # header, row key, format
+    ("row", "name", "{}"),
+    ("threads", "threads", "{}"),
+    ("views", "views", "{}"),
+    ("images/s", "images_per_s", "{:.1f}"),
+    ("x reference", "vs_reference", "{:.2f}"),
+    ("x synthetic", "vs_synthetic", "{:.2f}"),
+    ("host peak MiB", "host_rss_peak_mb", "{:.0f}"),
+    ("device peak MiB", "device_torch_peak_mb", "{:.0f}"),
+    ("set-up s", "setup_s", "{:.1f}"),
+)
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if key == "images_per_s" and row.get("error"):
+        return "error"
+    return "-" if value is None else fmt.format(value)
+
+
+def table(rows: Sequence[dict]) -> str:
+    """A fixed-width text table, one line per (row, threads)."""
+    cells = [[h for h, _, _ in COLUMNS]] + [[_cell(r, k, f) for _, k, f in COLUMNS] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    fmt = lambda line: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                 for i, (c, w) in enumerate(zip(line, widths)))
+    out = [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in cells[1:]]
+    errors = [f"{r['name']} (threads {r['threads']}): {r['error']}" for r in rows if r.get("error")]
+    return "\n".join(out + [f"error: {e}" for e in errors])
+
+
+def caption(result: dict) -> str:
+    s, m = result["settings"], result["machine"]
+    where = m.get("gpu") or m.get("cpu_model") or "CPU"
+    return (f"{s['device'].upper()} ({where}, {m['cpu_count']} CPUs), {s['image_size']} px, batch "
+            f"{s['batch_size']}, {s['warmup']} warm-up + {s['iters']} timed batches, backend "
+            f"{s['backend']}, model {s['arch']}; images/s = source images (a JSD sample is 3 views)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine facts.
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return importlib.import_module(module).__version__
+    except Exception:
+        return None
+
+
+def _cpu_model() -> Optional[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def machine_info(device: str) -> Dict[str, object]:
+    import psutil
+    import torch
+    info = {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": _cpu_model(),
+        "memory_gb": round(psutil.virtual_memory().total / 2 ** 30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {name: _version(module) for name, module in (
+            ("torch", "torch"), ("torchvision", "torchvision"), ("nvidia-dali", "nvidia.dali"),
+            ("numpy", "numpy"), ("pillow", "PIL"), ("psutil", "psutil"))},
+        "gpu": None, "cuda": None,
+    }
+    if device == "gpu":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Files.
+
+def check_out_dir(out, overwrite: bool) -> Path:
+    """Refuse (before any measurement) to replace a previous run's files without ``--overwrite``."""
+    from dali_ipmix.cli import UserError
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder; choose another folder")
+    taken = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if taken and not overwrite:
+        raise UserError(f"--out {out} already holds {', '.join(taken)}; pass --overwrite to replace "
+                        f"them or choose another folder")
+    return out
+
+
+def write_json(result: dict, path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def plot(result: dict, path) -> Path:
+    """images/s against CPU threads, one line per row (log scale: the rows span decades)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in result["rows"] if r.get("images_per_s")]
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    for name in dict.fromkeys(r["name"] for r in rows):
+        pts = sorted((r["threads"], r["images_per_s"]) for r in rows if r["name"] == name)
+        ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", label=name)
+    threads = sorted({r["threads"] for r in rows})
+    ax.set_xticks(threads or [1])
+    ax.set_yscale("log")
+    ax.set_xlabel("CPU threads (DALI threads / DataLoader workers)")
+    ax.set_ylabel("source images / s")
+    s, m = result["settings"], result["machine"]
+    ax.set_title(f"{s['device'].upper()} ({m.get('gpu') or m.get('cpu_model') or 'CPU'}, "
+                 f"{m['cpu_count']} CPUs): {s['image_size']} px, batch {s['batch_size']}, "
+                 f"backend {s['backend']}, model {s['arch']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    if rows:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    path = Path(path)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: dict, out) -> List[Path]:
+    """bench.json, bench.txt (caption + table) and bench.png into ``out`` (checked beforehand)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    txt = out / "bench.txt"
+    txt.write_text(caption(result) + "\n\n" + table(result["rows"]) + "\n")
+    return [write_json(result, out / "bench.json"), txt, plot(result, out / "bench.png")]

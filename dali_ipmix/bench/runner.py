@@ -1,0 +1,234 @@
+"""``run_bench``: every selected row at every thread count, in this process, one after another."""
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from dali_ipmix import config as C
+from dali_ipmix.bench import contenders as K
+from dali_ipmix.bench.data import bench_data, check_folders
+from dali_ipmix.bench.memory import PeakMemory
+from dali_ipmix.bench.report import add_ratios, machine_info
+from dali_ipmix.cli import UserError
+
+BACKENDS = ("fused", "dali")       # IPMix backends worth timing ("none" is the dali-plain row)
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    contender: str                 # the --contenders name that selects it
+    jsd: bool                      # JSD triple (3 views per source image) or one view
+    measure: Callable[[K.Setup, int], dict]     # (setup, threads) -> {"seconds", "setup_s"}
+    backend: Optional[str]         # what makes the views; "setup" = the run's --backend
+
+    @property
+    def views(self) -> int:
+        return 3 if self.jsd else 1
+
+
+# Run order matters: the reference rows fork their DataLoader workers before DALI starts threads.
+ROWS: Tuple[Row, ...] = (
+    Row("reference", "reference", False, partial(K.reference_pipeline, jsd=False), "reference"),
+    Row("reference-jsd", "reference", True, partial(K.reference_pipeline, jsd=True), "reference"),
+    Row("dali-plain", "dali-plain", False, partial(K.dali_pipeline, jsd=False, backend="none"), "none"),
+    Row("dali-ipmix", "dali-ipmix", False, partial(K.dali_pipeline, jsd=False), "setup"),
+    Row("dali-ipmix-jsd", "dali-ipmix", True, partial(K.dali_pipeline, jsd=True), "setup"),
+    Row("train", "train", True, K.train_pipeline_step, "setup"),
+    Row("synthetic", "synthetic", True, K.synthetic_step, None),
+)
+CONTENDERS = tuple(dict.fromkeys(r.contender for r in ROWS))
+ROW_NAMES = tuple(r.name for r in ROWS)
+MODEL_ROWS = ("train", "synthetic")
+BUSY_LOAD = 0.5     # 1-minute load average above which the run is warned to be disturbed
+
+
+def select_rows(names: Optional[Sequence[str]]) -> Tuple[Row, ...]:
+    """Rows named by contender (``dali-ipmix`` = both its rows) or by row name, in run order."""
+    if not names:
+        return ROWS
+    unknown = [n for n in names if n not in CONTENDERS and n not in ROW_NAMES]
+    if unknown:
+        raise UserError(f"--contenders {','.join(unknown)}: unknown; choose from "
+                        f"{', '.join(dict.fromkeys(CONTENDERS + ROW_NAMES))}")
+    return tuple(r for r in ROWS if r.name in names or r.contender in names)
+
+
+def _dali_gpu_count() -> int:
+    try:
+        from nvidia.dali.backend import GetCUDADeviceCount
+        return GetCUDADeviceCount()
+    except Exception:
+        return 0
+
+
+def resolve_device(device: str) -> str:
+    usable = torch.cuda.is_available() and _dali_gpu_count() > 0
+    if device == "gpu" and not usable:
+        raise UserError("--device gpu: no CUDA GPU usable by both PyTorch and DALI here; "
+                        "use --device cpu")
+    if device not in ("auto", "cpu", "gpu"):
+        raise UserError(f"--device {device!r}: choose auto, cpu or gpu")
+    return ("gpu" if usable else "cpu") if device == "auto" else device
+
+
+def training_config(image_size: int) -> C.IPMixConfig:
+    """The ImageNet recipe (JSD triple) at ``image_size``: patch sizes above it are dropped and the
+    whole crop kept, as train.py does."""
+    if image_size < 8:
+        raise UserError(f"--image-size must be >= 8, got {image_size}")
+    base = C.IMAGENET
+    if image_size == base.image_size:
+        return base
+    return base.replace(image_size=image_size,
+                        patch_sizes=tuple(sorted({p for p in base.patch_sizes if p < image_size}
+                                                 | {image_size})))
+
+
+def _check(threads, batch_size, warmup, iters, backend, amp, arch, rows) -> None:
+    if not threads or any(int(t) < 1 for t in threads):
+        raise UserError(f"--threads must be a list of integers >= 1, e.g. 1,2; got {threads}")
+    for flag, value, low in (("--batch-size", batch_size, 1), ("--iters", iters, 1),
+                             ("--warmup", warmup, 0)):
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)} "
+                        f"(the no-IPMix pipeline is the dali-plain row)")
+    if amp not in AMP_MODES:
+        raise UserError(f"--amp {amp!r}: choose one of {', '.join(AMP_MODES)}")
+    if any(r.name in MODEL_ROWS for r in rows):
+        import torchvision
+        if arch not in torchvision.models.list_models(module=torchvision.models):
+            raise UserError(f"--arch {arch!r}: not a torchvision classification model "
+                            f"(e.g. resnet50, resnet18)")
+
+
+def _load_average():
+    """(1, 5, 15)-minute load averages, or None where the OS has none: a busy machine shows here."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _release(cuda: bool) -> None:
+    """Free what the last row left: pipelines, workers, cached device memory."""
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        try:
+            from nvidia.dali.backend import ReleaseUnusedMemory
+            ReleaseUnusedMemory()
+        except Exception:  # pragma: no cover - older DALI
+            pass
+
+
+def measure_row(row: Row, setup: K.Setup, threads: int) -> dict:
+    """One (row, threads) measurement with its memory peaks; an exception becomes ``error``."""
+    cuda = setup.device == "gpu"
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)   # the fused kernel and a CPU model step use torch's threads
+    error, timing = None, {}
+    try:
+        with PeakMemory(cuda=cuda) as memory:
+            try:
+                timing = row.measure(setup, threads)
+            except UserError:
+                raise
+            except Exception as e:  # one failing row must not lose the others
+                error = f"{type(e).__name__}: {e}".splitlines()[0]
+    finally:
+        torch.set_num_threads(old_threads)
+        _release(cuda)
+    seconds = timing.get("seconds")
+    return {
+        "name": row.name, "contender": row.contender, "threads": threads,
+        "torch_threads": threads, "views": row.views, "batch_size": setup.batch_size,
+        "warmup": setup.warmup, "iters": setup.iters,
+        "images_per_s": setup.batch_size * setup.iters / seconds if seconds else None,
+        "seconds": seconds, "setup_s": timing.get("setup_s"),
+        "backend": setup.backend if row.backend == "setup" else row.backend,
+        "arch": setup.arch if row.name in MODEL_ROWS else None,
+        "amp": setup.amp if row.name in MODEL_ROWS else None,
+        "device": setup.device, **memory.result(), "error": error,
+    }
+
+
+def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = None,
+              threads: Sequence[int] = (os.cpu_count() or 1,), batch_size: int = 32,
+              image_size: int = 224, warmup: int = 3, iters: int = 10, device: str = "auto",
+              backend: str = "fused", hw_decoder_load: float = 0.65, arch: str = "resnet50",
+              amp: str = "auto", channels_last: bool = False, gen_images: int = 256,
+              gen_pictures: int = 64, gen_size: Optional[int] = None, gen_classes: int = 4,
+              seed: int = 0, command: Optional[Sequence[str]] = None, log=print) -> Dict:
+    """Measure the selected rows at every thread count on the same files; returns the record
+    written to bench.json: ``settings``, ``machine``, ``data``, ``command`` and ``rows`` (one per
+    row and thread count, with images/s and its ratios to the reference and synthetic rows).
+
+    ``data``/``mixing``: class-folder set and mixing pictures; where missing, ``gen_images``
+    sources ``gen_size`` px high (default: the Resize(256) of a 224 crop, scaled) and
+    ``gen_pictures`` mixing pictures are generated into a temporary folder.
+    """
+    rows = select_rows(contenders)
+    threads = [int(t) for t in threads]
+    _check(threads, batch_size, warmup, iters, backend, amp, arch, rows)
+    device = resolve_device(device)
+    amp = ("bf16" if device == "gpu" else "off") if amp == "auto" else amp
+    if amp == "fp16" and device != "gpu":
+        raise UserError("--amp fp16 needs --device gpu; use --amp bf16 or off on CPU")
+    cfg = training_config(image_size)
+    check_folders(data, mixing)
+    gen_size = gen_size or max(image_size, round(image_size * 256 / 224))
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    load_start = _load_average()
+    if load_start and load_start[0] > BUSY_LOAD:
+        log(f"bench: warning: the 1-minute load average is {load_start[0]:.2f} before starting; "
+            f"other work on this machine slows the rows down unevenly")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dali-ipmix-bench-") as tmp:
+        todo = [what for what, given in ((f"{gen_images} source images", data),
+                                         (f"{gen_pictures} mixing pictures", mixing)) if not given]
+        if todo:
+            log(f"bench: generating {' and '.join(todo)} ({gen_size} px) ...")
+        files = bench_data(tmp, data_dir=data, mixing_dir=mixing, images=gen_images,
+                           pictures=gen_pictures, size=gen_size, classes=gen_classes, seed=seed)
+        setup = K.Setup(data=files, cfg=cfg, batch_size=batch_size, warmup=warmup, iters=iters,
+                        device=device, backend=backend, hw_decoder_load=hw_decoder_load, arch=arch,
+                        amp=amp, channels_last=channels_last, seed=seed)
+        results = []
+        for row in rows:
+            for n in threads:
+                log(f"bench: {row.name}, {n} thread(s) ...")
+                results.append(measure_row(row, setup, n))
+                r = results[-1]
+                log(f"bench: {row.name}, {n} thread(s): " + (
+                    f"error {r['error']}" if r["error"] else f"{r['images_per_s']:.1f} images/s"))
+    add_ratios(results)
+    return {
+        "command": list(sys.argv if command is None else command),
+        "argv": list(sys.argv),
+        "started": started,
+        "total_s": time.perf_counter() - start,
+        "settings": {"contenders": [r.name for r in rows], "threads": threads,
+                     "batch_size": batch_size, "image_size": image_size, "warmup": warmup,
+                     "iters": iters, "device": device, "backend": backend,
+                     "hw_decoder_load": hw_decoder_load, "arch": arch, "amp": amp,
+                     "channels_last": channels_last, "seed": seed,
+                     "ipmix": {"k": cfg.k, "t": cfg.t, "jsd_views": cfg.views,
+                               "patch_sizes": list(cfg.patch_sizes), "mixing_resize": setup.resize}},
+        "machine": {**machine_info(device), "load_average_start": load_start,
+                    "load_average_end": _load_average()},
+        "data": files.describe(),
+        "rows": results,
+    }

@@ -1,0 +1,185 @@
+"""dali-ipmix bench on tiny generated data, CPU: every row runs, ratios come from the same run,
+outputs are written without overwriting, memory peaks count worker processes."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dali_ipmix import cli
+from dali_ipmix.bench import report, run_bench
+from dali_ipmix.bench.contenders import ReferenceDataset
+from dali_ipmix.bench.data import bench_data
+from dali_ipmix.bench.memory import PeakMemory
+from dali_ipmix.bench.runner import ROW_NAMES, training_config
+from dali_ipmix.cli import UserError
+
+TINY = dict(image_size=32, batch_size=4, warmup=1, iters=2, threads=[1], device="cpu",
+            arch="resnet18", gen_images=8, gen_pictures=4, gen_size=40, gen_classes=2)
+ROW_FIELDS = {"name", "contender", "threads", "torch_threads", "views", "batch_size", "warmup",
+              "iters", "images_per_s", "seconds", "setup_s", "backend", "arch", "amp", "device",
+              "host_rss_start_mb", "host_rss_peak_mb", "device_torch_peak_mb",
+              "device_used_peak_mb", "error", "reference_row", "vs_reference", "synthetic_row",
+              "vs_synthetic"}
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run_bench(**TINY, command=["test"], log=lambda msg: None)
+
+
+def test_every_row_reports_a_positive_rate_and_all_fields(result):
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == set(ROW_NAMES)
+    for name, r in rows.items():
+        assert set(r) >= ROW_FIELDS, name
+        assert r["error"] is None, r["error"]
+        assert r["images_per_s"] > 0 and r["seconds"] > 0 and r["setup_s"] > 0
+        assert r["images_per_s"] == pytest.approx(r["batch_size"] * r["iters"] / r["seconds"])
+        assert r["host_rss_peak_mb"] >= r["host_rss_start_mb"] > 0
+        assert r["device_torch_peak_mb"] is None and r["device_used_peak_mb"] is None   # CPU
+    assert rows["dali-ipmix"]["views"] == rows["reference"]["views"] == rows["dali-plain"]["views"] == 1
+    assert rows["dali-ipmix-jsd"]["views"] == rows["train"]["views"] == 3
+    assert rows["dali-plain"]["backend"] == "none" and rows["dali-ipmix"]["backend"] == "fused"
+    assert rows["train"]["arch"] == "resnet18"
+    # the reference rows fork DataLoader workers: their memory is counted on top of the parent's
+    m = result["machine"]
+    assert m["cpu_count"] >= 1 and m["versions"]["torch"] and m["versions"]["nvidia-dali"]
+    assert len(m["load_average_start"]) == len(m["load_average_end"]) == 3
+    assert result["data"]["images"] == 8 and result["data"]["pictures"] == 4
+    assert result["command"] == ["test"] and result["settings"]["image_size"] == 32
+    assert json.loads(json.dumps(result)) == result        # JSON-serialisable as is
+
+
+def test_ratios_come_from_the_same_run(result):
+    rate = {(r["name"], r["threads"]): r["images_per_s"] for r in result["rows"]}
+    for r in result["rows"]:
+        ref = "reference-jsd" if r["views"] == 3 else "reference"
+        assert r["reference_row"] == ref
+        assert r["vs_reference"] == pytest.approx(r["images_per_s"] / rate[ref, r["threads"]])
+        assert r["vs_synthetic"] == pytest.approx(r["images_per_s"] / rate["synthetic", r["threads"]])
+    assert {r["name"]: r["vs_reference"] for r in result["rows"]}["reference-jsd"] == 1.0
+
+
+def test_ratios_pair_rows_by_thread_count_and_skip_missing_rows():
+    rows = [dict(name="reference", views=1, threads=1, images_per_s=10.0),
+            dict(name="reference", views=1, threads=2, images_per_s=20.0),
+            dict(name="dali-ipmix", views=1, threads=1, images_per_s=30.0),
+            dict(name="dali-ipmix", views=1, threads=2, images_per_s=30.0),
+            dict(name="dali-ipmix-jsd", views=3, threads=2, images_per_s=6.0),
+            dict(name="synthetic", views=3, threads=2, images_per_s=60.0),
+            dict(name="train", views=3, threads=2, images_per_s=None, error="boom")]
+    report.add_ratios(rows)
+    by = {(r["name"], r["threads"]): r for r in rows}
+    assert by["dali-ipmix", 1]["vs_reference"] == 3.0
+    assert by["dali-ipmix", 2]["vs_reference"] == 1.5
+    assert by["dali-ipmix-jsd", 2]["vs_reference"] is None        # no reference-jsd row measured
+    assert by["dali-ipmix-jsd", 2]["vs_synthetic"] == 0.1
+    assert by["dali-ipmix", 1]["vs_synthetic"] is None            # no synthetic row at 1 thread
+    assert by["train", 2]["vs_synthetic"] is None                 # a failed row has no ratio
+    assert "error: train (threads 2): boom" in report.table(rows)
+
+
+def test_table_has_one_line_per_row(result):
+    lines = report.table(result["rows"]).splitlines()
+    assert len(lines) == 2 + len(result["rows"])
+    assert [line.split()[0] for line in lines[2:]] == [r["name"] for r in result["rows"]]
+
+
+def test_cli_writes_json_table_and_plot_and_never_overwrites(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["bench", "--contenders", "dali-plain", "--image-size", "32", "-b", "4", "--iters", "2",
+            "--warmup", "1", "--threads", "1,2", "--device", "cpu", "--gen-images", "8",
+            "--gen-pictures", "4", "--gen-size", "40", "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "bench.json").read_text())
+    assert [(r["name"], r["threads"]) for r in saved["rows"]] == [("dali-plain", 1), ("dali-plain", 2)]
+    command = saved["command"]
+    assert command[:2] == ["dali-ipmix", "bench"] and "--overwrite" not in command
+    assert command[command.index("--threads") + 1] == "1,2" and str(out) in command
+    assert command[command.index("--batch-size") + 1] == "4"
+    assert "dali-plain" in printed and (out / "bench.txt").read_text().count("dali-plain") == 2
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = (out / "bench.json").read_bytes()
+    assert cli.main(argv) == 2                                    # refused, before measuring
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "bench.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--contenders", "dali-ipmix,fastest"], "--contenders"),
+    (["--data", "/nonexistent/images"], "--data"),
+    (["--mixing", "/nonexistent/pictures"], "--mixing"),
+])
+def test_bad_input_is_one_line_naming_the_flag(argv, flag, capsys):
+    assert cli.main(["bench", "--device", "cpu", "--image-size", "32"] + argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and flag in errors[0]
+
+
+@pytest.mark.parametrize("kw, flag", [
+    (dict(backend="none"), "--backend"), (dict(arch="resnet_9000"), "--arch"),
+    (dict(threads=[0]), "--threads"), (dict(iters=0), "--iters"), (dict(amp="fp16"), "--amp"),
+])
+def test_run_bench_rejects_bad_settings_before_measuring(kw, flag):
+    with pytest.raises(UserError, match=flag):
+        run_bench(**{**TINY, **kw}, log=lambda msg: None)
+
+
+def test_reference_dataset_gives_the_official_views(tmp_path):
+    cfg = training_config(32)
+    data = bench_data(tmp_path, images=4, pictures=2, size=40, classes=2)
+    ds = ReferenceDataset(data, cfg, resize=37)
+    views, label = ds[3]          # sorted by class: class000/{0,2}, class001/{1,3}
+    assert views.shape == (3, 3, 32, 32) and views.dtype == torch.float32 and label == 1
+    # view 0 is the clean crop: normalised uint8 values, i.e. on the 1/255 grid before normalising
+    mean = torch.tensor(cfg.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.std).view(3, 1, 1)
+    pixels = (views[0] * std + mean) * 255
+    assert torch.allclose(pixels, pixels.round(), atol=1e-3)
+    one = ReferenceDataset(data, cfg.replace(jsd=False), resize=37)[0][0]
+    assert one.shape == (1, 3, 32, 32)
+
+
+def test_peak_memory_counts_worker_processes():
+    code = "import numpy, time; a = numpy.ones(200 * 2**20 // 8); time.sleep(1.0)"
+    with PeakMemory() as mem:
+        subprocess.run([sys.executable, "-c", code], check=True)
+    r = mem.result()
+    assert r["host_rss_peak_mb"] - r["host_rss_start_mb"] > 150
+
+
+def test_generated_sources_are_photo_sized_jpegs(tmp_path):
+    data = bench_data(tmp_path, images=6, pictures=3, size=48, classes=3)
+    from PIL import Image
+    sources = sorted(data.train_dir.rglob("*.jpg"))
+    assert len(sources) == 6 and data.classes == 3 and data.generated_images
+    with Image.open(sources[0]) as im:
+        assert im.format == "JPEG" and im.size == (64, 48)
+        assert np.asarray(im).std() > 5                           # not a flat fill
+    with Image.open(next(data.mixing_dir.glob("*.jpg"))) as im:
+        assert im.size == (48, 48)
+
+
+def test_a_failing_row_is_reported_and_the_others_still_run(monkeypatch, capsys):
+    from dali_ipmix.bench import runner
+
+    def boom(setup, threads):
+        raise RuntimeError("no such decoder\nsecond line")
+
+    plain = next(r for r in runner.ROWS if r.name == "dali-plain")
+    monkeypatch.setattr(runner, "ROWS", tuple(dataclasses.replace(r, measure=boom) if r is plain
+                                              else r for r in runner.ROWS))
+    argv = ["bench", "--contenders", "dali-plain,synthetic", "--image-size", "32", "-b", "2",
+            "--iters", "1", "--warmup", "0", "--threads", "1", "--device", "cpu", "--arch",
+            "resnet18", "--gen-images", "4", "--gen-pictures", "2", "--gen-size", "32"]
+    assert cli.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "error: dali-plain (threads 1): RuntimeError: no such decoder" in out
+    assert "second line" not in out
+    synthetic = next(line for line in out.splitlines() if line.startswith("synthetic"))
+    assert float(synthetic.split()[3]) > 0
