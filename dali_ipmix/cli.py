@@ -27,7 +27,9 @@ class UserError(Exception):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="dali-ipmix", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="dali-ipmix", description="IPMix as NVIDIA DALI pipelines: generated data, graph "
+        "debugging, benchmarks, robustness evaluation, data checks (train with train.py).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     for name, module in SUBCOMMANDS.items():

@@ -140,6 +140,7 @@ def measure_row(row: Row, setup: K.Setup, threads: int) -> dict:
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)   # the fused kernel and a CPU model step use torch's threads
     error, timing = None, {}
+    began = time.perf_counter()
     try:
         with PeakMemory(cuda=cuda) as memory:
             try:
@@ -158,6 +159,7 @@ def measure_row(row: Row, setup: K.Setup, threads: int) -> dict:
         "warmup": setup.warmup, "iters": setup.iters,
         "images_per_s": setup.batch_size * setup.iters / seconds if seconds else None,
         "seconds": seconds, "setup_s": timing.get("setup_s"),
+        "wall_s": time.perf_counter() - began,      # the whole row: set-up, warm-up, timing, freeing
         "backend": setup.backend if row.backend == "setup" else row.backend,
         "arch": setup.arch if row.name in MODEL_ROWS else None,
         "amp": setup.amp if row.name in MODEL_ROWS else None,
