@@ -634,10 +634,10 @@ def run(args, model_factory=None) -> int:
         return _run(args, model_factory, t_start)
     except RuntimeError as e:
         # a bad file met by DALI mid-run: one line naming it and how to skip it, not a traceback
-        from dali_ipmix.verify import explain_pipeline_error
+        from dali_ipmix.verify import SEARCH_LIMIT, explain_pipeline_error
         data = [d for d in (getattr(args, "train_dir", None), getattr(args, "val_dir", None)) if d]
         mixing = [args.mixing_set] if getattr(args, "mixing_set", None) else []
-        err = explain_pipeline_error(e, data, mixing, search_limit=20000)
+        err = explain_pipeline_error(e, data, mixing, search_limit=SEARCH_LIMIT)
         if err is None:
             raise
         raise err from None

@@ -345,9 +345,11 @@ def filelist_files(path, root=None) -> Tuple[List[str], List[int]]:
 #   decoder, data ends early:   "Failed to decode sample #3 : c1/x.jpg"  (source_info: relative path)
 #   file reader, 0-byte/missing/broken link: "File mapping failed: /abs/c1/x.jpg"
 #   decoder, garbage or unsupported format:  "nvImageCodec failure: '#4'"  (no file named)
+# and the benchmark's PIL reference row: "PIL could not read /abs/c1/x.jpg\n(OSError: ...)".
 _NAMED = (re.compile(r"Failed to decode sample #\d+ ?: ?(?P<path>[^\n]+)"),
           re.compile(r"File mapping failed: (?P<path>[^\n]+)"),
-          re.compile(r"(?:Could not open file|Failed to open file)(?: for buffered read)?:? (?P<path>[^\n]+)"))
+          re.compile(r"(?:Could not open file|Failed to open file)(?: for buffered read)?:? (?P<path>[^\n]+)"),
+          re.compile(r"PIL could not read (?P<path>[^\n]+)\n\((?P<why>[^\n]+)\)"))
 _UNNAMED = re.compile(r"nvImageCodec failure: '#\d+'|Failed to decode|Could not decode")
 
 
@@ -356,9 +358,15 @@ def verify_command(folder, mixing: bool = False) -> str:
     return f"`dali-ipmix verify {shlex.quote(str(folder))}{mixing_flag} --write-filelist good.txt`"
 
 
-def skip_hint(folder, mixing: bool = False) -> str:
-    flag = "--mixing-filelist" if mixing else "--train-filelist / --val-filelist"
-    return f"skip bad files with {verify_command(folder, mixing)}, then train with {flag} good.txt"
+# Who met the bad file: (what stopped, the command to rerun, its data / mixing file-list flags).
+USES = {"train": ("training", "train", "--train-filelist / --val-filelist", "--mixing-filelist"),
+        "bench": ("the benchmark", "rerun dali-ipmix bench", "--data-filelist", "--mixing-filelist")}
+
+
+def skip_hint(folder, mixing: bool = False, use: str = "train") -> str:
+    _, rerun, data_flag, mixing_flag = USES[use]
+    flag = mixing_flag if mixing else data_flag
+    return f"skip bad files with {verify_command(folder, mixing)}, then {rerun} with {flag} good.txt"
 
 
 def _locate(name: str, folders: Sequence[Path]) -> Tuple[Path, Optional[Path]]:
@@ -373,7 +381,7 @@ def _locate(name: str, folders: Sequence[Path]) -> Tuple[Path, Optional[Path]]:
     return p, None
 
 
-def _why(path: Path, dali_words: str) -> str:
+def _why(path: Path, words: str) -> str:
     if path.is_symlink() and not path.exists():
         return "it is a broken link"
     try:
@@ -382,7 +390,7 @@ def _why(path: Path, dali_words: str) -> str:
         return "it no longer exists"
     except OSError as e:
         return f"it cannot be read ({e.strerror})"
-    return "it is empty (0 bytes)" if size == 0 else f"DALI: {dali_words}"
+    return "it is empty (0 bytes)" if size == 0 else words
 
 
 def _folders(dirs) -> List[Path]:
@@ -403,14 +411,20 @@ def find_bad_file(data_dirs: Iterable, mixing_dirs: Iterable = (), limit: int = 
     return None
 
 
+# At most this many files are scanned to name a bad file DALI did not name (about 450 files/s per
+# core: under a minute), before the error falls back to naming the folders.
+SEARCH_LIMIT = 20000
+
+
 def explain_pipeline_error(exc: BaseException, data_dirs: Iterable, mixing_dirs: Iterable = (),
-                           search_limit: int = 0) -> Optional[UserError]:
+                           search_limit: int = 0, use: str = "train") -> Optional[UserError]:
     """A one-line ``UserError`` for a DALI error about a bad data file (naming the file when DALI
     does, else the folders), or None when ``exc`` is not about a data file.  ``data_dirs`` are the
     class-folder roots, ``mixing_dirs`` the mixing-picture folders of the pipeline.  When DALI does
     not name the file and the folders hold at most ``search_limit`` files, they are scanned
-    (``scan``) to name it."""
+    (``scan``) to name it.  ``use``: a key of ``USES``, whose flags the hint names."""
     text = str(exc)
+    stopped, rerun, data_flag, mixing_flag = USES[use]
     mixing = _folders(mixing_dirs)
     folders = _folders(data_dirs) + mixing
     for pattern in _NAMED:
@@ -418,10 +432,10 @@ def explain_pipeline_error(exc: BaseException, data_dirs: Iterable, mixing_dirs:
         if m:
             name = m.group("path").strip()
             path, folder = _locate(name, folders)
-            words = m.group(0).strip()
-            why = _why(path, words) if folder else f"DALI: {words}"
-            hint = skip_hint(folder if folder else "DIR", folder in mixing)
-            return UserError(f"{path}: training stopped on this file, {why}; {hint}")
+            words = m.groupdict().get("why") or f"DALI: {m.group(0).strip()}"
+            why = _why(path, words) if folder else words
+            hint = skip_hint(folder if folder else "DIR", folder in mixing, use)
+            return UserError(f"{path}: {stopped} stopped on this file, {why}; {hint}")
     m = _UNNAMED.search(text)
     if m is None:
         return None
@@ -429,14 +443,14 @@ def explain_pipeline_error(exc: BaseException, data_dirs: Iterable, mixing_dirs:
         found = find_bad_file(data_dirs, mixing_dirs, search_limit)
         if found is not None:
             folder, finding, is_mixing = found
-            return UserError(f"{folder / finding.path}: training stopped on this file "
+            return UserError(f"{folder / finding.path}: {stopped} stopped on this file "
                              f"({', '.join(finding.kinds)}: {finding.detail or m.group(0)}; found by "
                              f"scanning the data after DALI's '{m.group(0)}'); "
-                             f"{skip_hint(folder, is_mixing)}")
+                             f"{skip_hint(folder, is_mixing, use)}")
     commands = " and ".join(verify_command(f, f in mixing) for f in folders) or verify_command("DIR")
     return UserError(f"DALI could not decode a data file and does not say which ({m.group(0)}); "
-                     f"find and skip it with {commands}, then train with --train-filelist / "
-                     f"--val-filelist / --mixing-filelist")
+                     f"find and skip it with {commands}, then {rerun} with {data_flag} / "
+                     f"{mixing_flag}")
 
 
 # ---------------------------------------------------------------------------------------------------

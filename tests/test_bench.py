@@ -183,3 +183,36 @@ def test_a_failing_row_is_reported_and_the_others_still_run(monkeypatch, capsys)
     assert "second line" not in out
     synthetic = next(line for line in out.splitlines() if line.startswith("synthetic"))
     assert float(synthetic.split()[3]) > 0
+
+
+@pytest.fixture()
+def data_with_a_bad_file(tmp_path):
+    """Generated sources and pictures, one source replaced by bytes no decoder reads."""
+    data = bench_data(tmp_path, images=8, pictures=2, size=40, classes=2)
+    bad = sorted((data.train_dir / "class001").iterdir())[0]
+    bad.write_bytes(b"this is not a picture" * 50)
+    return data, bad
+
+
+@pytest.mark.parametrize("contender", ["dali-plain", "reference"])
+def test_a_bad_file_stops_the_run_with_one_line_naming_it(data_with_a_bad_file, contender, capsys):
+    data, bad = data_with_a_bad_file
+    argv = ["bench", "--contenders", contender, "--image-size", "32", "-b", "8", "--iters", "2",
+            "--warmup", "0", "--threads", "1", "--device", "cpu", "--data", str(data.train_dir),
+            "--mixing", str(data.mixing_dir)]
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and str(bad) in err[0], err
+    assert "--data-filelist" in err[0] and "dali-ipmix verify" in err[0]
+
+
+def test_the_verified_file_list_skips_the_bad_file(data_with_a_bad_file, tmp_path, capsys):
+    data, bad = data_with_a_bad_file
+    good = tmp_path / "good.txt"
+    assert cli.main(["verify", str(data.train_dir), "--write-filelist", str(good), "--jobs", "1"]) != 0
+    capsys.readouterr()
+    result = run_bench(**{**TINY, "batch_size": 8},
+                       contenders=["dali-plain", "reference"], data=data.train_dir,
+                       mixing=data.mixing_dir, data_filelist=good, log=lambda msg: None)
+    assert result["data"]["images"] == 7 and result["data"]["train_filelist"] == str(good)
+    assert all(r["error"] is None and r["images_per_s"] > 0 for r in result["rows"])

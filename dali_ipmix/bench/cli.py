@@ -49,7 +49,8 @@ def _run(args: argparse.Namespace) -> int:
         hw_decoder_load=args.hw_decoder_load, arch=args.arch, amp=args.amp,
         channels_last=args.channels_last, gen_images=args.gen_images,
         gen_pictures=args.gen_pictures, gen_size=args.gen_size, gen_classes=args.gen_classes,
-        seed=args.seed, command=command_line(args, args.options),
+        seed=args.seed, data_filelist=args.data_filelist, mixing_filelist=args.mixing_filelist,
+        command=command_line(args, args.options),
         log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(caption(result))
     print(table(result["rows"]))
@@ -106,6 +107,12 @@ def register(subparsers) -> None:
         help="class-folder image set (DIR/<class>/<image>); default: generated JPEGs")
     add(g, "--mixing", default=None, metavar="DIR",
         help="mixing pictures (e.g. from `dali-ipmix fractals`); default: generated JPEGs")
+    add(g, "--data-filelist", default=None, metavar="FILE",
+        help="read only the --data files listed (`dali-ipmix verify DIR --write-filelist FILE` "
+        "leaves bad files out)")
+    add(g, "--mixing-filelist", default=None, metavar="FILE",
+        help="read only the --mixing pictures listed (`dali-ipmix verify DIR --mixing "
+        "--write-filelist FILE`)")
     add(g, "--gen-images", type=int, default=256, help="generated source images")
     add(g, "--gen-pictures", type=int, default=64, help="generated mixing pictures")
     add(g, "--gen-size", type=int, default=None,

@@ -102,7 +102,9 @@ def dali_loader(setup: Setup, threads: int, cfg: C.IPMixConfig, backend: str,
     pipe = train_pipeline(setup.data.train_dir, setup.data.mixing_dir, cfg=cfg,
                           batch_size=setup.batch_size, num_threads=threads, device=setup.device,
                           backend=backend, seed=setup.seed, resize=setup.resize,
-                          hw_decoder_load=setup.hw_decoder_load, prefetch_queue_depth=DALI_PREFETCH)
+                          hw_decoder_load=setup.hw_decoder_load, prefetch_queue_depth=DALI_PREFETCH,
+                          filelist=setup.data.train_filelist,
+                          mixing_filelist=setup.data.mixing_filelist)
     # "fill": a set smaller than a batch still gives full batches (wrapping into the next epoch).
     return DaliLoader(pipe, last_batch="fill", device=setup.torch_device, channels_last=channels_last)
 
@@ -123,8 +125,11 @@ def dali_pipeline(setup: Setup, threads: int, *, jsd: bool, backend: Optional[st
 
 def _pil_load(path: str):
     from PIL import Image
-    with open(path, "rb") as fh:                 # what torchvision's ImageFolder does
-        return Image.open(fh).convert("RGB")
+    try:
+        with open(path, "rb") as fh:                 # what torchvision's ImageFolder does
+            return Image.open(fh).convert("RGB")
+    except (OSError, ValueError) as e:   # PIL's messages rarely name the file
+        raise RuntimeError(f"PIL could not read {path}\n({type(e).__name__}: {e})") from None
 
 
 class ReferenceDataset(torch.utils.data.Dataset):
@@ -134,10 +139,9 @@ class ReferenceDataset(torch.utils.data.Dataset):
 
     def __init__(self, data: BenchData, cfg: C.IPMixConfig, resize: int):
         from torchvision import transforms
-        from dali_ipmix.readers import class_folder_files, picture_files
-        files, self.labels, _ = class_folder_files(data.train_dir)
+        files, self.labels = data.train_files()
         self.paths = [str(data.train_dir / f) for f in files]
-        self.pictures = [str(data.mixing_dir / p) for p in picture_files(data.mixing_dir)]
+        self.pictures = [str(data.mixing_dir / p) for p in data.mixing_files()]
         self.cfg = cfg
         self.source = transforms.Compose([transforms.RandomResizedCrop(cfg.image_size),
                                           transforms.RandomHorizontalFlip()])

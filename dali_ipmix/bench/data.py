@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from dali_ipmix.data._io import smooth_noise, write_jpeg
-from dali_ipmix.readers import class_folder_files, picture_files
+from dali_ipmix.readers import class_folder_files, listed_or_found, picture_files
 
 GRAIN_SIGMA = 10.0         # grey levels of per-pixel noise: photo-like JPEG sizes (~0.4 bytes/pixel at quality 90)
 SOURCE_ASPECT = 4 / 3      # width / height of a generated source image
@@ -33,10 +33,20 @@ class BenchData:
     generated_images: bool
     generated_pictures: bool
     size: Optional[int] = None            # generated files: source height, mixing picture side (px)
+    train_filelist: Optional[Path] = None  # verified file lists (`dali-ipmix verify --write-filelist`)
+    mixing_filelist: Optional[Path] = None
 
     def describe(self) -> dict:
-        return dataclasses.asdict(self) | {"train_dir": str(self.train_dir),
-                                           "mixing_dir": str(self.mixing_dir)}
+        paths = ("train_dir", "mixing_dir", "train_filelist", "mixing_filelist")
+        return dataclasses.asdict(self) | {k: getattr(self, k) and str(getattr(self, k)) for k in paths}
+
+    def train_files(self):
+        """(files relative to ``train_dir``, labels): the file list's where given, else all found."""
+        files, labels, _ = listed_or_found(self.train_dir, self.train_filelist, flag="--data")
+        return files, labels
+
+    def mixing_files(self):
+        return picture_files(self.mixing_dir, flag="--mixing", filelist=self.mixing_filelist)
 
 
 def noise_picture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -76,7 +86,8 @@ def check_folders(data_dir=None, mixing_dir=None) -> None:
 
 
 def bench_data(workdir: Path, *, data_dir=None, mixing_dir=None, images: int = 256,
-               pictures: int = 64, size: int = 256, classes: int = 4, seed: int = 0) -> BenchData:
+               pictures: int = 64, size: int = 256, classes: int = 4, seed: int = 0,
+               data_filelist=None, mixing_filelist=None) -> BenchData:
     """The folders to read: ``data_dir`` / ``mixing_dir`` where given, else generated in ``workdir``."""
     from dali_ipmix.cli import UserError
     for flag, value in (("--gen-images", images), ("--gen-pictures", pictures),
@@ -84,12 +95,18 @@ def bench_data(workdir: Path, *, data_dir=None, mixing_dir=None, images: int = 2
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
     gen_images, gen_pictures = data_dir is None, mixing_dir is None
+    for flag, listed, folder in (("--data-filelist", data_filelist, data_dir),
+                                 ("--mixing-filelist", mixing_filelist, mixing_dir)):
+        if listed is not None and folder is None:
+            raise UserError(f"{flag} {listed}: needs the folder it lists ({flag.split('-file')[0]} DIR)")
     check_folders(data_dir, mixing_dir)   # a wrong folder is reported before any generation
     if gen_images:
         data_dir = write_sources(Path(workdir) / "train", images, size, classes, seed)
     if gen_pictures:
         mixing_dir = write_pictures(Path(workdir) / "mixing", pictures, size, seed)
-    files, _, names = class_folder_files(data_dir, flag="--data")
-    pics = picture_files(mixing_dir, flag="--mixing")
-    return BenchData(Path(data_dir), Path(mixing_dir), len(files), len(pics), len(names),
-                     gen_images, gen_pictures, size if gen_images or gen_pictures else None)
+    data = BenchData(Path(data_dir), Path(mixing_dir), 0, 0, 0, gen_images, gen_pictures,
+                     size if gen_images or gen_pictures else None,
+                     data_filelist and Path(data_filelist), mixing_filelist and Path(mixing_filelist))
+    names = class_folder_files(data_dir, flag="--data")[2]
+    return dataclasses.replace(data, images=len(data.train_files()[0]),
+                               pictures=len(data.mixing_files()), classes=len(names))

@@ -147,7 +147,12 @@ def measure_row(row: Row, setup: K.Setup, threads: int) -> dict:
                 timing = row.measure(setup, threads)
             except UserError:
                 raise
-            except Exception as e:  # one failing row must not lose the others
+            except Exception as e:  # one failing row must not lose the others ...
+                from dali_ipmix.verify import SEARCH_LIMIT, explain_pipeline_error
+                bad_file = explain_pipeline_error(e, [setup.data.train_dir], [setup.data.mixing_dir],
+                                                  search_limit=SEARCH_LIMIT, use="bench")
+                if bad_file is not None:   # ... but a bad file stops every row: say which one
+                    raise bad_file from None
                 error = f"{type(e).__name__}: {e}".splitlines()[0]
     finally:
         torch.set_num_threads(old_threads)
@@ -173,7 +178,7 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
               backend: str = "fused", hw_decoder_load: float = 0.65, arch: str = "resnet50",
               amp: str = "auto", channels_last: bool = False, gen_images: int = 256,
               gen_pictures: int = 64, gen_size: Optional[int] = None, gen_classes: int = 4,
-              seed: int = 0, command: Optional[Sequence[str]] = None, log=print) -> Dict:
+              seed: int = 0, data_filelist=None, mixing_filelist=None, command: Optional[Sequence[str]] = None, log=print) -> Dict:
     """Measure the selected rows at every thread count on the same files; returns the record
     written to bench.json: ``settings``, ``machine``, ``data``, ``command`` and ``rows`` (one per
     row and thread count, with images/s and its ratios to the reference and synthetic rows).
@@ -204,7 +209,8 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
         if todo:
             log(f"bench: generating {' and '.join(todo)} ({gen_size} px) ...")
         files = bench_data(tmp, data_dir=data, mixing_dir=mixing, images=gen_images,
-                           pictures=gen_pictures, size=gen_size, classes=gen_classes, seed=seed)
+                           pictures=gen_pictures, size=gen_size, classes=gen_classes, seed=seed,
+                           data_filelist=data_filelist, mixing_filelist=mixing_filelist)
         setup = K.Setup(data=files, cfg=cfg, batch_size=batch_size, warmup=warmup, iters=iters,
                         device=device, backend=backend, hw_decoder_load=hw_decoder_load, arch=arch,
                         amp=amp, channels_last=channels_last, seed=seed)
