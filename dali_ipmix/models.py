@@ -43,13 +43,16 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class PreActResNet(nn.Module):
-    def __init__(self, blocks=(2, 2, 2, 2), num_classes: int = 10, width: int = 64):
+class PreActNet(nn.Module):
+    """3x3 stem, stages of :class:`PreActBlock` (stride 2 at the start of every stage but the
+    first), BN-ReLU, global pool, linear: PreAct ResNet and WideResNet differ only in widths and
+    depths."""
+
+    def __init__(self, stem: int, widths, blocks, num_classes: int = 10):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        layers, in_planes = [], width
-        for i, n in enumerate(blocks):
-            planes = width * 2 ** i
+        self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
+        layers, in_planes = [], stem
+        for i, (planes, n) in enumerate(zip(widths, blocks)):
             for j in range(n):
                 layers.append(PreActBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1))
                 in_planes = planes
@@ -63,47 +66,16 @@ class PreActResNet(nn.Module):
         return self.fc(x)
 
 
-class WideBlock(nn.Module):
-    """Pre-activation wide basic block (no dropout)."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.shortcut = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + shortcut
+def preact_resnet(blocks=(2, 2, 2, 2), num_classes: int = 10, width: int = 64) -> PreActNet:
+    return PreActNet(width, [width * 2 ** i for i in range(len(blocks))], blocks, num_classes)
 
 
-class WideResNet(nn.Module):
-    def __init__(self, depth: int = 34, widen: int = 10, num_classes: int = 10):
-        super().__init__()
-        if (depth - 4) % 6:
-            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
-        n = (depth - 4) // 6
-        widths = [16, 16 * widen, 32 * widen, 64 * widen]
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        layers, in_planes = [], widths[0]
-        for i, planes in enumerate(widths[1:]):
-            for j in range(n):
-                layers.append(WideBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1))
-                in_planes = planes
-        self.layers = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(in_planes)
-        self.fc = nn.Linear(in_planes, num_classes)
-
-    def forward(self, x):
-        x = self.layers(self.conv1(x))
-        x = F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1)
-        return self.fc(x)
+def wide_resnet(depth: int = 34, widen: int = 10, num_classes: int = 10) -> PreActNet:
+    """WRN-depth-widen with pre-activation basic blocks and no dropout."""
+    if (depth - 4) % 6:
+        raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+    n = (depth - 4) // 6
+    return PreActNet(16, [16 * widen, 32 * widen, 64 * widen], [n] * 3, num_classes)
 
 
 def tiny_cnn(num_classes: int = 10, width: int = 16) -> nn.Module:
@@ -116,8 +88,8 @@ def tiny_cnn(num_classes: int = 10, width: int = 16) -> nn.Module:
 
 
 ARCHS: Dict[str, Callable[[int], nn.Module]] = {
-    "preactresnet18": lambda num_classes: PreActResNet((2, 2, 2, 2), num_classes),
-    "wrn34_10": lambda num_classes: WideResNet(34, 10, num_classes),
+    "preactresnet18": lambda num_classes: preact_resnet((2, 2, 2, 2), num_classes),
+    "wrn34_10": lambda num_classes: wide_resnet(34, 10, num_classes),
     "tiny_cnn": lambda num_classes: tiny_cnn(num_classes),
 }
 

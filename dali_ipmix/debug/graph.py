@@ -217,17 +217,25 @@ def _node_attrs(node: OpNode, output_index: Optional[int]) -> str:
             f"tooltip={_q(node.name + (' from ' + where if where else ''))}{extra}")
 
 
+def _output_index(outputs: Sequence[str]) -> dict:
+    """Operator name -> the first pipeline output it feeds."""
+    index = {}
+    for i, name in enumerate(outputs):
+        index.setdefault(name, i)
+    return index
+
+
+def _dot_header(graph_name: str, title: str) -> list:
+    return [f"digraph {graph_name} {{",
+            f"  graph [label={_q(title)}, labelloc=t, fontname=Helvetica, rankdir=TB];",
+            '  node [shape=box, style="rounded,filled", fontname=Helvetica, fontsize=10];',
+            "  edge [arrowsize=0.6];"]
+
+
 def full_dot(nodes: Sequence[OpNode], outputs: Sequence[str], title: str) -> str:
     """One node per operator; argument inputs dashed; pipeline outputs double-bordered."""
-    out_index = {}
-    for i, name in enumerate(outputs):
-        out_index.setdefault(name, i)
-    lines = [
-        "digraph pipeline {",
-        f"  graph [label={_q(title)}, labelloc=t, fontname=Helvetica, rankdir=TB];",
-        '  node [shape=box, style="rounded,filled", fontname=Helvetica, fontsize=10];',
-        "  edge [arrowsize=0.6];",
-    ]
+    out_index = _output_index(outputs)
+    lines = _dot_header("pipeline", title)
     for node in nodes:
         lines.append(f"  {_q(node.name)} [{_node_attrs(node, out_index.get(node.name))}];")
     for node in nodes:
@@ -263,15 +271,8 @@ def collapsed_dot(nodes: Sequence[OpNode], outputs: Sequence[str], title: str) -
     for n in nodes:
         if n.name in cond:
             members[cond[n.name]].append(n)
-    out_index = {}
-    for i, name in enumerate(outputs):
-        out_index.setdefault(name, i)
-    lines = [
-        "digraph pipeline_collapsed {",
-        f"  graph [label={_q(title)}, labelloc=t, fontname=Helvetica, rankdir=TB];",
-        '  node [shape=box, style="rounded,filled", fontname=Helvetica, fontsize=10];',
-        "  edge [arrowsize=0.6];",
-    ]
+    out_index = _output_index(outputs)
+    lines = _dot_header("pipeline_collapsed", title)
     for n in nodes:
         if n.name not in cond:
             lines.append(f"  {_q(n.name)} [{_node_attrs(n, out_index.get(n.name))}];")
