@@ -75,7 +75,7 @@ from dali_ipmix.bench.data import write_sources
 
 root, count, px, jobs, batch = Path(sys.argv[1]), *map(int, sys.argv[2:6])
 
-def part(job):   # class folders per job: file names never collide
+def part(job):   # one class folder per job (jNN/class000/...): file names never collide
     n = count // jobs + (job < count % jobs)
     write_sources(root / "train" / f"j{job:02d}", n, px, classes=1, seed=job)
     # a sixteenth for validation, and at least one batch of it in all
@@ -85,12 +85,6 @@ def part(job):   # class folders per job: file names never collide
 # fork: `part` lives in this stdin script, which spawned workers could not import
 with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
     list(pool.map(part, range(jobs)))
-# one folder level per class for the readers: train/jNN/class000/x.jpg -> train/jNN-000/x.jpg
-for split in ("train", "val"):
-    for d in sorted((root / split).glob("j*/class*")):
-        d.rename(root / split / f"{d.parent.name}-{d.name[-3:]}")
-    for d in (root / split).glob("j??"):
-        d.rmdir()
 files = list((root / "train").rglob("*.jpg"))
 print(f"{len(files)} train JPEGs, mean {sum(f.stat().st_size for f in files) / len(files) / 1024:.1f} KiB")
 PYEOF

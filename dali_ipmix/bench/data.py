@@ -104,9 +104,8 @@ def bench_data(workdir: Path, *, data_dir=None, mixing_dir=None, images: int = 2
         data_dir = write_sources(Path(workdir) / "train", images, size, classes, seed)
     if gen_pictures:
         mixing_dir = write_pictures(Path(workdir) / "mixing", pictures, size, seed)
-    data = BenchData(Path(data_dir), Path(mixing_dir), 0, 0, 0, gen_images, gen_pictures,
-                     size if gen_images or gen_pictures else None,
+    files, _, names = listed_or_found(data_dir, data_filelist, flag="--data")
+    pics = picture_files(mixing_dir, flag="--mixing", filelist=mixing_filelist)
+    return BenchData(Path(data_dir), Path(mixing_dir), len(files), len(pics), len(names),
+                     gen_images, gen_pictures, size if gen_images or gen_pictures else None,
                      data_filelist and Path(data_filelist), mixing_filelist and Path(mixing_filelist))
-    names = class_folder_files(data_dir, flag="--data")[2]
-    return dataclasses.replace(data, images=len(data.train_files()[0]),
-                               pictures=len(data.mixing_files()), classes=len(names))

@@ -178,7 +178,8 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
               backend: str = "fused", hw_decoder_load: float = 0.65, arch: str = "resnet50",
               amp: str = "auto", channels_last: bool = False, gen_images: int = 256,
               gen_pictures: int = 64, gen_size: Optional[int] = None, gen_classes: int = 4,
-              seed: int = 0, data_filelist=None, mixing_filelist=None, command: Optional[Sequence[str]] = None, log=print) -> Dict:
+              seed: int = 0, data_filelist=None, mixing_filelist=None,
+              command: Optional[Sequence[str]] = None, log=print) -> Dict:
     """Measure the selected rows at every thread count on the same files; returns the record
     written to bench.json: ``settings``, ``machine``, ``data``, ``command`` and ``rows`` (one per
     row and thread count, with images/s and its ratios to the reference and synthetic rows).
