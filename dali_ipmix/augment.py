@@ -1,45 +1,68 @@
-"""IPMix inside a DALI graph, on the chosen pixel backend, from tapes drawn in the graph."""
+"""IPMix inside a DALI graph, on the chosen pixel backend, from random draws made in the graph."""
 from __future__ import annotations
 
 from . import config as C
-from .tape import dali_tape
+from .tape import dali_tape, dali_uniforms
 
 BACKENDS = ("fused", "dali", "none")
 
 
 def ipmix(images, pictures, cfg: C.IPMixConfig, *, device: str, backend: str = "fused",
-          seed=None):
-    """Views [V, 3, S, S] (normalised float) of uint8 HWC ``images`` mixed with ``pictures``.
+          seed=None, out_dtype=None):
+    """Views [V, 3, S, S] (normalised) of uint8 HWC ``images`` mixed with ``pictures``.
 
-    backend: ``fused`` (one batched torch kernel; compiled on GPU), ``dali`` (readable graph of
-    stock DALI ops; needs ``enable_conditionals=True``) or ``none`` (normalise only: the
-    no-augmentation ceiling).  Returns (views, tapes), tapes being the CPU parameter records.
+    backend: ``fused`` (the fused kernels: Triton on GPU, eager torch on CPU; the graph only draws
+    raw uniforms, the kernel decodes them), ``dali`` (readable graph of stock DALI ops, tapes
+    decoded in the graph; needs ``enable_conditionals=True``) or ``none`` (normalise only: the
+    no-augmentation ceiling).  ``out_dtype``: a torch dtype for the fused backend's output
+    (default float32).  Returns (views, tapes), tapes being the parameter records [A, L] per
+    sample (for ``none``: drawn but unused, so that replay tools see the usual outputs).
     """
+    import torch
+    from nvidia.dali import fn
     if backend not in BACKENDS:
         raise ValueError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    n_aug = 2 if cfg.jsd else 1
-    tapes = [dali_tape(cfg, None if seed is None else seed + i) for i in range(n_aug)]
+    if backend == "fused":
+        from .fused import fused_ipmix_node
+        uniforms = dali_uniforms(cfg, cfg.n_aug, seed)
+        return fused_ipmix_node(images, pictures, uniforms, cfg, device,
+                                out_dtype=out_dtype or torch.float32)
+    tapes = [dali_tape(cfg, None if seed is None else seed + i) for i in range(cfg.n_aug)]
     if backend == "none":
         from .ops import normalize
-        from nvidia.dali import fn
         view = normalize(images, cfg)
-        return fn.stack(*([view] * cfg.views), axis=0), tapes
-    if backend == "dali":
+        views = fn.stack(*([view] * cfg.views), axis=0)
+    else:
         from .ops import ipmix_views
-        return ipmix_views(images, pictures, tapes, cfg), tapes
-    from .fused import fused_ipmix_node
-    return fused_ipmix_node(images, pictures, tapes, cfg, device), tapes
+        views = ipmix_views(images, pictures, tapes, cfg)
+    return views, fn.stack(*tapes, axis=0)
+
+
+DRAWS = ("tapes", "uniforms")
 
 
 def training_outputs(images, pictures, labels, cfg: C.IPMixConfig, *, device: str, backend: str,
-                     extra_outputs: bool = False, dtype: str = "float"):
+                     extra_outputs: bool = False, dtype: str = "float", draws=None):
     """The outputs of a training graph: (views, labels) or, with ``extra_outputs``, also the crops,
-    the mixing pictures and the tapes [A, L] (to replay a batch through the reference)."""
+    the mixing pictures and the tapes [A, L] (to replay a batch through the reference).
+
+    ``draws`` (benchmarks): also output every view's random draws -- ``"tapes"`` decoded by DALI
+    operators in the graph, ``"uniforms"`` raw -- to time what drawing costs without pixel work
+    (with ``backend="none"``)."""
+    import torch
     from nvidia.dali import fn, types
-    views, tapes = ipmix(images, pictures, cfg, device=device, backend=backend)
-    if dtype == "float16":
+    half = dtype == "float16"
+    views, tapes = ipmix(images, pictures, cfg, device=device, backend=backend,
+                         out_dtype=torch.float16 if half else None)
+    if half and backend != "fused":
         views = fn.cast(views, dtype=types.FLOAT16)
     labels = labels.gpu() if device == "gpu" else labels
     if extra_outputs:
-        return views, labels, images, pictures, fn.stack(*tapes, axis=0)
+        return views, labels, images, pictures, tapes
+    if draws is not None:
+        if draws not in DRAWS:
+            raise ValueError(f"draws {draws!r}: choose one of {', '.join(DRAWS)}")
+        made = fn.stack(*[dali_tape(cfg) for _ in range(cfg.n_aug)], axis=0) if draws == "tapes" \
+            else dali_uniforms(cfg, cfg.n_aug)
+        return views, labels, made.gpu() if device == "gpu" else made
     return views, labels

@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import UserError  # noqa: F401  (re-exported: the commands raise it)
+
 # subcommand -> module defining ``register(subparsers)``; the module adds its parser and sets
 # ``func`` (called with the parsed args, returns an exit code).  Modules are imported lazily so
 # that ``dali-ipmix fractals`` does not pay for importing DALI.
@@ -19,10 +21,6 @@ SUBCOMMANDS = {
     "eval": "dali_ipmix.robustness.cli",
     "verify": "dali_ipmix.verify",
 }
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2."""
 
 
 def main(argv=None) -> int:

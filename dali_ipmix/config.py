@@ -148,6 +148,11 @@ class IPMixConfig:
         return ALL_IMAGE_OPS if self.all_ops else IMAGE_OPS
 
     @property
+    def n_aug(self) -> int:
+        """IPMix views per source sample (each with its own tape): 2 with JSD, else 1."""
+        return 2 if self.jsd else 1
+
+    @property
     def views(self) -> int:
         """Images per source sample: clean + 2 IPMix views with JSD, else 1 IPMix view."""
         return 3 if self.jsd else 1

@@ -1,45 +1,37 @@
-"""The fast backend: the whole IPMix view computation as batched torch code, driven by tapes.
+"""The fast backend: the whole IPMix view computation for a batch, driven by tapes.
 
 Every sample of a batch gets its own image op, mixing op, window and weights, read from the same
 parameter tapes as the DALI graph (``dali_ipmix.ops``) and the NumPy/PIL reference
-(``dali_ipmix.reference``); there is no Python loop over samples (only over the ``k`` chains and
-``t`` steps, which are static and small).  Images are uint8 ``[B, H, W, 3]`` (channels last)
-between steps, exactly like PIL, so chains accumulate the same uint8 rounding as the official code.
+(``dali_ipmix.reference``).  Two implementations compute the same thing:
 
-How each op is computed (all per sample, in one batched computation):
+* ``impl="triton"`` -- the Triton kernels of ``dali_ipmix.triton_kernels`` (2t + 2 launches per
+  batch, decoding the raw uniforms too); what the DALI node runs on the GPU.
+* ``impl="torch"`` -- the batched eager torch code below (no Python loop over samples, only over
+  the k chains and t steps); what the DALI node runs on the CPU (tests, the demo).
+
+Images are uint8 ``[B, H, W, 3]`` between steps, exactly like PIL, so chains accumulate the same
+uint8 rounding as the official code.  How the torch code computes each op:
 
 * point ops -- equalize, posterize, solarize, invert, autocontrast -- build one 256-entry lookup
   table per sample and channel (``[B, 3, 256]``) and apply it with one gather.  Equalize and
-  autocontrast use per-channel histograms (one ``scatter_add``) and PIL's exact integer/double
-  formulas (``ImageOps.equalize``; ``ImageOps.autocontrast`` with its cutoff loops rewritten as
-  cumulative-sum counts; LUT values clipped to 255 like ``Image.point``).
+  autocontrast use per-channel histograms and PIL's exact integer/double formulas.
 * geometric ops -- rotate, shear_x/y, translate_x/y, mirror -- fold into ONE inverse affine warp
-  with a per-sample 2x3 matrix in PIL's AFFINE convention (``Geometry.c``: output pixel centre
-  ``(x + .5, y + .5)`` mapped through the matrix in double precision; a point outside
-  ``[0, W) x [0, H)`` is filled with 0; otherwise bilinear interpolation of the edge-clamped
-  neighbours, ``v = a + (b - a) * d`` in double, TRUNCATED to uint8 -- PIL does not round).
-  Rotation matrices for integer angles are PIL's own (``Image.rotate``: ``-radians``, ``round(.,
-  15)``, centre ``(w/2, h/2)``), tabulated in Python so they are bit-identical.
+  with a per-sample 2x3 matrix in PIL's AFFINE convention (output pixel centre mapped through the
+  matrix in double precision, fill 0 outside, bilinear of the edge-clamped neighbours,
+  TRUNCATED to uint8 -- PIL does not round).  Rotation matrices for whole degrees are PIL's own
+  (``rotation_table``), so they are bit-identical.
 * ImageEnhance ops -- color, contrast, brightness, sharpness -- are ``Image.blend(degenerate,
-  image, factor)`` in float32 with truncation and clipping (Pillow's ``Blend.c``), with the
-  degenerate image computed like Pillow: grayscale ``L = (19595 R + 38470 G + 7471 B + 0x8000) >>
-  16``; contrast's mean ``int(mean(L) + .5)`` computed exactly in integers; black; the 3x3
-  ``SMOOTH`` filter evaluated in Pillow's float32 order (``Filter.c``: ``+0.5`` then truncation,
-  border rows/columns copied).
+  image, factor)`` in float32 with truncation and clipping, the degenerate image computed like
+  Pillow (grey ``L``, contrast's integer mean, black, the 3x3 ``SMOOTH`` filter).
 * mixings -- add, multiply, random_pixels, random_elems -- use the float32 formulas of
   ``reference.mixing_op`` in the same operation order and the same ``to_uint8`` wrap/clamp rule,
-  over the whole image, then keep ``x1`` outside the window (a full-image select).
+  over the whole image, then keep ``x1`` outside the window.
 
-Fidelity (tests/test_fused.py, against ``reference`` on photographs): on CPU every op is
-bit-identical to PIL except ``multiply`` (``pow`` may differ by 1 ulp -> rare pixels) and
-non-integer rotation angles (never produced by tapes).  On CUDA the compiled kernel may contract
-``a * b + c`` into FMA, so rare pixels sitting on a truncation boundary can differ by one level
-(and, after a wrapping add/multiply, by more); the GPU test bounds the fraction.
-
-Eager vs compiled: in eager mode each op family is computed only for the samples that need it
-(``index_select`` / ``index_copy``); under ``torch.compile`` every family is computed for every
-sample and selected with ``torch.where`` (static shapes, no data-dependent control flow, no
-``.item()``), so the graph has no breaks.  Both give identical results.
+Fidelity (tests/test_fused.py and tests/test_triton.py, against ``reference`` on photographs):
+the Triton kernels are bit-identical to the reference on every op, mixing and view under the
+interpreter; the torch code is bit-identical on every op, and on the mixings except ``multiply``,
+where torch's ``pow`` may differ from NumPy's by 1 ulp (rare pixels).  On CUDA, libdevice's
+``pow``/``log`` may differ in the last bit too; the GPU tests bound the difference.
 """
 from __future__ import annotations
 
@@ -53,10 +45,11 @@ import torch
 
 from . import config as C
 from . import noise
+from . import tape as T
 from .tape import CF, SF, TapeLayout
 
-__all__ = ["image_ops", "mixings", "ipmix_views", "get_kernel", "fused_ipmix_node", "benchmark",
-           "rotation_table"]
+__all__ = ["image_ops", "mixings", "ipmix_views", "ipmix_views_from_uniforms", "fused_ipmix_node",
+           "benchmark", "rotation_table", "default_impl", "IMPLS"]
 
 LUT_OPS = frozenset({"equalize", "posterize", "solarize", "invert", "autocontrast"})
 BLEND_OPS = frozenset(C.ENHANCE_OPS)            # color, contrast, brightness, sharpness
@@ -70,23 +63,14 @@ _INV_2_24 = float(np.float32(noise.INV_2_24))
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def _bcast(v: torch.Tensor, ndim: int = 4) -> torch.Tensor:
     """[B] -> [B, 1, 1, 1] (broadcast over an image batch)."""
     return v.reshape((-1,) + (1,) * (ndim - 1))
 
 
 def _where_apply(mask: torch.Tensor, fn, base: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-    """``fn(*args)`` for the samples where ``mask`` [B] is true, ``base`` elsewhere.
-
-    Eager: ``fn`` runs on the selected samples only (or not at all).  Compiling: ``fn`` runs on the
-    whole batch and the result is selected with ``torch.where`` (static shapes, no sync).
-    Per-sample computations are independent, so both give identical results."""
-    if _compiling():
-        return torch.where(_bcast(mask, base.dim()), fn(*args), base)
+    """``fn(*args)`` for the samples where ``mask`` [B] is true (run on those only), ``base``
+    elsewhere."""
     idx = mask.nonzero().squeeze(1)
     n = idx.numel()
     if n == 0:
@@ -386,18 +370,28 @@ def _image_ops(x, op, mag, ops, consts):
 
 
 def image_ops(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor,
-              ops: Sequence[str] = C.IMAGE_OPS) -> torch.Tensor:
+              ops: Sequence[str] = C.IMAGE_OPS, impl: str = "torch") -> torch.Tensor:
     """One image op per sample, as PIL computes it (``reference.image_op``).
 
     x uint8 [B, H, W, 3]; op long [B] (index into ``ops``, e.g. ``cfg.ops``); mag float32 [B]
     (the value handed to PIL: ``config.magnitude``).  An op index outside ``ops`` leaves the
-    sample unchanged.
+    sample unchanged.  ``impl``: "torch" (eager) or "triton" (see ``ipmix_views``).
     """
     ops = tuple(ops)
     if x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"image_ops wants uint8 [B, H, W, 3], got {x.dtype} {tuple(x.shape)}")
     op = torch.as_tensor(op, device=x.device).to(torch.long).reshape(-1)
     mag = torch.as_tensor(mag, device=x.device).to(torch.float32).reshape(-1)
+    if _impl(impl) == "triton":
+        from . import triton_kernels as TK
+        # the kernels index the full op table: map this table's indices onto it (-1: unchanged)
+        to_all = torch.tensor([C.ALL_IMAGE_OPS.index(n) for n in ops] + [-1], device=x.device)
+        op_all = to_all[torch.where((op >= 0) & (op < len(ops)), op, len(ops))]
+        rotate = op_all == C.ALL_IMAGE_OPS.index("rotate")
+        if not torch.equal(mag[rotate], torch.floor(mag[rotate])):
+            raise ValueError("impl='triton' rotates by whole degrees only (what tapes hold); use "
+                             "impl='torch' for fractional angles")
+        return TK.one_step(x, x, {"active_img": torch.ones_like(mag), "op": op_all, "mag": mag})
     return _image_ops(x, op, mag, ops, _consts(x.shape[1], x.shape[2], x.device))
 
 
@@ -458,12 +452,13 @@ def _window_mask(window, H, W, device):
 
 def mixings(x1: torch.Tensor, x2: torch.Tensor, mix: torch.Tensor, a: torch.Tensor,
             b: torch.Tensor, p: torch.Tensor, seed: torch.Tensor, window: torch.Tensor,
-            overflow: str = "wrap") -> torch.Tensor:
+            overflow: str = "wrap", impl: str = "torch") -> torch.Tensor:
     """One P-level mixing per sample, as ``reference.mixing_op`` computes it.
 
     x1, x2 uint8 [B, H, W, 3]; mix long [B] (0 add, 1 multiply, 2 random_pixels,
     3 random_elems); a, b, p float32 [B]; seed [B] (float32 holding an integer < 2^24);
     window [B, 4] = (top, left, height, width).  Outside the window the result is x1.
+    ``impl``: "torch" (eager) or "triton" (see ``ipmix_views``).
     """
     if overflow not in ("wrap", "clamp"):
         raise ValueError(f"overflow must be 'wrap' or 'clamp', got {overflow!r}")
@@ -475,6 +470,11 @@ def mixings(x1: torch.Tensor, x2: torch.Tensor, mix: torch.Tensor, a: torch.Tens
     seed = as_t(seed, torch.float32).reshape(B)
     window = as_t(window, torch.float32).reshape(B, 4)
     x2 = x2.to(dev)
+    if _impl(impl) == "triton":
+        from . import triton_kernels as TK
+        fields = dict(zip(("top", "left", "height", "width"), window.unbind(1)))
+        fields.update(active_p=torch.ones_like(a), mix=mix, a=a, b=b, p=p, seed=seed)
+        return TK.one_step(x1, x2, fields, overflow)
     return _mixings(x1, x2, mix, a, b, p, seed, window, overflow,
                     _consts(x1.shape[1], x1.shape[2], dev))
 
@@ -544,12 +544,27 @@ def _finish(x, chains_out, weights, skip, cfg, A, out_dtype, channels_last_out):
     return views.to(out_dtype).contiguous()
 
 
+IMPLS = ("torch", "triton")
+
+
+def _impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl {impl!r}: choose one of {', '.join(IMPLS)}")
+    return impl
+
+
+def default_impl(device) -> str:
+    """The implementation the DALI node uses on ``device``: the Triton kernels on CUDA, eager
+    torch on the CPU (where Triton only interprets)."""
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
 def _prepare(x, f, tapes, cfg):
     if x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"ipmix_views wants uint8 [B, H, W, 3] images, got {x.dtype} {tuple(x.shape)}")
     if f.shape != x.shape or f.dtype != torch.uint8:
         raise ValueError(f"mixing pictures must match the images: {tuple(f.shape)} vs {tuple(x.shape)}")
-    A = 2 if cfg.jsd else 1
+    A = cfg.n_aug
     lay = TapeLayout(cfg.k, cfg.t)
     B = x.shape[0]
     tapes = torch.as_tensor(tapes).to(device=x.device, dtype=torch.float32)
@@ -559,11 +574,11 @@ def _prepare(x, f, tapes, cfg):
         raise ValueError(f"tapes must be [B={B}, A={A}, L={lay.size}] for this config, got "
                          f"{tuple(tapes.shape)}")
     f = f.to(x.device)
-    return x, f, tapes, A
+    return x, f, tapes
 
 
-def _views_impl(x, f, tapes, cfg, out_dtype, channels_last_out, consts, step_fn=None):
-    A = 2 if cfg.jsd else 1
+def _views_impl(x, f, tapes, cfg, out_dtype, channels_last_out, consts):
+    A = cfg.n_aug
     B = x.shape[0]
     lay = TapeLayout(cfg.k, cfg.t)
     tp = tapes.transpose(0, 1).reshape(A * B, lay.size)              # view-major batch
@@ -571,220 +586,169 @@ def _views_impl(x, f, tapes, cfg, out_dtype, channels_last_out, consts, step_fn=
     X = x.repeat(A, 1, 1, 1) if A > 1 else x
     F = f.repeat(A, 1, 1, 1) if A > 1 else f
     ops = tuple(cfg.ops)
-    fresh = step_fn is not None        # a compiled step: don't alias its inputs (recompiles)
-    if step_fn is None:
-        def step_fn(cur, X_, F_, st, consts_):
-            return _chain_step(cur, X_, F_, st, ops, cfg.self_mix, cfg.overflow, consts_)
     outs = []
     for i in range(cfg.k):
-        cur = X.clone() if fresh else X
+        cur = X
         for j in range(cfg.t):
-            cur = step_fn(cur, X, F, steps[:, i, j].contiguous(), consts)
+            cur = _chain_step(cur, X, F, steps[:, i, j].contiguous(), ops, cfg.self_mix,
+                              cfg.overflow, consts)
         outs.append(cur)
     return _finish(X, outs, chain_f[:, :, CF["weight"]], skip, cfg, A, out_dtype, channels_last_out)
 
 
 def ipmix_views(x: torch.Tensor, f: torch.Tensor, tapes, cfg: C.IPMixConfig,
-                out_dtype: torch.dtype = torch.float32, channels_last_out: bool = False):
-    """All views of a batch (``reference.ipmix_views`` for every sample), eager.
+                out_dtype: torch.dtype = torch.float32, channels_last_out: bool = False,
+                impl: str = "torch"):
+    """All views of a batch (``reference.ipmix_views`` for every sample).
 
-    x, f uint8 [B, H, W, 3] (any device, same size); tapes float32 [B, A, L] with A = 2 if
-    ``cfg.jsd`` else 1 (``[B, L]`` accepted when A = 1).  Returns normalised (cfg.mean / cfg.std)
-    ``[B, V, 3, H, W]`` (``[B, V, H, W, 3]`` with ``channels_last_out``) in ``out_dtype``, V = 3
-    (clean, IPMix 1, IPMix 2) with JSD else 1.
+    x, f uint8 [B, H, W, 3] (any device, same size); tapes float32 [B, A, L] with A =
+    ``cfg.n_aug`` (``[B, L]`` accepted when A = 1).  Returns normalised (cfg.mean / cfg.std)
+    ``[B, V, 3, H, W]`` (``[B, V, H, W, 3]`` with ``channels_last_out``) in ``out_dtype``, V =
+    ``cfg.views`` (clean, IPMix 1, IPMix 2 with JSD, else one IPMix view).
+
+    ``impl="torch"``: batched eager torch ops (any device).  ``impl="triton"``: the Triton
+    kernels of ``dali_ipmix.triton_kernels`` (2t + 2 launches) on CUDA tensors, or on CPU tensors
+    through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the import.
     """
-    x, f, tapes, _ = _prepare(x, f, tapes, cfg)
+    x, f, tapes = _prepare(x, f, tapes, cfg)
+    if _impl(impl) == "triton":
+        from . import triton_kernels as TK
+        return TK.views(x, f, tapes, cfg, out_dtype, channels_last_out)
     consts = _consts(x.shape[1], x.shape[2], x.device)
     return _views_impl(x, f, tapes, cfg, out_dtype, channels_last_out, consts)
 
 
-# ---------------------------------------------------------------------------------------------
-# Compiled kernels.
-
-_KERNELS = {}
-_KERNELS_LOCK = threading.Lock()
-
-
-class _Kernel:
-    """``kernel(x, f, tapes, out_dtype=..., channels_last_out=...)`` -> like ``ipmix_views``."""
-
-    def __init__(self, cfg, device, compiled, backend, whole_graph):
-        self.cfg, self.device, self.compiled = cfg, device, compiled
-        self.whole_graph = whole_graph
-        ops = tuple(cfg.ops)
-        self_mix, overflow = cfg.self_mix, cfg.overflow
-
-        def step(cur, X, F, st, consts):
-            return _chain_step(cur, X, F, st, ops, self_mix, overflow, consts)
-
-        def views(x, f, tapes, consts, out_dtype, channels_last_out):
-            return _views_impl(x, f, tapes, cfg, out_dtype, channels_last_out, consts)
-
-        self._step = step
-        self._views = views
-        if compiled:
-            kw = dict(fullgraph=True, dynamic=False, backend=backend)
-            if backend == "inductor" and _has_inductor_option("emulate_precision_casts"):
-                # Also turns off Triton's FMA contraction (``enable_fp_fusion``), keeping
-                # ``a * b + c`` rounded twice as in eager mode, PIL and NumPy.
-                kw["options"] = {"emulate_precision_casts": True}
-            if whole_graph:
-                self._views = torch.compile(views, **kw)
-            else:
-                # One compiled step reused for all k*t steps: the same graph with the same shapes,
-                # so it compiles once (the whole unrolled view graph takes much longer to build).
-                self._step = torch.compile(step, **kw)
-
-    def __call__(self, x, f, tapes, out_dtype=torch.float32, channels_last_out=False):
-        x, f, tapes, _ = _prepare(x, f, tapes, self.cfg)
-        consts = _consts(x.shape[1], x.shape[2], x.device)
-        if self.compiled and self.whole_graph:
-            return self._views(x, f, tapes, consts, out_dtype, channels_last_out)
-        return _views_impl(x, f, tapes, self.cfg, out_dtype, channels_last_out, consts,
-                           step_fn=self._step if self.compiled else None)
-
-
-def _has_inductor_option(name: str) -> bool:
-    try:
-        import torch._inductor.config as ic
-        return hasattr(ic, name)
-    except Exception:  # pragma: no cover
-        return False
-
-
-def get_kernel(cfg: C.IPMixConfig, device="cuda", compile: Optional[bool] = None,
-               backend: str = "inductor", whole_graph: bool = False):
-    """The IPMix view function for ``cfg`` on ``device``, cached per (cfg, device, options).
-
-    On CUDA (``compile=None``) the chain step is ``torch.compile``'d (mode default,
-    ``dynamic=False``, ``fullgraph=True``) and reused for all k*t steps; ``whole_graph=True``
-    compiles the whole view function instead (longer compile).  On CPU the eager function is
-    returned (``compile=True`` forces compilation, e.g. with ``backend="aot_eager"`` to check that
-    the graph traces without breaks).  The result is called like ``ipmix_views`` without ``cfg``.
-    """
-    device = torch.device(device)
-    if compile is None:
-        compile = device.type == "cuda"
-    key = (cfg, device.type, device.index, bool(compile), backend, bool(whole_graph))
-    with _KERNELS_LOCK:
-        k = _KERNELS.get(key)
-        if k is None:
-            k = _Kernel(cfg, device, bool(compile), backend, bool(whole_graph))
-            _KERNELS[key] = k
-    return k
+def ipmix_views_from_uniforms(x: torch.Tensor, f: torch.Tensor, uniforms: torch.Tensor,
+                              cfg: C.IPMixConfig, out_dtype: torch.dtype = torch.float32,
+                              channels_last_out: bool = False, impl: str = "torch"):
+    """Like ``ipmix_views`` but from raw uniforms [B, A, ``tape.uniform_size(cfg)``] (what the
+    DALI graph draws): returns (views, tapes [B, A, L]).  The Triton implementation decodes them
+    in a kernel, the torch one with ``tape.decode`` in NumPy."""
+    if _impl(impl) == "triton":
+        from . import triton_kernels as TK
+        tapes = TK.decode(uniforms.to(x.device), cfg)
+    else:
+        tapes = torch.from_numpy(T.decode_flat(uniforms.cpu().numpy(), cfg)).to(x.device)
+    return ipmix_views(x, f, tapes, cfg, out_dtype, channels_last_out, impl), tapes
 
 
 # ---------------------------------------------------------------------------------------------
 # DALI integration.
 
-class _DaliCallback:
-    """The python function run by DALI: lists of per-sample DLPack capsules in, one batched
-    DLPack tensor out."""
+_BATCH_FUNCTION = None
 
-    def __init__(self, cfg, out_dtype, channels_last_out, compile):
+
+def _batch_function():
+    """DALI's batch-level Python operator: whole dense batches in and out as single DLPack
+    tensors, and on GPU the callback is given DALI's CUDA stream.  It is the operator behind
+    ``nvidia.dali.plugin.jax.fn.jax_function``, used here with torch tensors (DALI's
+    ``dl_tensor_python_function`` hands over one capsule per sample instead)."""
+    global _BATCH_FUNCTION
+    if _BATCH_FUNCTION is None:
+        import nvidia.dali.python_function_plugin  # noqa: F401  (registers the operator)
+        from nvidia.dali import ops
+
+        class BatchFunction(ops.python_op_factory("_JaxFunction", "_JaxFunction", "_JaxFunction",
+                                                  generated=False)):
+            _impl_module = __name__
+            ops.register_cpu_op("_JaxFunction")
+            ops.register_gpu_op("_JaxFunction")
+
+            def __init__(self, function, device="cpu", **kwargs):
+                self.function = function
+                super().__init__(function_id=id(function), device=device, **kwargs)
+
+        _BATCH_FUNCTION = BatchFunction
+    return _BATCH_FUNCTION
+
+
+class _NodeCallback:
+    """Called by DALI once per batch: images, mixing pictures and uniforms in; views and tapes
+    out.  On GPU everything is enqueued on DALI's own stream, so nothing is synchronised."""
+
+    def __init__(self, cfg, out_dtype, channels_last_out, impl, gpu):
         self.cfg, self.out_dtype, self.channels_last_out = cfg, out_dtype, channels_last_out
-        self.compile = compile
-        self._streams = {}
+        self.impl, self.gpu = impl, gpu
 
-    def _stream(self, device):
-        s = self._streams.get(device.index)
-        if s is None:
-            s = self._streams[device.index] = torch.cuda.Stream(device=device)
-        return s
+    def _compute(self, x, f, u):
+        return ipmix_views_from_uniforms(x, f, u, self.cfg, self.out_dtype,
+                                         self.channels_last_out, self.impl)
 
-    def __call__(self, images, fractals, *tapes):
-        from torch.utils.dlpack import from_dlpack, to_dlpack
-        x = torch.stack([from_dlpack(c) for c in images])
-        f = torch.stack([from_dlpack(c) for c in fractals])
-        t = torch.stack([torch.stack([from_dlpack(c) for c in view]) for view in tapes], 1)
-        kernel = get_kernel(self.cfg, x.device, compile=self.compile)
-        if x.is_cuda:
-            stream = self._stream(x.device)
-            stream.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.device(x.device), torch.cuda.stream(stream):
-                out = kernel(x, f, t.to(x.device), self.out_dtype, self.channels_last_out)
-            stream.synchronize()
-        else:
-            out = kernel(x, f, t, self.out_dtype, self.channels_last_out)
-        # DALI 2.4 wants a list of per-sample tensors (a single batched capsule is rejected with
-        # "'PyCapsule' object is not iterable"); out is contiguous, so each out[i] is too.
-        return [to_dlpack(o) for o in out]
+    def __call__(self, *args):
+        if not self.gpu:
+            x, f, u = (torch.from_dlpack(t.__dlpack__(None)) for t in args)
+            return tuple(o.__dlpack__() for o in self._compute(x, f, u))
+        stream, *inputs = args
+        device = torch.device("cuda", torch.cuda.current_device())
+        on_dali = torch.cuda.ExternalStream(stream, device=device) if stream else \
+            torch.cuda.current_stream(device)
+        with torch.cuda.device(device), torch.cuda.stream(on_dali):
+            x, f, u = (torch.from_dlpack(t.__dlpack__(stream)) for t in inputs)
+            return tuple(o.__dlpack__(stream=stream) for o in self._compute(x, f, u))
 
 
-def fused_ipmix_node(images, fractals, tapes, cfg: C.IPMixConfig, device: str = "gpu",
+def fused_ipmix_node(images, pictures, uniforms, cfg: C.IPMixConfig, device: str = "gpu",
                      out_dtype: torch.dtype = torch.float32, channels_last_out: bool = False,
-                     compile: Optional[bool] = None):
-    """Inside a ``@pipeline_def``: all IPMix views of every sample, computed by the fused kernel.
+                     impl: Optional[str] = None):
+    """Inside a ``@pipeline_def``: all IPMix views of every sample, computed by the fused backend.
 
-    images, fractals: uint8 HWC DataNodes of one uniform size S x S; tapes: a list of A (2 with
-    JSD, else 1) CPU DataNodes, each float32 [L] per sample (``dali_ipmix.tape.dali_tape(cfg)``,
-    called once per view).  ``device`` "cpu" or "gpu": where the kernel runs (the tapes, and CPU
-    images for "gpu", are moved there).  Returns one DataNode per sample: [V, 3, S, S] (layout
-    "FCHW", the views as frames) or [V, S, S, 3] ("FHWC") with ``channels_last_out``.
+    images, pictures: uint8 HWC DataNodes of one uniform size S x S; uniforms: the raw draws,
+    ``tape.dali_uniforms(cfg, cfg.n_aug)`` ([A, U] per sample).  ``device`` "cpu" or "gpu": where
+    the work runs (CPU inputs are moved there).  ``impl``: "triton" or "torch" (default
+    ``default_impl``: Triton on GPU, eager torch on the CPU).  Returns (views, tapes): views
+    [V, 3, S, S] per sample (layout "FCHW", the views as frames; [V, S, S, 3] "FHWC" with
+    ``channels_last_out``), tapes [A, L] (the decoded records, for replay).
 
-    Implemented with ``fn.dl_tensor_python_function(batch_processing=True,
-    synchronize_stream=True)`` and torch's own DLPack conversion (``fn.torch_python_function`` is
-    avoided: it creates a ``torch.cuda.Stream`` even on CPU).  On GPU the kernel runs on a private
-    torch stream that is synchronised before the output goes back to DALI.
-
-    Executor settings: with DALI 2.4 the pipeline works with the DEFAULT executor settings
-    (``exec_async=True, exec_pipelined=True``, dynamic executor) -- tested on CPU by
-    tests/test_fused.py; ``exec_pipelined=False, exec_async=False`` (required by old DALI versions
-    for python functions) is not needed, and also works.  As with every python function, the
-    pipeline cannot be serialized and needs ``py_start_method``-independent in-process execution.
+    One operator call per batch, on dense batch tensors (no per-sample Python); on GPU the
+    kernels run on DALI's stream.  Works with the default executor (async, pipelined, dynamic);
+    like every Python operator it cannot be serialized.
     """
-    from nvidia.dali import fn
-    A = 2 if cfg.jsd else 1
-    tapes = list(tapes) if isinstance(tapes, (list, tuple)) else [tapes]
-    if len(tapes) != A:
-        raise ValueError(f"this config needs {A} tape node(s) (jsd={cfg.jsd}), got {len(tapes)}")
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     if device == "gpu":
-        images, fractals = images.gpu(), fractals.gpu()
-        tapes = [t.gpu() for t in tapes]
-    elif images.device == "gpu" or fractals.device == "gpu":
-        raise ValueError("device='cpu' needs CPU images and fractals")
+        images, pictures, uniforms = images.gpu(), pictures.gpu(), uniforms.gpu()
+    elif "gpu" in (images.device, pictures.device, uniforms.device):
+        raise ValueError("device='cpu' needs CPU images, pictures and uniforms")
+    impl = _impl(impl or default_impl("cuda" if device == "gpu" else "cpu"))
     layout = "FHWC" if channels_last_out else "FCHW"
-    return fn.dl_tensor_python_function(
-        images, fractals, *tapes,
-        function=_DaliCallback(cfg, out_dtype, channels_last_out, compile),
-        batch_processing=True, synchronize_stream=True, num_outputs=1, device=device,
-        output_layouts=layout)
+    op = _batch_function()(_NodeCallback(cfg, out_dtype, channels_last_out, impl, device == "gpu"),
+                           device=device, num_outputs=2, output_layouts=[layout, ""],
+                           preserve=True)
+    views, tapes = op(images, pictures, uniforms)
+    return views, tapes
 
 
 # ---------------------------------------------------------------------------------------------
 # Timing.
 
 def benchmark(batch: int = 64, size: int = 224, iters: int = 5, device=None,
-              cfg: Optional[C.IPMixConfig] = None, seed: int = 0, out_dtype=torch.float32) -> float:
-    """Source images per second of the fused kernel (each image yields ``cfg.views`` outputs).
+              cfg: Optional[C.IPMixConfig] = None, seed: int = 0, out_dtype=torch.float32,
+              impl: Optional[str] = None) -> float:
+    """Source images per second of the fused backend alone (each image yields ``cfg.views``
+    outputs), from raw uniforms as in the pipeline.
 
-    Random-texture images and tapes from ``tape.sample``; one warm-up call (compilation on CUDA)
-    is not timed.  ``device`` defaults to CUDA when available."""
-    from . import tape as T
+    Random-texture images; one warm-up call (Triton compilation on CUDA) is not timed.
+    ``device`` defaults to CUDA when available, ``impl`` to ``default_impl(device)``."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    impl = impl or default_impl(device)
     if cfg is None:
         cfg = C.IMAGENET if size == C.IMAGENET.image_size else C.IMAGENET.replace(
             image_size=size, patch_sizes=tuple(s for s in C.IMAGENET.patch_sizes if s < size) + (size,))
-    rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen).to(device)
     f = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen).to(device)
-    A = 2 if cfg.jsd else 1
-    tapes = torch.from_numpy(np.stack([T.sample(rng, cfg, batch) for _ in range(A)], 1)).to(device)
-    kernel = get_kernel(cfg, device)
+    u = torch.rand((batch, cfg.n_aug, T.uniform_size(cfg)), generator=gen).to(device)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    kernel(x, f, tapes, out_dtype)
+    ipmix_views_from_uniforms(x, f, u, cfg, out_dtype, impl=impl)
     sync()
     t0 = time.perf_counter()
     for _ in range(iters):
-        kernel(x, f, tapes, out_dtype)
+        ipmix_views_from_uniforms(x, f, u, cfg, out_dtype, impl=impl)
     sync()
     return batch * iters / (time.perf_counter() - t0)

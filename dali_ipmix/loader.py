@@ -43,14 +43,17 @@ class DaliLoader:
     """
 
     def __init__(self, pipe, *, last_batch: str = "drop", device: Optional[torch.device] = None,
-                 channels_last: bool = False, flatten_views: bool = True, reader_name: str = "Reader"):
+                 channels_last: bool = False, flatten_views: bool = True, reader_name: str = "Reader",
+                 extra_outputs: Tuple[str, ...] = ()):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
         self.pipe = pipe
         self.device = None if device is None else torch.device(device)
         self.channels_last = channels_last
         self.flatten_views = flatten_views
         self.last_batch = last_batch
-        self.iterator = DALIGenericIterator([pipe], list(OUTPUT_MAP), reader_name=reader_name,
+        # extra outputs (e.g. a benchmark's draws) are made by the pipeline and dropped here
+        self.iterator = DALIGenericIterator([pipe], list(OUTPUT_MAP + tuple(extra_outputs)),
+                                            reader_name=reader_name,
                                             last_batch_policy=last_batch_policy(last_batch),
                                             auto_reset=True)
 

@@ -253,6 +253,31 @@ def pack(skip, chains, steps, xp=NumpyArrays):
     return xp.flat_cat([skip, chains, steps])
 
 
+def uniform_size(cfg: C.IPMixConfig) -> int:
+    """Raw uniforms per view, flat: ``[skip | chain draws (k x CD) | step draws (k x t x SD)]``."""
+    return 1 + cfg.k * len(CHAIN_DRAWS) + cfg.k * cfg.t * len(STEP_DRAWS)
+
+
+def split_uniforms(u, cfg: C.IPMixConfig):
+    """Flat uniforms ``[..., uniform_size(cfg)]`` -> the (u_view, u_chain, u_step) that ``decode``
+    takes (views of the same array)."""
+    lead = tuple(u.shape[:-1])
+    if u.shape[-1] != uniform_size(cfg):
+        raise ValueError(f"uniforms have {u.shape[-1]} values per view, k={cfg.k} t={cfg.t} "
+                         f"needs {uniform_size(cfg)}")
+    c0, s0 = 1, 1 + cfg.k * len(CHAIN_DRAWS)
+    return (u[..., :c0], u[..., c0:s0].reshape(lead + (cfg.k, len(CHAIN_DRAWS))),
+            u[..., s0:].reshape(lead + (cfg.k, cfg.t, len(STEP_DRAWS))))
+
+
+def decode_flat(u: np.ndarray, cfg: C.IPMixConfig) -> np.ndarray:
+    """Tapes ``[..., L]`` from flat uniforms ``[..., uniform_size(cfg)]`` with NumPy."""
+    u = np.asarray(u, dtype=np.float32)
+    lead = u.shape[:-1]
+    flat = u.reshape(-1, u.shape[-1])
+    return pack(*decode(*split_uniforms(flat, cfg), cfg)).reshape(lead + (-1,))
+
+
 def draw_uniforms(rng: np.random.Generator, cfg: C.IPMixConfig, batch: int):
     """Raw uniforms for ``batch`` tapes from a NumPy generator (the reference sampler)."""
     f = lambda *shape: rng.random((batch,) + shape, dtype=np.float32)  # noqa: E731
@@ -271,3 +296,12 @@ def dali_tape(cfg: C.IPMixConfig, seed=None):
     kw = {} if seed is None else {"seed": seed}
     u = lambda *shape: fn.random.uniform(range=[0.0, 1.0], shape=list(shape), **kw)  # noqa: E731
     return pack(*decode(u(1), u(cfg.k, len(CHAIN_DRAWS)), u(cfg.k, cfg.t, len(STEP_DRAWS)), cfg, xp), xp=xp)
+
+
+def dali_uniforms(cfg: C.IPMixConfig, views: int, seed=None):
+    """Inside a pipeline definition: the raw uniforms of ``views`` IPMix views per sample as one
+    CPU DataNode ``[views, uniform_size(cfg)]`` float32, for a backend that decodes them itself
+    (the fused kernels).  Seeded and checkpointed like every DALI random op."""
+    from nvidia.dali import fn
+    kw = {} if seed is None else {"seed": seed}
+    return fn.random.uniform(range=[0.0, 1.0], shape=[views, uniform_size(cfg)], **kw)

@@ -23,7 +23,7 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, bat
                    shard_id=0, num_shards=1, dtype="float", resize=256, extra_outputs=False,
                    enable_checkpointing=False, checkpoint=None, hw_decoder_load=0.65,
                    prefetch_queue_depth=2, random_area=(0.08, 1.0), filelist=None,
-                   mixing_filelist=None):
+                   mixing_filelist=None, draws=None):
     """Build (not yet started) the IPMix training pipeline.
 
     Outputs ``images`` [V, 3, S, S] and ``labels`` [1]; with ``extra_outputs`` also the raw crop,
@@ -31,7 +31,7 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, bat
     Each rank gets its own shard and its own seed (``seed + 1000 * shard_id``).
     ``random_area``: the RandomResizedCrop area range (torchvision's default ``(0.08, 1)``).
     ``filelist`` / ``mixing_filelist``: verified file lists (``dali-ipmix verify --write-filelist``)
-    that leave out bad files.
+    that leave out bad files.  ``draws``: see ``augment.training_outputs`` (benchmarks).
     """
     files = readers.listed_or_found(data_dir, filelist)
     pictures = readers.picture_files(mixing_dir, filelist=mixing_filelist)
@@ -47,7 +47,7 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, bat
         pics = readers.mixing_pictures(mixing_dir, device=device, size=cfg.image_size,
                                        resize=resize, files=pictures)
         return training_outputs(images, pics, labels, cfg, device=device, backend=backend,
-                                extra_outputs=extra_outputs, dtype=dtype)
+                                extra_outputs=extra_outputs, dtype=dtype, draws=draws)
 
     kw = {} if checkpoint is None else {"checkpoint": checkpoint}
     return graph(batch_size=batch_size, num_threads=num_threads,

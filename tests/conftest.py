@@ -8,6 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Without a CUDA GPU, Triton's kernels run through its interpreter (it must be chosen before
+# Triton's decorators run, i.e. before dali_ipmix.triton_kernels is imported).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
           "hubble_deep_field.jpg", "retina.jpg")
 

@@ -109,7 +109,7 @@ def test_gpu_graph_is_drawn_without_a_gpu(data, tmp_path):
     pipe = _common.train_pipeline(*data, cfg, "imagenet", batch_size=2, device="gpu", backend="fused", seed=0)
     summary = graph.write_graph(pipe, tmp_path, "gpu", build=False, max_render_nodes=1, log=lambda *a: None)
     devices = {(r["type"], r["device"]) for r in summary["by_type_device"]}
-    assert ("decoders.ImageRandomCrop", "mixed") in devices and ("DLTensorPythonFunction", "gpu") in devices
+    assert ("decoders.ImageRandomCrop", "mixed") in devices and ("BatchPythonFunction", "gpu") in devices
     assert "executed" not in summary
     assert len(graph.dot_node_names((tmp_path / "pipeline.dot").read_text())) == summary["operators"]
 

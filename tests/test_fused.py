@@ -112,17 +112,8 @@ def test_views_shape_errors(photos64):
         fused.ipmix_views(x, x[:, :32], torch.zeros(6, 2, T.TapeLayout(CFG.k, CFG.t).size), CFG)
 
 
-def test_compiled_graph_has_no_breaks(photos64, partners64):
-    # fullgraph=True raises on any graph break; aot_eager traces without generating code (CPU)
-    cfg = CFG.replace(k=1, t=2, jsd=False)
-    tapes = torch.from_numpy(T.sample(np.random.default_rng(3), cfg, 6))
-    kernel = fused.get_kernel(cfg, "cpu", compile=True, backend="aot_eager")
-    out = kernel(_batch(photos64), _batch(partners64), tapes)
-    ref = fused.ipmix_views(_batch(photos64), _batch(partners64), tapes, cfg)
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
-
-
 def test_dali_node_equals_direct_call(photos64, partners64):
+    # the batch-level node: uniforms drawn in the graph, decoded by the backend; default executor
     from nvidia.dali import fn, pipeline_def
     cfg = CFG.replace(k=2, t=2)
     B = 3
@@ -131,28 +122,30 @@ def test_dali_node_equals_direct_call(photos64, partners64):
     def graph():
         x = fn.external_source(lambda: photos64[:B], batch=True, layout="HWC")
         f = fn.external_source(lambda: partners64[:B], batch=True, layout="HWC")
-        tapes = [T.dali_tape(cfg), T.dali_tape(cfg)]
-        return fused.fused_ipmix_node(x, f, tapes, cfg, device="cpu"), fn.stack(*tapes, axis=0)
+        u = T.dali_uniforms(cfg, cfg.n_aug)
+        views, tapes = fused.fused_ipmix_node(x, f, u, cfg, device="cpu")
+        return views, tapes, u
 
-    pipe = graph()          # default executor settings (async, pipelined)
+    pipe = graph()
     pipe.build()
     for _ in range(2):
-        views, tapes = pipe.run()
+        views, tapes, u = pipe.run()
         tp = np.stack([np.asarray(tapes.at(i)) for i in range(B)])
+        uu = np.stack([np.asarray(u.at(i)) for i in range(B)])
+        np.testing.assert_array_equal(tp, T.decode_flat(uu, cfg))       # NumPy's decoder
         direct = fused.ipmix_views(_batch(photos64[:B]), _batch(partners64[:B]),
                                    torch.from_numpy(tp), cfg).numpy()
         got = np.stack([np.asarray(views.at(i)) for i in range(B)])
         np.testing.assert_array_equal(got, direct)
-        assert views.layout() == "FCHW"
+        assert views.layout() == "FCHW" and got.shape == (B, 3, 3, 64, 64)
 
 
 @pytest.mark.gpu
-def test_gpu_compiled_kernel_matches_reference(photos64, partners64):
+def test_gpu_kernels_match_reference(photos64, partners64):
     cfg = CFG
     tapes = np.stack([T.sample(np.random.default_rng(21 + a), cfg, 6) for a in range(2)], 1)
-    kernel = fused.get_kernel(cfg, "cuda")
-    out = kernel(_batch(photos64).cuda(), _batch(partners64).cuda(),
-                 torch.from_numpy(tapes).cuda()).cpu().numpy()
+    out = fused.ipmix_views(_batch(photos64).cuda(), _batch(partners64).cuda(),
+                            torch.from_numpy(tapes).cuda(), cfg, impl="triton").cpu().numpy()
     ref = np.stack([R.ipmix_views(photos64[i], partners64[i], tapes[i], cfg) for i in range(6)])
-    # FMA contraction on CUDA may move values sitting on a truncation boundary by one level
+    # libdevice pow may differ from NumPy's in the last bit: rare multiply pixels move
     assert np.abs(out - ref).mean() < 2e-3

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-DEFAULT_CONTENDERS = "reference,dali-plain,dali-ipmix,train,synthetic"
+DEFAULT_CONTENDERS = "official,reference,dali-plain,dali-ipmix,kernel,train,synthetic"
 
 
 def _int_list(text: str):
@@ -50,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
         channels_last=args.channels_last, gen_images=args.gen_images,
         gen_pictures=args.gen_pictures, gen_size=args.gen_size, gen_classes=args.gen_classes,
         seed=args.seed, data_filelist=args.data_filelist, mixing_filelist=args.mixing_filelist,
-        command=command_line(args, args.options),
+        workers=args.workers, official=args.official, command=command_line(args, args.options),
         log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(caption(result))
     print(table(result["rows"]))
@@ -68,11 +68,16 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="throughput of the IPMix loaders and training, side by side in one run",
         description="Measure, in one process and on the same files, source images per second of: "
-                    "reference (the official PyTorch DataLoader + PIL/NumPy IPMix), dali-plain (the "
-                    "DALI pipeline without IPMix), dali-ipmix / dali-ipmix-jsd (the DALI IPMix "
-                    "pipeline, one view / the JSD triple), train (pipeline + training step) and "
-                    "synthetic (training step on random device data).  Prints a table; with --out "
-                    "also writes bench.json, bench.txt and bench.png.",
+                    "official (the official IPMix code's own DataLoader, from --official DIR), "
+                    "reference (this package's NumPy/PIL IPMix in a DataLoader), dali-plain (the "
+                    "DALI pipeline without IPMix), dali-draws (dali-tapes / dali-uniforms: the "
+                    "pipeline making the random draws, decoded in the graph or raw, with no pixel "
+                    "work), dali-ipmix / dali-ipmix-jsd (the DALI IPMix pipeline, one view / the "
+                    "JSD triple), kernel / kernel-jsd (the fused backend alone on the device), "
+                    "train (pipeline + training step) and synthetic (training step on random device "
+                    "data).  Ratios are taken against the official rows when measured, else the "
+                    "reference rows.  Prints a table; with --out also writes bench.json, bench.txt "
+                    "and bench.png.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     actions = []
 
@@ -81,11 +86,18 @@ def register(subparsers) -> None:
 
     g = p.add_argument_group("what to measure")
     add(g, "--contenders", type=_names, default=DEFAULT_CONTENDERS,
-        help="comma-separated contenders (reference, dali-plain, dali-ipmix, train, synthetic) "
-        "or single rows (reference-jsd, dali-ipmix-jsd, ...)")
+        help="comma-separated contenders (official, reference, dali-plain, dali-draws, dali-ipmix, "
+        "kernel, train, synthetic) or single rows (reference-jsd, dali-ipmix-jsd, ...); official "
+        "is skipped without --official")
     add(g, "--threads", type=_int_list, default=str(os.cpu_count() or 1),
-        help="CPU threads to sweep, e.g. 1,2: DALI num_threads and torch intra-op threads; "
-        "DataLoader workers for reference")
+        help="DALI threads to sweep, e.g. 8,16 (and torch's intra-op threads on --device cpu); "
+        "rows that use no CPU threads (kernel, synthetic) run once")
+    add(g, "--workers", type=_int_list, default=None,
+        help="DataLoader worker processes to sweep for the official and reference rows "
+        "(default: --threads)")
+    add(g, "--official", default=None, metavar="DIR",
+        help="a checkout of the official IPMix code (github.com/hzlsaber/IPMix): adds the official "
+        "rows, and the ratios are taken against them; needs --image-size 224")
     add(g, "--device", choices=("auto", "cpu", "gpu"), default="auto",
         help="where DALI and the model run (auto: gpu if usable)")
     add(g, "--backend", choices=("fused", "dali"), default="fused",

@@ -42,6 +42,7 @@ class Setup:
     amp: str                      # "off", "bf16" or "fp16"
     channels_last: bool
     seed: int
+    official: Optional[str] = None   # checkout of the official IPMix code (the official rows)
 
     @property
     def resize(self) -> int:
@@ -96,7 +97,7 @@ def touch(batch) -> None:
 # DALI rows: dali-plain, dali-ipmix, dali-ipmix-jsd.
 
 def dali_loader(setup: Setup, threads: int, cfg: C.IPMixConfig, backend: str,
-                channels_last: bool = False):
+                channels_last: bool = False, draws: Optional[str] = None):
     from dali_ipmix.loader import DaliLoader
     from pipelines.imagenet import train_pipeline
     pipe = train_pipeline(setup.data.train_dir, setup.data.mixing_dir, cfg=cfg,
@@ -104,16 +105,21 @@ def dali_loader(setup: Setup, threads: int, cfg: C.IPMixConfig, backend: str,
                           backend=backend, seed=setup.seed, resize=setup.resize,
                           hw_decoder_load=setup.hw_decoder_load, prefetch_queue_depth=DALI_PREFETCH,
                           filelist=setup.data.train_filelist,
-                          mixing_filelist=setup.data.mixing_filelist)
+                          mixing_filelist=setup.data.mixing_filelist, draws=draws)
     # "fill": a set smaller than a batch still gives full batches (wrapping into the next epoch).
-    return DaliLoader(pipe, last_batch="fill", device=setup.torch_device, channels_last=channels_last)
+    return DaliLoader(pipe, last_batch="fill", device=setup.torch_device, channels_last=channels_last,
+                      extra_outputs=("draws",) if draws else ())
 
 
-def dali_pipeline(setup: Setup, threads: int, *, jsd: bool, backend: Optional[str] = None) -> dict:
+def dali_pipeline(setup: Setup, threads: int, *, jsd: bool, backend: Optional[str] = None,
+                  draws: Optional[str] = None) -> dict:
     """The DALI training pipeline alone (decode, crop, flip, IPMix on ``backend`` -- default the
-    run's -- and normalise; ``backend="none"``: no IPMix, the ceiling)."""
+    run's -- and normalise; ``backend="none"``: no IPMix, the ceiling).  ``draws`` ("tapes" or
+    "uniforms", with backend "none"): the graph also makes each view's random draws, decoded into
+    tapes by DALI operators or raw, with no pixel work -- what the draws alone cost."""
     start = time.perf_counter()
-    loader = dali_loader(setup, threads, setup.cfg.replace(jsd=jsd), backend or setup.backend)
+    loader = dali_loader(setup, threads, setup.cfg.replace(jsd=jsd), backend or setup.backend,
+                         draws=draws)
     batches = endless(loader)
     result = timed(setup, start, lambda: next(batches), touch, extra_warmup=DALI_PREFETCH)
     del batches, loader
@@ -193,6 +199,58 @@ def reference_pipeline(setup: Setup, threads: int, *, jsd: bool) -> dict:
     result = timed(setup, start, lambda: next(batches), to_device, extra_warmup=ahead)
     del batches, loader
     return result
+
+
+def official_pipeline(setup: Setup, threads: int, *, jsd: bool) -> dict:
+    """The official code's own DataLoader (``--official`` checkout) with ``threads`` workers, on
+    the same files; on GPU the batch is copied to the device from pinned memory, as its training
+    loop does.  Shuffled with replacement, so that small sets never run dry."""
+    from torch.utils.data import RandomSampler
+    from dali_ipmix.bench import official as O
+    start = time.perf_counter()
+    code = O.load(setup.official)
+    ahead = LOADER_PREFETCH * threads
+    needed = (setup.warmup + setup.iters + 2 * ahead + threads) * setup.batch_size
+    files = setup.data
+    sampler = RandomSampler(range(len(files.train_files()[0])), replacement=True,
+                            num_samples=needed, generator=torch.Generator().manual_seed(setup.seed))
+    loader = O.loader(code, files.train_dir, files.mixing_dir, jsd=jsd,
+                      batch_size=setup.batch_size, workers=threads,
+                      pin_memory=setup.device == "gpu", sampler=sampler,
+                      prefetch_factor=LOADER_PREFETCH, mixing_files=files.mixing_files())
+    batches = iter(loader)
+    device = setup.torch_device
+
+    def to_device(batch):
+        images, labels = batch
+        for t in (images if jsd else [images]):
+            t.to(device, non_blocking=True)
+        labels.to(device, non_blocking=True)
+
+    result = timed(setup, start, lambda: next(batches), to_device, extra_warmup=ahead)
+    del batches, loader
+    return result
+
+
+def kernel_alone(setup: Setup, threads: int, *, jsd: bool) -> dict:
+    """The fused backend alone on the device (Triton kernels on GPU, eager torch on CPU): random
+    images and mixing pictures already on the device, raw uniforms in, views out in float16 on
+    GPU (what training takes), float32 on CPU."""
+    from dali_ipmix import fused
+    from dali_ipmix import tape as T
+    start = time.perf_counter()
+    cfg = setup.cfg.replace(jsd=jsd)
+    dev = setup.torch_device
+    S, B = cfg.image_size, setup.batch_size
+    gen = torch.Generator().manual_seed(setup.seed)
+    x = torch.randint(0, 256, (B, S, S, 3), dtype=torch.uint8, generator=gen).to(dev)
+    f = torch.randint(0, 256, (B, S, S, 3), dtype=torch.uint8, generator=gen).to(dev)
+    u = torch.rand((B, cfg.n_aug, T.uniform_size(cfg)), generator=gen).to(dev)
+    dtype = torch.float16 if setup.device == "gpu" else torch.float32
+    impl = fused.default_impl(dev)
+    result = timed(setup, start, lambda: (x, f, u),
+                   lambda b: fused.ipmix_views_from_uniforms(*b, cfg, dtype, impl=impl))
+    return {**result, "impl": impl}
 
 
 # ---------------------------------------------------------------------------------------------

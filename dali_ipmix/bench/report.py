@@ -8,27 +8,43 @@ import platform
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-REFERENCE_ROWS = {1: "reference", 3: "reference-jsd"}   # views per source image -> its reference row
+# views per source image -> the row the ratios are taken against: the official code when it was
+# measured, else the package's reference DataLoader
+BASELINES = ({1: "official", 3: "official-jsd"}, {1: "reference", 3: "reference-jsd"})
 SYNTHETIC_ROW = "synthetic"
 OUTPUT_FILES = ("bench.json", "bench.txt", "bench.png")
 
 
 def add_ratios(rows: List[dict]) -> List[dict]:
-    """Give every row ``vs_reference`` and ``vs_synthetic``: its images/s over the rate of the
-    reference row with as many views per image (``reference`` / ``reference-jsd``) and of the
-    ``synthetic`` row, both at the same thread count and from the same run (``None`` where that
-    row was not measured)."""
-    rate = {(r["name"], r["threads"]): r["images_per_s"] for r in rows}
-
-    def ratio(value, other_name, threads):
-        other = rate.get((other_name, threads))
-        return None if not value or not other else value / other
-
+    """Give every row ``vs_baseline`` and ``vs_synthetic``: its images/s over the rate of the
+    baseline row with as many views per image (``official``/``official-jsd`` if measured, else
+    ``reference``/``reference-jsd``) and of the ``synthetic`` row, from the same run.  The
+    baseline is taken at the same thread count where it was measured there, else at its fastest
+    (``baseline_threads`` says which); ``None`` where the row or its baseline failed or is
+    missing."""
+    measured = {}
     for r in rows:
-        r["reference_row"] = REFERENCE_ROWS.get(r["views"])
+        if r.get("images_per_s"):
+            measured.setdefault(r["name"], {})[r["threads"]] = r["images_per_s"]
+
+    def pick(name, threads):
+        rates = measured.get(name)
+        if not rates:
+            return None, None
+        if threads in rates:
+            return threads, rates[threads]
+        best = max(rates, key=rates.get)
+        return best, rates[best]
+
+    baselines = next((b for b in BASELINES if any(n in measured for n in b.values())), BASELINES[-1])
+    for r in rows:
+        r["baseline_row"] = baselines.get(r["views"])
         r["synthetic_row"] = SYNTHETIC_ROW
-        r["vs_reference"] = ratio(r["images_per_s"], r["reference_row"], r["threads"])
-        r["vs_synthetic"] = ratio(r["images_per_s"], SYNTHETIC_ROW, r["threads"])
+        r["baseline_threads"], base = pick(r["baseline_row"], r["threads"])
+        _, synth = pick(SYNTHETIC_ROW, r["threads"])
+        value = r.get("images_per_s")
+        r["vs_baseline"] = value / base if value and base else None
+        r["vs_synthetic"] = value / synth if value and synth else None
     return rows
 
 
@@ -38,9 +54,10 @@ def add_ratios(rows: List[dict]) -> List[dict]:
 COLUMNS = (  # header, row key, format
     ("row", "name", "{}"),
     ("threads", "threads", "{}"),
+    ("of", "thread_kind", "{}"),
     ("views", "views", "{}"),
     ("images/s", "images_per_s", "{:.1f}"),
-    ("x reference", "vs_reference", "{:.2f}"),
+    ("x baseline", "vs_baseline", "{:.2f}"),
     ("x synthetic", "vs_synthetic", "{:.2f}"),
     ("host peak MiB", "host_rss_peak_mb", "{:.0f}"),
     ("device peak MiB", "device_torch_peak_mb", "{:.0f}"),
@@ -63,7 +80,10 @@ def table(rows: Sequence[dict]) -> str:
                                  for i, (c, w) in enumerate(zip(line, widths)))
     out = [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in cells[1:]]
     errors = [f"{r['name']} (threads {r['threads']}): {r['error']}" for r in rows if r.get("error")]
-    return "\n".join(out + [f"error: {e}" for e in errors])
+    base = next((r["baseline_row"] for r in rows if r.get("baseline_row")), None)
+    notes = ["threads: DALI threads (dali) or DataLoader worker processes (workers); '-': none",
+             f"x baseline: images/s over the {base or 'reference'} row with as many views"]
+    return "\n".join(out + [f"error: {e}" for e in errors] + notes)
 
 
 def caption(result: dict) -> str:
@@ -120,7 +140,7 @@ def machine_info(device: str) -> Dict[str, object]:
 
 def check_out_dir(out, overwrite: bool) -> Path:
     """Refuse (before any measurement) to replace a previous run's files without ``--overwrite``."""
-    from dali_ipmix.cli import UserError
+    from dali_ipmix.errors import UserError
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; choose another folder")
@@ -144,10 +164,17 @@ def plot(result: dict, path) -> Path:
     import matplotlib.pyplot as plt
     rows = [r for r in result["rows"] if r.get("images_per_s")]
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
-    for name in dict.fromkeys(r["name"] for r in rows):
-        pts = sorted((r["threads"], r["images_per_s"]) for r in rows if r["name"] == name)
-        ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", label=name)
-    threads = sorted({r["threads"] for r in rows})
+    for i, name in enumerate(dict.fromkeys(r["name"] for r in rows)):
+        color = f"C{i % 10}"
+        pts = sorted((r["threads"], r["images_per_s"]) for r in rows
+                     if r["name"] == name and r["threads"] is not None)
+        if pts:
+            ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", label=name, color=color)
+        for r in rows:            # rows that use no CPU threads: a level line
+            if r["name"] == name and r["threads"] is None:
+                ax.axhline(r["images_per_s"], linestyle="--", linewidth=1, color=color,
+                           label=f"{name} (no CPU threads)")
+    threads = sorted({r["threads"] for r in rows if r["threads"] is not None})
     ax.set_xticks(threads or [1])
     ax.set_yscale("log")
     ax.set_xlabel("CPU threads (DALI threads / DataLoader workers)")

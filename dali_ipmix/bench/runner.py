@@ -18,7 +18,7 @@ from dali_ipmix.bench import contenders as K
 from dali_ipmix.bench.data import bench_data, check_folders
 from dali_ipmix.bench.memory import PeakMemory
 from dali_ipmix.bench.report import add_ratios, machine_info
-from dali_ipmix.cli import UserError
+from dali_ipmix.errors import UserError
 
 BACKENDS = ("fused", "dali")       # IPMix backends worth timing ("none" is the dali-plain row)
 AMP_MODES = ("auto", "off", "bf16", "fp16")
@@ -31,21 +31,35 @@ class Row:
     jsd: bool                      # JSD triple (3 views per source image) or one view
     measure: Callable[[K.Setup, int], dict]     # (setup, threads) -> {"seconds", "setup_s"}
     backend: Optional[str]         # what makes the views; "setup" = the run's --backend
+    threads: Optional[str]         # what its thread count is: "dali" (DALI num_threads, swept
+    #                                over --threads), "workers" (DataLoader worker processes,
+    #                                swept over --workers) or None (measured once)
 
     @property
     def views(self) -> int:
         return 3 if self.jsd else 1
 
 
-# Run order matters: the reference rows fork their DataLoader workers before DALI starts threads.
+# Run order matters: the DataLoader rows fork their workers before DALI starts threads.
 ROWS: Tuple[Row, ...] = (
-    Row("reference", "reference", False, partial(K.reference_pipeline, jsd=False), "reference"),
-    Row("reference-jsd", "reference", True, partial(K.reference_pipeline, jsd=True), "reference"),
-    Row("dali-plain", "dali-plain", False, partial(K.dali_pipeline, jsd=False, backend="none"), "none"),
-    Row("dali-ipmix", "dali-ipmix", False, partial(K.dali_pipeline, jsd=False), "setup"),
-    Row("dali-ipmix-jsd", "dali-ipmix", True, partial(K.dali_pipeline, jsd=True), "setup"),
-    Row("train", "train", True, K.train_pipeline_step, "setup"),
-    Row("synthetic", "synthetic", True, K.synthetic_step, None),
+    Row("official", "official", False, partial(K.official_pipeline, jsd=False), "official", "workers"),
+    Row("official-jsd", "official", True, partial(K.official_pipeline, jsd=True), "official", "workers"),
+    Row("reference", "reference", False, partial(K.reference_pipeline, jsd=False), "reference",
+        "workers"),
+    Row("reference-jsd", "reference", True, partial(K.reference_pipeline, jsd=True), "reference",
+        "workers"),
+    Row("dali-plain", "dali-plain", False, partial(K.dali_pipeline, jsd=False, backend="none"),
+        "none", "dali"),
+    Row("dali-tapes", "dali-draws", False,
+        partial(K.dali_pipeline, jsd=False, backend="none", draws="tapes"), "none", "dali"),
+    Row("dali-uniforms", "dali-draws", False,
+        partial(K.dali_pipeline, jsd=False, backend="none", draws="uniforms"), "none", "dali"),
+    Row("dali-ipmix", "dali-ipmix", False, partial(K.dali_pipeline, jsd=False), "setup", "dali"),
+    Row("dali-ipmix-jsd", "dali-ipmix", True, partial(K.dali_pipeline, jsd=True), "setup", "dali"),
+    Row("kernel", "kernel", False, partial(K.kernel_alone, jsd=False), "fused", None),
+    Row("kernel-jsd", "kernel", True, partial(K.kernel_alone, jsd=True), "fused", None),
+    Row("train", "train", True, K.train_pipeline_step, "setup", "dali"),
+    Row("synthetic", "synthetic", True, K.synthetic_step, None, None),
 )
 CONTENDERS = tuple(dict.fromkeys(r.contender for r in ROWS))
 ROW_NAMES = tuple(r.name for r in ROWS)
@@ -62,6 +76,13 @@ def select_rows(names: Optional[Sequence[str]]) -> Tuple[Row, ...]:
         raise UserError(f"--contenders {','.join(unknown)}: unknown; choose from "
                         f"{', '.join(dict.fromkeys(CONTENDERS + ROW_NAMES))}")
     return tuple(r for r in ROWS if r.name in names or r.contender in names)
+
+
+def thread_counts(row: Row, threads: Sequence[int], workers: Sequence[int]) -> Sequence[int]:
+    """The thread counts ``row`` is measured at (a row that uses no CPU threads: once)."""
+    if row.threads == "workers":
+        return workers
+    return threads if row.threads == "dali" else threads[:1]
 
 
 def _dali_gpu_count() -> int:
@@ -138,7 +159,10 @@ def measure_row(row: Row, setup: K.Setup, threads: int) -> dict:
     """One (row, threads) measurement with its memory peaks; an exception becomes ``error``."""
     cuda = setup.device == "gpu"
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)   # the fused kernel and a CPU model step use torch's threads
+    if not cuda:
+        # on the CPU the fused kernel and the model step use torch's threads: give the row its
+        # count; on GPU torch keeps its own (it launches kernels, DALI's threads do the CPU work)
+        torch.set_num_threads(threads)
     error, timing = None, {}
     began = time.perf_counter()
     try:
@@ -159,13 +183,16 @@ def measure_row(row: Row, setup: K.Setup, threads: int) -> dict:
         _release(cuda)
     seconds = timing.get("seconds")
     return {
-        "name": row.name, "contender": row.contender, "threads": threads,
-        "torch_threads": threads, "views": row.views, "batch_size": setup.batch_size,
+        "name": row.name, "contender": row.contender,
+        "threads": threads if row.threads else None, "thread_kind": row.threads,
+        "torch_threads": threads if not cuda else old_threads, "views": row.views,
+        "batch_size": setup.batch_size,
         "warmup": setup.warmup, "iters": setup.iters,
         "images_per_s": setup.batch_size * setup.iters / seconds if seconds else None,
         "seconds": seconds, "setup_s": timing.get("setup_s"),
         "wall_s": time.perf_counter() - began,      # the whole row: set-up, warm-up, timing, freeing
         "backend": setup.backend if row.backend == "setup" else row.backend,
+        "impl": timing.get("impl"),
         "arch": setup.arch if row.name in MODEL_ROWS else None,
         "amp": setup.amp if row.name in MODEL_ROWS else None,
         "device": setup.device, **memory.result(), "error": error,
@@ -179,6 +206,7 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
               amp: str = "auto", channels_last: bool = False, gen_images: int = 256,
               gen_pictures: int = 64, gen_size: Optional[int] = None, gen_classes: int = 4,
               seed: int = 0, data_filelist=None, mixing_filelist=None,
+              workers: Optional[Sequence[int]] = None, official=None,
               command: Optional[Sequence[str]] = None, log=print) -> Dict:
     """Measure the selected rows at every thread count on the same files; returns the record
     written to bench.json: ``settings``, ``machine``, ``data``, ``command`` and ``rows`` (one per
@@ -189,8 +217,22 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
     ``gen_pictures`` mixing pictures are generated into a temporary folder.
     """
     rows = select_rows(contenders)
+    if official is not None:
+        from dali_ipmix.bench import official as O
+        O.load(official)                                  # a bad checkout fails before any work
+        if image_size != O.OFFICIAL_SIZE:
+            raise UserError(f"--official: the official code crops {O.OFFICIAL_SIZE} px (its patch "
+                            f"sizes reach {O.OFFICIAL_SIZE}); use --image-size {O.OFFICIAL_SIZE}")
+    else:                         # the official rows need its code
+        rows = tuple(r for r in rows if r.contender != "official")
+        if not rows:
+            raise UserError("--contenders official needs --official DIR (a checkout of "
+                            "github.com/hzlsaber/IPMix)")
     threads = [int(t) for t in threads]
+    workers = threads if workers is None else [int(w) for w in workers]
     _check(threads, batch_size, warmup, iters, backend, amp, arch, rows)
+    if not workers or min(workers) < 1:
+        raise UserError(f"--workers must be a list of integers >= 1, e.g. 2,16; got {workers}")
     device = resolve_device(device)
     amp = ("bf16" if device == "gpu" else "off") if amp == "auto" else amp
     if amp == "fp16" and device != "gpu":
@@ -214,10 +256,11 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
                            data_filelist=data_filelist, mixing_filelist=mixing_filelist)
         setup = K.Setup(data=files, cfg=cfg, batch_size=batch_size, warmup=warmup, iters=iters,
                         device=device, backend=backend, hw_decoder_load=hw_decoder_load, arch=arch,
-                        amp=amp, channels_last=channels_last, seed=seed)
+                        amp=amp, channels_last=channels_last, seed=seed,
+                        official=None if official is None else str(official))
         results = []
         for row in rows:
-            for n in threads:
+            for n in thread_counts(row, threads, workers):
                 log(f"bench: {row.name}, {n} thread(s) ...")
                 results.append(measure_row(row, setup, n))
                 r = results[-1]
@@ -229,7 +272,8 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
         "argv": list(sys.argv),
         "started": started,
         "total_s": time.perf_counter() - start,
-        "settings": {"contenders": [r.name for r in rows], "threads": threads,
+        "settings": {"contenders": [r.name for r in rows], "threads": threads, "workers": workers,
+                     "official": None if official is None else str(official),
                      "batch_size": batch_size, "image_size": image_size, "warmup": warmup,
                      "iters": iters, "device": device, "backend": backend,
                      "hw_decoder_load": hw_decoder_load, "arch": arch, "amp": amp,

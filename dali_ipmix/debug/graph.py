@@ -69,8 +69,12 @@ def _spec_list(value: str) -> List[str]:
     return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
 
 
+# DALI's batch-level Python operator is registered for jax_function; the fused backend uses it too
+_SCHEMA_ALIASES = {"_JaxFunction": "BatchPythonFunction"}
+
+
 def _type_name(schema: str) -> str:
-    return schema.lstrip("_").replace("__", ".")
+    return _SCHEMA_ALIASES.get(schema) or schema.lstrip("_").replace("__", ".")
 
 
 def defined_ops(pipe) -> list:

@@ -1,0 +1,216 @@
+"""The Triton kernels (``impl="triton"``) against the NumPy/PIL reference, bit for bit.
+
+Without a GPU they run through Triton's interpreter (conftest sets TRITON_INTERPRET=1); on a GPU
+machine the ``cuda`` cases run the compiled kernels.
+"""
+import numpy as np
+import pytest
+import torch
+
+from dali_ipmix import config as C, fused, reference as R, tape as T
+from test_ops import MAGNITUDES
+
+OPS = C.ALL_IMAGE_OPS
+IMAGENET64 = C.IMAGENET.replace(image_size=64, patch_sizes=(4, 8, 16, 32, 64))
+
+
+def _interpreting():
+    from dali_ipmix import triton_kernels
+    return triton_kernels.INTERPRETED
+
+
+cpu = pytest.mark.skipif("not __import__('test_triton')._interpreting()",
+                         reason="TRITON_INTERPRET=1 is not set (a GPU machine: see the cuda tests)")
+
+
+def _batch(images):
+    return torch.from_numpy(np.stack(images))
+
+
+def _diff(a, b):
+    return np.abs(np.asarray(a, np.int32) - np.asarray(b, np.int32))
+
+
+@cpu
+@pytest.mark.parametrize("name", OPS)
+def test_image_op_bit_exact_with_pil(name, photos64):
+    for mag in MAGNITUDES[name]:
+        m = C.IDENTITY_MAGNITUDE.get(name, 0.0) if mag is None else mag
+        out = fused.image_ops(_batch(photos64), torch.full((6,), OPS.index(name)),
+                              torch.full((6,), float(m)), OPS, impl="triton").numpy()
+        m32 = None if mag is None else float(np.float32(mag))
+        ref = np.stack([R.image_op(im, name, m32) for im in photos64])
+        assert _diff(out, ref).max() == 0, (name, mag, _diff(out, ref).max())
+
+
+@cpu
+def test_mixed_ops_and_unknown_index_in_one_batch(photos64):
+    # a different op on every sample (the short op table's indices), one index past its end
+    names = ["rotate", "equalize", "posterize", "shear_y", "invert", None]
+    mags = [-8, 0, 3, 0.05, 0, 1]
+    ops = C.IMAGE_OPS
+    index = [ops.index(n) if n else len(ops) for n in names]
+    out = fused.image_ops(_batch(photos64), torch.tensor(index),
+                          torch.tensor(mags, dtype=torch.float32), ops, impl="triton").numpy()
+    for i, (n, m) in enumerate(zip(names, mags)):
+        ref = photos64[i] if n is None else R.image_op(photos64[i], n, float(np.float32(m)))
+        assert _diff(out[i], ref).max() == 0, n
+
+
+@cpu
+def test_fractional_rotation_is_refused(photos64):
+    with pytest.raises(ValueError, match="whole degrees"):
+        fused.image_ops(_batch(photos64), torch.full((6,), OPS.index("rotate")),
+                        torch.full((6,), 2.5), OPS, impl="triton")
+
+
+@cpu
+@pytest.mark.parametrize("overflow", ["wrap", "clamp"])
+def test_mixings_bit_exact(overflow, photos64, partners64):
+    rng = np.random.default_rng(0)
+    B = len(photos64)
+    win = np.array([[3, 5, 32, 16], [0, 0, 64, 64], [10, 10, 4, 50], [60, 0, 4, 64],
+                    [0, 0, 8, 8], [20, 30, 44, 34]])
+    for name in C.MIXING_OPS:
+        a = rng.uniform(-1, 3, B).astype(np.float32)          # a + b far from 1: overflows
+        b = rng.uniform(-1, 3, B).astype(np.float32)
+        p = rng.uniform(0, 1, B).astype(np.float32)
+        seed = rng.integers(0, 2 ** 24, B)
+        out = fused.mixings(_batch(photos64), _batch(partners64),
+                            torch.full((B,), C.MIXING_OPS.index(name)), torch.from_numpy(a),
+                            torch.from_numpy(b), torch.from_numpy(p),
+                            torch.from_numpy(seed.astype(np.float32)), torch.from_numpy(win),
+                            overflow, impl="triton").numpy()
+        for i in range(B):
+            ref = R.mixing_op(photos64[i], partners64[i], name, a[i], b[i], p[i], seed[i],
+                              win[i], overflow)
+            assert _diff(out[i], ref).max() == 0, (name, i)
+
+
+DECODE_CFGS = {
+    "imagenet": C.IMAGENET, "cifar": C.CIFAR, "all_ops": C.IMAGENET.replace(all_ops=True),
+    "k8_t1_paper": C.IMAGENET.replace(k=8, t=1, depth_min=1, square_prob=0.3, beta=0.7),
+    "k1_t8": C.CIFAR.replace(k=1, t=8, severity=10.0), "t0": C.IMAGENET.replace(t=0),
+}
+
+
+@cpu
+@pytest.mark.parametrize("name", DECODE_CFGS)
+def test_decode_equals_numpy(name):
+    from dali_ipmix import triton_kernels as TK
+    cfg = DECODE_CFGS[name]
+    u = np.random.default_rng(3).random((40, 2, T.uniform_size(cfg)), dtype=np.float32)
+    u[0, 0] = 0.0                                           # the edges of every draw
+    u[0, 0, 1] = 0.5                                        # (not all weights 0: 0 / 0)
+    u[1, 0] = np.nextafter(np.float32(1), np.float32(0))
+    u[2, 0] = 0.5
+    got = TK.decode(torch.from_numpy(u), cfg).numpy()
+    np.testing.assert_array_equal(got, T.decode_flat(u, cfg))
+
+
+VIEW_CFGS = {
+    "imagenet_jsd": IMAGENET64,
+    "cifar": C.CIFAR,
+    "all_ops_k2_t4": IMAGENET64.replace(jsd=False, all_ops=True, k=2, t=4),
+    "clamp_paper": IMAGENET64.replace(overflow="clamp", depth_min=1, k=4),
+    "t0": C.CIFAR.replace(t=0),
+}
+
+
+def _views_case(cfg, photos64, partners64, seed=11):
+    size = cfg.image_size
+    xs = [np.asarray(R.Image.fromarray(p).resize((size, size))) for p in photos64]
+    fs = [np.asarray(R.Image.fromarray(p).resize((size, size))) for p in partners64]
+    tapes = np.stack([T.sample(np.random.default_rng(seed + a), cfg, len(xs))
+                      for a in range(cfg.n_aug)], 1)
+    ref = np.stack([R.ipmix_views(xs[i], fs[i], tapes[i], cfg) for i in range(len(xs))])
+    return _batch(xs), _batch(fs), torch.from_numpy(tapes), ref
+
+
+@cpu
+@pytest.mark.parametrize("name", VIEW_CFGS)
+def test_views_bit_exact_with_reference(name, photos64, partners64):
+    cfg = VIEW_CFGS[name]
+    x, f, tapes, ref = _views_case(cfg, photos64, partners64)
+    out = fused.ipmix_views(x, f, tapes, cfg, impl="triton").numpy()
+    assert out.shape == (6, cfg.views, 3, cfg.image_size, cfg.image_size)
+    np.testing.assert_array_equal(out, ref)
+
+
+@cpu
+def test_uniforms_path_dtypes_and_layouts(photos64, partners64):
+    cfg = IMAGENET64.replace(k=2, t=2)
+    x, f = _batch(photos64), _batch(partners64)
+    u = torch.from_numpy(np.random.default_rng(5).random((6, 2, T.uniform_size(cfg)),
+                                                        dtype=np.float32))
+    views, tapes = fused.ipmix_views_from_uniforms(x, f, u, cfg, impl="triton")
+    np.testing.assert_array_equal(tapes.numpy(), T.decode_flat(u.numpy(), cfg))
+    torch_views, _ = fused.ipmix_views_from_uniforms(x, f, u, cfg, impl="torch")
+    # the torch code mixes in another float32 order
+    torch.testing.assert_close(views, torch_views, atol=2e-6, rtol=0)
+    for dtype in (torch.bfloat16, torch.float16):
+        low, _ = fused.ipmix_views_from_uniforms(x, f, u, cfg, dtype, impl="triton")
+        assert low.dtype == dtype
+        torch.testing.assert_close(low, views.to(dtype), atol=0, rtol=0)
+    last, _ = fused.ipmix_views_from_uniforms(x, f, u, cfg, channels_last_out=True, impl="triton")
+    torch.testing.assert_close(last, views.permute(0, 1, 3, 4, 2), atol=0, rtol=0)
+
+
+@cpu
+def test_launches_per_batch(photos64, partners64, monkeypatch):
+    # 2t + 2 launches whatever the batch size and k
+    from dali_ipmix import triton_kernels as TK
+    launched = []
+    real = TK._launch
+    monkeypatch.setattr(TK, "_launch", lambda kernel, grid, *a, **kw: (launched.append(kernel),
+                                                                       real(kernel, grid, *a, **kw)))
+    for cfg, B in ((C.CIFAR.replace(k=1, t=3), 2), (C.CIFAR.replace(k=4, t=3), 6)):
+        launched.clear()
+        x = torch.zeros((B, 32, 32, 3), dtype=torch.uint8)
+        u = torch.rand((B, cfg.n_aug, T.uniform_size(cfg)))
+        fused.ipmix_views_from_uniforms(x, x, u, cfg, impl="triton")
+        assert len(launched) == 2 * cfg.t + 2
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    from dali_ipmix import triton_kernels as TK
+    monkeypatch.setattr(TK, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        TK.decode(torch.zeros((1, T.uniform_size(C.CIFAR))), C.CIFAR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled, on a GPU.
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["imagenet_jsd", "cifar", "all_ops_k2_t4"])
+def test_cuda_views_match_reference(name, photos64, partners64):
+    cfg = VIEW_CFGS[name]
+    x, f, tapes, ref = _views_case(cfg, photos64, partners64)
+    out = fused.ipmix_views(x.cuda(), f.cuda(), tapes.cuda(), cfg, impl="triton").cpu().numpy()
+    # libdevice's powf may differ from glibc's in the last bit: rare multiply pixels move
+    d = np.abs(out - ref)
+    assert d.mean() < 2e-3 and (d > 1e-5).mean() < 1e-3, (d.mean(), (d > 1e-5).mean())
+
+
+@pytest.mark.gpu
+def test_cuda_image_ops_and_decode(photos64):
+    for name in OPS:
+        for mag in MAGNITUDES[name]:
+            m = C.IDENTITY_MAGNITUDE.get(name, 0.0) if mag is None else mag
+            out = fused.image_ops(_batch(photos64).cuda(), torch.full((6,), OPS.index(name)),
+                                  torch.full((6,), float(m)), OPS, impl="triton").cpu().numpy()
+            ref = np.stack([R.image_op(im, name, None if mag is None else float(np.float32(mag)))
+                            for im in photos64])
+            assert _diff(out, ref).max() == 0, (name, mag)
+    from dali_ipmix import triton_kernels as TK
+    cfg = C.IMAGENET
+    u = np.random.default_rng(3).random((256, 2, T.uniform_size(cfg)), dtype=np.float32)
+    got = TK.decode(torch.from_numpy(u).cuda(), cfg).cpu().numpy()
+    want = T.decode_flat(u, cfg)
+    lay = T.TapeLayout(cfg.k, cfg.t)
+    _, _, gs = lay.unpack(got)
+    _, _, ws = lay.unpack(want)
+    exact = [T.SF[n] for n in T.STEP_FIELDS if n not in ("a", "b")]
+    np.testing.assert_array_equal(gs[..., exact], ws[..., exact])     # integers, magnitudes
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)       # pow / log last bits
