@@ -8,15 +8,15 @@ BACKENDS = ("fused", "dali", "none")
 
 
 def ipmix(images, pictures, cfg: C.IPMixConfig, *, device: str, backend: str = "fused",
-          seed=None, out_dtype=None):
+          seed=None, dtype: str = "float"):
     """Views [V, 3, S, S] (normalised) of uint8 HWC ``images`` mixed with ``pictures``.
 
     backend: ``fused`` (the fused kernels: Triton on GPU, eager torch on CPU; the graph only draws
     raw uniforms, the kernel decodes them), ``dali`` (readable graph of stock DALI ops, tapes
     decoded in the graph; needs ``enable_conditionals=True``) or ``none`` (normalise only: the
-    no-augmentation ceiling).  ``out_dtype``: a torch dtype for the fused backend's output
-    (default float32).  Returns (views, tapes), tapes being the parameter records [A, L] per
-    sample (for ``none``: drawn but unused, so that replay tools see the usual outputs).
+    no-augmentation ceiling).  ``dtype``: "float" (float32) or "float16" views.  Returns (views,
+    tapes), tapes being the parameter records [A, L] per sample (for ``none``: drawn but unused,
+    so that replay tools see the usual outputs).
     """
     import torch
     from nvidia.dali import fn
@@ -26,15 +26,18 @@ def ipmix(images, pictures, cfg: C.IPMixConfig, *, device: str, backend: str = "
         from .fused import fused_ipmix_node
         uniforms = dali_uniforms(cfg, cfg.n_aug, seed)
         return fused_ipmix_node(images, pictures, uniforms, cfg, device,
-                                out_dtype=out_dtype or torch.float32)
+                                out_dtype=torch.float16 if dtype == "float16" else torch.float32)
     tapes = [dali_tape(cfg, None if seed is None else seed + i) for i in range(cfg.n_aug)]
     if backend == "none":
         from .ops import normalize
-        view = normalize(images, cfg)
+        view = normalize(images, cfg, dtype)
         views = fn.stack(*([view] * cfg.views), axis=0)
     else:
+        from nvidia.dali import types
         from .ops import ipmix_views
         views = ipmix_views(images, pictures, tapes, cfg)
+        if dtype == "float16":
+            views = fn.cast(views, dtype=types.FLOAT16)
     return views, fn.stack(*tapes, axis=0)
 
 
@@ -49,13 +52,8 @@ def training_outputs(images, pictures, labels, cfg: C.IPMixConfig, *, device: st
     ``draws`` (benchmarks): also output every view's random draws -- ``"tapes"`` decoded by DALI
     operators in the graph, ``"uniforms"`` raw -- to time what drawing costs without pixel work
     (with ``backend="none"``)."""
-    import torch
-    from nvidia.dali import fn, types
-    half = dtype == "float16"
-    views, tapes = ipmix(images, pictures, cfg, device=device, backend=backend,
-                         out_dtype=torch.float16 if half else None)
-    if half and backend != "fused":
-        views = fn.cast(views, dtype=types.FLOAT16)
+    from nvidia.dali import fn
+    views, tapes = ipmix(images, pictures, cfg, device=device, backend=backend, dtype=dtype)
     labels = labels.gpu() if device == "gpu" else labels
     if extra_outputs:
         return views, labels, images, pictures, tapes

@@ -387,10 +387,11 @@ def chain_results(x, f, tape_node, cfg: C.IPMixConfig):
     return results
 
 
-def normalize(image, cfg: C.IPMixConfig):
-    """uint8 HWC -> normalised float CHW."""
+def normalize(image, cfg: C.IPMixConfig, dtype: str = "float"):
+    """uint8 HWC -> normalised CHW, float32 (``dtype="float"``) or float16 (``"float16"``)."""
     fn, types, _ = _dali()
-    return fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW",
+    return fn.crop_mirror_normalize(image, dtype=types.FLOAT16 if dtype == "float16" else types.FLOAT,
+                                    output_layout="CHW",
                                     mean=[255 * m for m in cfg.mean], std=[255 * s for s in cfg.std])
 
 

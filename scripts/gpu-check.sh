@@ -1,58 +1,51 @@
 #!/usr/bin/env bash
-# One visit to the GPU machine: environment, GPU tests, loader and training throughput.
-# Results: $OUT/summary.txt (also printed last) and $OUT/gpu-check.tar.gz (every log, bench.json,
-# bench.txt, bench.png, metrics).  Steps run on even if one fails; each one's exit code and time
-# are in the summary.
+# One visit to the GPU machine: GPU tests, the kernels alone, the loader benchmark against the
+# official code and plain DALI, and a short ResNet-50 training run with a resume.
 #
-# There (see ../shared/gpu/README.md): scripts/gpu-wheels.sh and ../shared/gpu/pack-dali here, the
-# four DALI parts sent, then one more call with carry [".gpu/wheels"] and the command
-#     . /tmp/dali-site/activate && bash scripts/gpu-check.sh
-# A visit is capped at 10 minutes a command: STEPS picks steps, e.g. STEPS="data bench" then
-# STEPS="readable train" in a second call (the generated data stay in $WORK while the machine is
-# warm).  Here, to check the script itself on the CPU (small sizes):
-#     DEVICE=cpu IMAGES=64 PICTURES=16 SRC_PX=96 BATCH=8 SIZE=64 THREADS=1 ITERS=2 WARMUP=1 \
-#         TRAIN_STEPS=4 ARCH=resnet18 bash scripts/gpu-check.sh
+# Results go to $OUT as each step ends, the key ones first, so a cut run still reports:
+#   summary.txt     one line per step (exit code, seconds), then the tables
+#   kernels.json    scripts/bench_kernels.py: Triton vs eager torch, stage times, block sweep
+#   bench.json/.txt dali-ipmix bench (rewritten after every row), bench.png at its end
+#   gpu-check.tar.gz  every log, at the end
+#
+# Steps (STEPS picks some, in this order): env kernels data dali-tests bench train.
+# "env kernels data" need no DALI: on the device machine they can run in the calls that carry the
+# first DALI parts (../shared/gpu/README.md), the rest after the last part is unpacked:
+#     STEPS="env kernels data" bash scripts/gpu-check.sh          # with part 0
+#     . /tmp/dali-site/activate && STEPS="dali-tests bench train" bash scripts/gpu-check.sh
+# Generated data stay in $WORK while the machine is warm.  Sizes are set by the variables below;
+# here, to check the script itself on the CPU (small sizes, Triton through its interpreter):
+#     DEVICE=cpu IMAGES=64 PICTURES=16 SRC_PX=96 BATCH=8 SIZE=64 THREADS=1 WORKERS=1 ITERS=2 \
+#         WARMUP=1 TRAIN_STEPS=4 ARCH=resnet18 bash scripts/gpu-check.sh
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu-out}
 DEVICE=${DEVICE:-gpu}
-STEPS=${STEPS:-doctor tests data bench readable train}
-IMAGES=${IMAGES:-4096}         # generated sources, 4:3, SRC_PX high: 512x384 JPEGs are ~76 KiB,
-SRC_PX=${SRC_PX:-384}          # the size of the set the feasibility figures were measured on
+STEPS=${STEPS:-env kernels data dali-tests bench train}
+IMAGES=${IMAGES:-4096}         # generated sources, 4:3, SRC_PX high: 512x384 JPEGs are ~76 KiB
+SRC_PX=${SRC_PX:-384}
 PICTURES=${PICTURES:-1024}     # fractal mixing pictures (256 px)
 BATCH=${BATCH:-256}
 SIZE=${SIZE:-224}
-THREADS=${THREADS:-8,16}       # DALI threads / DataLoader workers swept by the bench
+THREADS=${THREADS:-8,16}       # DALI threads swept by the bench
+WORKERS=${WORKERS:-16}         # DataLoader workers of the official code's row
 ITERS=${ITERS:-20}
 WARMUP=${WARMUP:-5}
 ARCH=${ARCH:-resnet50}
-TRAIN_STEPS=${TRAIN_STEPS:-300}
+TRAIN_STEPS=${TRAIN_STEPS:-60} # then resumed for TRAIN_STEPS / 2 more
+OFFICIAL=${OFFICIAL:-$ROOT/.gpu/official}   # the official IPMix code, carried there (not committed)
 WORK=${WORK:-/tmp/gpu-check}
 PY=${PYTHON:-python3}
 JOBS=$(nproc)
 LOGS=$WORK/logs
 mkdir -p "$OUT" "$LOGS"
-export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if [ "$DEVICE" = cpu ]; then export TRITON_INTERPRET=1; fi
 SUMMARY=$LOGS/summary.txt
 echo "gpu-check $(date -u +%FT%TZ) on $(hostname): DEVICE=$DEVICE STEPS='$STEPS' IMAGES=$IMAGES" \
-     "SRC_PX=$SRC_PX BATCH=$BATCH SIZE=$SIZE THREADS=$THREADS ARCH=$ARCH" >>"$SUMMARY"
-
-missing=$("$PY" - <<'PYEOF'
-import importlib.util
-print(" ".join(m for m in ("pytest", "psutil", "matplotlib") if importlib.util.find_spec(m) is None))
-PYEOF
-)
-if [ -n "$missing" ]; then
-    if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" .gpu/wheels/*.whl \
-            >>"$LOGS/wheels.log" 2>&1
-        export PYTHONPATH=$PYTHONPATH:$WORK/site
-        echo "installed from .gpu/wheels for: $missing" >>"$SUMMARY"
-    else
-        echo "missing here: $missing (run scripts/gpu-wheels.sh and carry .gpu/wheels)" >>"$SUMMARY"
-    fi
-fi
+     "SRC_PX=$SRC_PX BATCH=$BATCH SIZE=$SIZE THREADS=$THREADS WORKERS=$WORKERS ARCH=$ARCH" >>"$SUMMARY"
+publish() { cp "$SUMMARY" "$OUT/summary.txt"; }
 
 step() {   # step NAME COMMAND...: run it with its log, record exit code and seconds
     local name=$1; shift
@@ -61,8 +54,33 @@ step() {   # step NAME COMMAND...: run it with its log, record exit code and sec
     local t0=$SECONDS
     "$@" >>"$LOGS/$name.log" 2>&1
     local rc=$?
-    printf '%-9s rc=%-3s %5ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$LOGS/$name.log" \
+    printf '%-10s rc=%-3s %5ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$LOGS/$name.log" \
         | tee -a "$SUMMARY"
+    tail -n 3 "$LOGS/$name.log" | sed 's/^/    /' >>"$SUMMARY"
+    publish
+}
+
+environment() {
+    nvidia-smi -L 2>&1 | head -2
+    "$PY" - <<'PYEOF'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu",
+      torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+for name in ("triton", "torchvision", "numpy", "PIL", "nvidia.dali"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as e:
+        print(name, "not importable:", type(e).__name__)
+PYEOF
+}
+
+kernels() {
+    local t=gpu; [ "$DEVICE" = cpu ] && t="not gpu"
+    "$PY" -m pytest -q -p no:cacheprovider -m "$t" tests/test_triton.py || return 1
+    local size=$SIZE batch=$BATCH
+    "$PY" scripts/bench_kernels.py --device "$([ "$DEVICE" = gpu ] && echo cuda || echo cpu)" \
+        --batch "$batch" --size "$size" --iters "$ITERS" --blocks "${BLOCKS:-256,512,1024}" \
+        --out "$OUT/kernels.json"
 }
 
 make_data() {
@@ -92,39 +110,44 @@ PYEOF
         --jobs "$JOBS" --overwrite
 }
 
-bench() {   # bench OUTDIR ARGS...: the bench command on the generated data
-    local dir=$1; shift
-    "$PY" -m dali_ipmix.cli bench --device "$DEVICE" --data "$WORK/imagenet/train" \
-        --mixing "$WORK/fractals" -b "$BATCH" --image-size "$SIZE" --iters "$ITERS" \
-        --warmup "$WARMUP" --arch "$ARCH" --out "$dir" --overwrite "$@"
+dali_tests() {
+    local t=gpu; [ "$DEVICE" = cpu ] && t="not gpu"
+    "$PY" -m pytest -q -p no:cacheprovider -m "$t" tests/test_fused.py tests/test_pipeline.py
 }
 
-step doctor "$PY" -m dali_ipmix.cli doctor
-if [ "$DEVICE" = gpu ]; then
-    step tests "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
-else      # no GPU tests to run here: the fused kernel's CPU tests stand in
-    step tests "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py
-fi
+bench() {
+    local official=()
+    [ -f "$OFFICIAL/imagenet.py" ] && [ "$SIZE" = 224 ] && official=(--official "$OFFICIAL")
+    "$PY" -m dali_ipmix.cli bench --device "$DEVICE" --data "$WORK/imagenet/train" \
+        --mixing "$WORK/fractals" -b "$BATCH" --image-size "$SIZE" --iters "$ITERS" \
+        --warmup "$WARMUP" --arch "$ARCH" --out "$OUT" --overwrite --channels-last \
+        --threads "$THREADS" --workers "$WORKERS" "${official[@]}" \
+        --contenders official,dali-plain,dali-ipmix,kernel,train,synthetic,dali-draws
+}
+
+train_and_resume() {   # TRAIN_STEPS steps with a checkpoint, then --resume auto for half as many
+    rm -rf "$WORK/train-run"
+    local common=(--data-path "$WORK/imagenet" --mixing-set "$WORK/fractals" --arch "$ARCH"
+                  --image-size "$SIZE" -b "$BATCH" --epochs 2 --device "$DEVICE" --channels-last
+                  --workers "${THREADS%%,*}" --print-freq 10 --output-dir "$WORK/train-run"
+                  --no-tensorboard --ckpt-every "$((TRAIN_STEPS / 2))")
+    "$PY" train.py "${common[@]}" --max-steps "$TRAIN_STEPS" || return 1
+    "$PY" train.py "${common[@]}" --max-steps "$((TRAIN_STEPS * 3 / 2))" --resume auto
+}
+
+step env environment
+step kernels kernels
 step data make_data
-step bench bench "$WORK/bench" --threads "$THREADS" --channels-last \
-    --contenders reference,reference-jsd,dali-plain,dali-ipmix,dali-ipmix-jsd,train,synthetic
-step readable bench "$WORK/bench-readable" --threads "${THREADS%%,*}" --backend dali \
-    --contenders dali-ipmix
-rm -rf "$WORK/train-run"
-step train "$PY" train.py --data-path "$WORK/imagenet" --mixing-set "$WORK/fractals" \
-    --arch "$ARCH" --image-size "$SIZE" -b "$BATCH" --max-steps "$TRAIN_STEPS" \
-    --epochs $(( (TRAIN_STEPS * BATCH + IMAGES - 1) / IMAGES )) \
-    --device "$DEVICE" --channels-last --workers "${THREADS%%,*}" --print-freq 20 \
-    --output-dir "$WORK/train-run" --no-tensorboard
+step dali-tests dali_tests
+step bench bench
+step train train_and_resume
 
 {
-    for f in "$WORK/bench/bench.txt" "$WORK/bench-readable/bench.txt"; do
-        [ -f "$f" ] && { echo; cat "$f"; }
-    done
-    [ -f "$LOGS/train.log" ] && { echo; grep -E "summary|val top-1|throughput|time:" "$LOGS/train.log"; }
+    [ -f "$OUT/kernels.json" ] && { echo; grep -E "^ +[0-9]+ +(triton|torch)" "$LOGS/kernels.log"; }
+    [ -f "$OUT/bench.txt" ] && { echo; cat "$OUT/bench.txt"; }
+    [ -f "$LOGS/train.log" ] && { echo; grep -E "resum|summary|val top-1|img/s|checkpoint" "$LOGS/train.log" | tail -n 12; }
     [ -f "$LOGS/data.log" ] && { echo; grep -E "JPEGs" "$LOGS/data.log"; }
 } >>"$SUMMARY"
-cp "$SUMMARY" "$OUT/summary.txt"
-tar -czf "$OUT/gpu-check.tar.gz" -C "$WORK" logs \
-    $(cd "$WORK" && ls -d bench bench-readable train-run/metrics.jsonl 2>/dev/null)
+publish
+tar -czf "$OUT/gpu-check.tar.gz" -C "$WORK" logs $(cd "$WORK" && ls -d train-run/metrics.jsonl 2>/dev/null)
 cat "$OUT/summary.txt"

@@ -38,6 +38,23 @@ def test_train_graph_replays_through_reference(dataset, backend):
         assert np.abs(v - ref).mean() < (0.02 if backend == "dali" else 1e-4)
 
 
+@pytest.mark.gpu
+def test_gpu_train_graph_replays_through_reference(dataset):
+    # mixed decoding, the fused kernels on the GPU, float16 out: the reference replays every sample
+    pipe = imagenet.train_pipeline(dataset / "train", dataset / "mixing", cfg=CFG,
+                                   batch_size=BATCH, num_threads=2, device="gpu", backend="fused",
+                                   extra_outputs=True, dtype="float16")
+    pipe.build()
+    for _ in range(2):
+        views, labels, crops, pics, tapes = (o.as_cpu() for o in pipe.run())
+        for i in range(BATCH):
+            v = np.asarray(views.at(i)).astype(np.float32)
+            assert v.shape == (3, 3, 64, 64)
+            ref = R.ipmix_views(np.asarray(crops.at(i)), np.asarray(pics.at(i)),
+                                np.asarray(tapes.at(i)), CFG)
+            assert np.abs(v - ref).mean() < 5e-3          # float16 rounding + rare pow ulps
+
+
 def test_labels_untouched(dataset):
     # one epoch (12 files, batch 4) carries each file's class label once, the same as without IPMix
     ipmix = _run(_train(dataset, seed=7), iters=3)

@@ -40,8 +40,11 @@ def command_line(args: argparse.Namespace, actions) -> list:
 def _run(args: argparse.Namespace) -> int:
     from dali_ipmix.bench.report import caption, check_out_dir, table, write_outputs
     from dali_ipmix.bench.runner import run_bench
+    on_row = None
     if args.out:
         check_out_dir(args.out, args.overwrite)
+        # the rows so far, after every measurement: a run that is cut short still reports
+        on_row = lambda partial: write_outputs(partial, args.out, plot=False)  # noqa: E731
     result = run_bench(
         data=args.data, mixing=args.mixing, contenders=args.contenders, threads=args.threads,
         batch_size=args.batch_size, image_size=args.image_size, warmup=args.warmup,
@@ -51,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
         gen_pictures=args.gen_pictures, gen_size=args.gen_size, gen_classes=args.gen_classes,
         seed=args.seed, data_filelist=args.data_filelist, mixing_filelist=args.mixing_filelist,
         workers=args.workers, official=args.official, command=command_line(args, args.options),
-        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        log=lambda msg: print(msg, file=sys.stderr, flush=True), on_row=on_row)
     print(caption(result))
     print(table(result["rows"]))
     if args.out:

@@ -45,6 +45,12 @@ class Setup:
     official: Optional[str] = None   # checkout of the official IPMix code (the official rows)
 
     @property
+    def loader_dtype(self) -> str:
+        """The views' dtype: float16 under mixed precision on GPU (what train.py loads), else
+        float32."""
+        return "float16" if self.device == "gpu" and self.amp in ("bf16", "fp16") else "float"
+
+    @property
     def resize(self) -> int:
         """Shorter side of the mixing picture before its random crop: Resize(256) for 224."""
         return max(self.cfg.image_size, round(self.cfg.image_size * 256 / 224))
@@ -105,7 +111,8 @@ def dali_loader(setup: Setup, threads: int, cfg: C.IPMixConfig, backend: str,
                           backend=backend, seed=setup.seed, resize=setup.resize,
                           hw_decoder_load=setup.hw_decoder_load, prefetch_queue_depth=DALI_PREFETCH,
                           filelist=setup.data.train_filelist,
-                          mixing_filelist=setup.data.mixing_filelist, draws=draws)
+                          mixing_filelist=setup.data.mixing_filelist, draws=draws,
+                          dtype=setup.loader_dtype)
     # "fill": a set smaller than a batch still gives full batches (wrapping into the next epoch).
     return DaliLoader(pipe, last_batch="fill", device=setup.torch_device, channels_last=channels_last,
                       extra_outputs=("draws",) if draws else ())

@@ -157,7 +157,7 @@ def write_json(result: dict, path) -> Path:
     return path
 
 
-def plot(result: dict, path) -> Path:
+def plot_png(result: dict, path) -> Path:
     """images/s against CPU threads, one line per row (log scale: the rows span decades)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -192,10 +192,13 @@ def plot(result: dict, path) -> Path:
     return path
 
 
-def write_outputs(result: dict, out) -> List[Path]:
-    """bench.json, bench.txt (caption + table) and bench.png into ``out`` (checked beforehand)."""
+def write_outputs(result: dict, out, plot: bool = True) -> List[Path]:
+    """bench.json, bench.txt (caption + table) and bench.png into ``out`` (checked beforehand);
+    a record with ``complete`` False is marked as partial in the text."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     txt = out / "bench.txt"
-    txt.write_text(caption(result) + "\n\n" + table(result["rows"]) + "\n")
-    return [write_json(result, out / "bench.json"), txt, plot(result, out / "bench.png")]
+    partial = "" if result.get("complete", True) else "(partial: the run is still going)\n"
+    txt.write_text(partial + caption(result) + "\n\n" + table(result["rows"]) + "\n")
+    paths = [write_json(result, out / "bench.json"), txt]
+    return paths + [plot_png(result, out / "bench.png")] if plot else paths

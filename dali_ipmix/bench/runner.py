@@ -207,14 +207,16 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
               gen_pictures: int = 64, gen_size: Optional[int] = None, gen_classes: int = 4,
               seed: int = 0, data_filelist=None, mixing_filelist=None,
               workers: Optional[Sequence[int]] = None, official=None,
-              command: Optional[Sequence[str]] = None, log=print) -> Dict:
+              command: Optional[Sequence[str]] = None, log=print, on_row=None) -> Dict:
     """Measure the selected rows at every thread count on the same files; returns the record
     written to bench.json: ``settings``, ``machine``, ``data``, ``command`` and ``rows`` (one per
     row and thread count, with images/s and its ratios to the reference and synthetic rows).
 
     ``data``/``mixing``: class-folder set and mixing pictures; where missing, ``gen_images``
     sources ``gen_size`` px high (default: the Resize(256) of a 224 crop, scaled) and
-    ``gen_pictures`` mixing pictures are generated into a temporary folder.
+    ``gen_pictures`` mixing pictures are generated into a temporary folder.  ``on_row``: called
+    with the record so far (``complete`` False) after every measurement, so that a run cut short
+    still leaves its rows.
     """
     rows = select_rows(contenders)
     if official is not None:
@@ -259,6 +261,30 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
                         amp=amp, channels_last=channels_last, seed=seed,
                         official=None if official is None else str(official))
         results = []
+
+        def record(complete: bool) -> Dict:
+            return {
+                "command": list(sys.argv if command is None else command),
+                "argv": list(sys.argv),
+                "started": started,
+                "total_s": time.perf_counter() - start,
+                "complete": complete,
+                "settings": {"contenders": [r.name for r in rows], "threads": threads,
+                             "workers": workers,
+                             "official": None if official is None else str(official),
+                             "batch_size": batch_size, "image_size": image_size, "warmup": warmup,
+                             "iters": iters, "device": device, "backend": backend,
+                             "hw_decoder_load": hw_decoder_load, "arch": arch, "amp": amp,
+                             "channels_last": channels_last, "seed": seed,
+                             "ipmix": {"k": cfg.k, "t": cfg.t, "jsd_views": cfg.views,
+                                       "patch_sizes": list(cfg.patch_sizes),
+                                       "mixing_resize": setup.resize}},
+                "machine": {**machine_info(device), "load_average_start": load_start,
+                            "load_average_end": _load_average()},
+                "data": files.describe(),
+                "rows": add_ratios([dict(r) for r in results]),
+            }
+
         for row in rows:
             for n in thread_counts(row, threads, workers):
                 log(f"bench: {row.name}, {n} thread(s) ...")
@@ -266,22 +292,6 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
                 r = results[-1]
                 log(f"bench: {row.name}, {n} thread(s): " + (
                     f"error {r['error']}" if r["error"] else f"{r['images_per_s']:.1f} images/s"))
-    add_ratios(results)
-    return {
-        "command": list(sys.argv if command is None else command),
-        "argv": list(sys.argv),
-        "started": started,
-        "total_s": time.perf_counter() - start,
-        "settings": {"contenders": [r.name for r in rows], "threads": threads, "workers": workers,
-                     "official": None if official is None else str(official),
-                     "batch_size": batch_size, "image_size": image_size, "warmup": warmup,
-                     "iters": iters, "device": device, "backend": backend,
-                     "hw_decoder_load": hw_decoder_load, "arch": arch, "amp": amp,
-                     "channels_last": channels_last, "seed": seed,
-                     "ipmix": {"k": cfg.k, "t": cfg.t, "jsd_views": cfg.views,
-                               "patch_sizes": list(cfg.patch_sizes), "mixing_resize": setup.resize}},
-        "machine": {**machine_info(device), "load_average_start": load_start,
-                    "load_average_end": _load_average()},
-        "data": files.describe(),
-        "rows": results,
-    }
+                if on_row is not None:
+                    on_row(record(complete=False))
+        return record(complete=True)
