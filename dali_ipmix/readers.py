@@ -95,15 +95,40 @@ def train_images(data_dir, *, device, size, shard_id=0, num_shards=1, seed=None,
     return images, labels
 
 
-def mixing_pictures(mixing_dir, *, device, size, resize, seed=None, files=None):
+MIXING_CACHE_MAX_MB = 4096     # the largest automatic decoder cache for the mixing set
+
+
+def mixing_cache_mb(mixing_dir, files) -> int:
+    """GPU memory (MiB) that holds the whole mixing set decoded: the first picture's decoded size
+    times the number of pictures, with 25 % to spare, at most ``MIXING_CACHE_MAX_MB``."""
+    from PIL import Image
+    try:
+        with Image.open(Path(mixing_dir) / files[0]) as im:      # reads the header only
+            width, height = im.size
+    except (OSError, IndexError):
+        return 0                      # an unreadable picture is reported by the reader itself
+    return min(MIXING_CACHE_MAX_MB, int(width * height * 3 * len(files) * 1.25 / 2 ** 20) + 1)
+
+
+def mixing_pictures(mixing_dir, *, device, size, resize, seed=None, files=None, cache_mb="auto"):
     """The mixing-set reader: its own shuffling and seed; Resize(shorter side -> resize) then
-    RandomCrop(size), as the official code prepares the fractal picture."""
+    RandomCrop(size), as the official code prepares the fractal picture.
+
+    On GPU the decoded pictures are kept in the mixed decoder's cache (``cache_mb`` MiB, "auto":
+    the whole set, see ``mixing_cache_mb``; 0: none): the same few thousand pictures are drawn
+    again and again, and decoding them every batch would cost as much as a third of the source
+    decoding.  The first pass over the set fills the cache."""
     from nvidia.dali import fn, types
     files = picture_files(mixing_dir) if files is None else files
     kw = {} if seed is None else {"seed": seed}
     data, _ = fn.readers.file(file_root=str(mixing_dir), files=files, random_shuffle=True,
                               name=MIXING_READER, **kw)
-    pics = fn.decoders.image(data, device=decode_device(device), output_type=types.RGB)
+    cache = {}
+    if device == "gpu":
+        mb = mixing_cache_mb(mixing_dir, files) if cache_mb == "auto" else int(cache_mb)
+        if mb > 0:
+            cache = dict(cache_size=mb, cache_type="threshold", cache_threshold=0)
+    pics = fn.decoders.image(data, device=decode_device(device), output_type=types.RGB, **cache)
     pics = fn.resize(pics, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True)
     pos = dict(crop_pos_x=fn.random.uniform(range=[0.0, 1.0], **kw),
                crop_pos_y=fn.random.uniform(range=[0.0, 1.0], **kw))

@@ -19,8 +19,9 @@ record, so there is no host synchronisation and no per-sample Python.
 
 Exactness.  The arithmetic follows ``reference`` (PIL, NumPy) operation by operation: double
 precision for the affine warp and autocontrast as PIL computes them, float32 for the mixings and the
-final mix, ``x / 255`` from an exact table, truncation where PIL truncates; kernels are compiled
-without FMA contraction (``enable_fp_fusion=False``).  Under ``TRITON_INTERPRET=1`` (the CPU
+final mix, ``x / 255`` from an exact table, correctly rounded divisions (``div_rn``: Triton's
+float32 ``/`` is approximate on CUDA), truncation where PIL truncates; kernels are compiled without
+FMA contraction (``enable_fp_fusion=False``).  Under ``TRITON_INTERPRET=1`` (the CPU
 tests) the results are bit-identical to the reference; ``pow`` has no libdevice there, so NumPy's
 float32 ``power`` -- the function the reference uses -- stands in.  On CUDA, libdevice's ``powf``
 and ``logf`` may differ from glibc's in the last bit, which can move a rare pixel of a multiply
@@ -45,80 +46,83 @@ from . import tape as T
 # ALL_IMAGE_OPS extends IMAGE_OPS, so an op index means the same op with or without --all-ops.
 
 _OPS = C.ALL_IMAGE_OPS
-OP_EQUALIZE: tl.constexpr = _OPS.index("equalize")
-OP_POSTERIZE: tl.constexpr = _OPS.index("posterize")
-OP_ROTATE: tl.constexpr = _OPS.index("rotate")
-OP_SOLARIZE: tl.constexpr = _OPS.index("solarize")
-OP_SHEAR_X: tl.constexpr = _OPS.index("shear_x")
-OP_SHEAR_Y: tl.constexpr = _OPS.index("shear_y")
-OP_TRANSLATE_X: tl.constexpr = _OPS.index("translate_x")
-OP_TRANSLATE_Y: tl.constexpr = _OPS.index("translate_y")
-OP_MIRROR: tl.constexpr = _OPS.index("mirror")
-OP_INVERT: tl.constexpr = _OPS.index("invert")
-OP_AUTOCONTRAST: tl.constexpr = _OPS.index("autocontrast")
-OP_COLOR: tl.constexpr = _OPS.index("color")
-OP_CONTRAST: tl.constexpr = _OPS.index("contrast")
-OP_BRIGHTNESS: tl.constexpr = _OPS.index("brightness")
-OP_SHARPNESS: tl.constexpr = _OPS.index("sharpness")
+OP_EQUALIZE = tl.constexpr(_OPS.index("equalize"))
+OP_POSTERIZE = tl.constexpr(_OPS.index("posterize"))
+OP_ROTATE = tl.constexpr(_OPS.index("rotate"))
+OP_SOLARIZE = tl.constexpr(_OPS.index("solarize"))
+OP_SHEAR_X = tl.constexpr(_OPS.index("shear_x"))
+OP_SHEAR_Y = tl.constexpr(_OPS.index("shear_y"))
+OP_TRANSLATE_X = tl.constexpr(_OPS.index("translate_x"))
+OP_TRANSLATE_Y = tl.constexpr(_OPS.index("translate_y"))
+OP_MIRROR = tl.constexpr(_OPS.index("mirror"))
+OP_INVERT = tl.constexpr(_OPS.index("invert"))
+OP_AUTOCONTRAST = tl.constexpr(_OPS.index("autocontrast"))
+OP_COLOR = tl.constexpr(_OPS.index("color"))
+OP_CONTRAST = tl.constexpr(_OPS.index("contrast"))
+OP_BRIGHTNESS = tl.constexpr(_OPS.index("brightness"))
+OP_SHARPNESS = tl.constexpr(_OPS.index("sharpness"))
 
-MIX_ADD: tl.constexpr = C.MIXING_OPS.index("add")
-MIX_MULTIPLY: tl.constexpr = C.MIXING_OPS.index("multiply")
-MIX_RANDOM_ELEMS: tl.constexpr = C.MIXING_OPS.index("random_elems")
+MIX_ADD = tl.constexpr(C.MIXING_OPS.index("add"))
+MIX_MULTIPLY = tl.constexpr(C.MIXING_OPS.index("multiply"))
+MIX_RANDOM_ELEMS = tl.constexpr(C.MIXING_OPS.index("random_elems"))
 
-NSF: tl.constexpr = len(T.STEP_FIELDS)
-NCF: tl.constexpr = len(T.CHAIN_FIELDS)
-NSD: tl.constexpr = len(T.STEP_DRAWS)
-NCD: tl.constexpr = len(T.CHAIN_DRAWS)
-F_ACTIVE_IMG: tl.constexpr = T.SF["active_img"]
-F_ACTIVE_P: tl.constexpr = T.SF["active_p"]
-F_OP: tl.constexpr = T.SF["op"]
-F_MAG: tl.constexpr = T.SF["mag"]
-F_MIX: tl.constexpr = T.SF["mix"]
-F_SELF_MIX: tl.constexpr = T.SF["self_mix"]
-F_SELF_OP: tl.constexpr = T.SF["self_op"]
-F_SELF_MAG: tl.constexpr = T.SF["self_mag"]
-F_TOP: tl.constexpr = T.SF["top"]
-F_LEFT: tl.constexpr = T.SF["left"]
-F_HEIGHT: tl.constexpr = T.SF["height"]
-F_WIDTH: tl.constexpr = T.SF["width"]
-F_A: tl.constexpr = T.SF["a"]
-F_B: tl.constexpr = T.SF["b"]
-F_P: tl.constexpr = T.SF["p"]
-F_SEED: tl.constexpr = T.SF["seed"]
-CF_WEIGHT: tl.constexpr = T.CF["weight"]
-CF_KIND: tl.constexpr = T.CF["kind"]
-CF_DEPTH: tl.constexpr = T.CF["depth"]
-D_WEIGHT: tl.constexpr = T.CD["weight"]
-D_KIND: tl.constexpr = T.CD["kind"]
-D_DEPTH: tl.constexpr = T.CD["depth"]
-D_IMG_OP: tl.constexpr = T.SD["img_op"]
-D_IMG_LEVEL: tl.constexpr = T.SD["img_level"]
-D_IMG_SIGN: tl.constexpr = T.SD["img_sign"]
-D_SIZE: tl.constexpr = T.SD["size"]
-D_MIX: tl.constexpr = T.SD["mix"]
-D_PARTNER: tl.constexpr = T.SD["partner"]
-D_SELF_OP: tl.constexpr = T.SD["self_op"]
-D_SELF_LEVEL: tl.constexpr = T.SD["self_level"]
-D_SELF_SIGN: tl.constexpr = T.SD["self_sign"]
-D_TOP: tl.constexpr = T.SD["top"]
-D_LEFT: tl.constexpr = T.SD["left"]
-D_SQUARE: tl.constexpr = T.SD["square"]
-D_HEIGHT: tl.constexpr = T.SD["height"]
-D_WIDTH: tl.constexpr = T.SD["width"]
-D_AB_BRANCH: tl.constexpr = T.SD["ab_branch"]
-D_A: tl.constexpr = T.SD["a"]
-D_B: tl.constexpr = T.SD["b"]
-D_P: tl.constexpr = T.SD["p"]
-D_SEED: tl.constexpr = T.SD["seed"]
+NSF = tl.constexpr(len(T.STEP_FIELDS))
+NCF = tl.constexpr(len(T.CHAIN_FIELDS))
+NSD = tl.constexpr(len(T.STEP_DRAWS))
+NCD = tl.constexpr(len(T.CHAIN_DRAWS))
+F_ACTIVE_IMG = tl.constexpr(T.SF["active_img"])
+F_ACTIVE_P = tl.constexpr(T.SF["active_p"])
+F_OP = tl.constexpr(T.SF["op"])
+F_MAG = tl.constexpr(T.SF["mag"])
+F_MIX = tl.constexpr(T.SF["mix"])
+F_SELF_MIX = tl.constexpr(T.SF["self_mix"])
+F_SELF_OP = tl.constexpr(T.SF["self_op"])
+F_SELF_MAG = tl.constexpr(T.SF["self_mag"])
+F_TOP = tl.constexpr(T.SF["top"])
+F_LEFT = tl.constexpr(T.SF["left"])
+F_HEIGHT = tl.constexpr(T.SF["height"])
+F_WIDTH = tl.constexpr(T.SF["width"])
+F_A = tl.constexpr(T.SF["a"])
+F_B = tl.constexpr(T.SF["b"])
+F_P = tl.constexpr(T.SF["p"])
+F_SEED = tl.constexpr(T.SF["seed"])
+CF_WEIGHT = tl.constexpr(T.CF["weight"])
+CF_KIND = tl.constexpr(T.CF["kind"])
+CF_DEPTH = tl.constexpr(T.CF["depth"])
+D_WEIGHT = tl.constexpr(T.CD["weight"])
+D_KIND = tl.constexpr(T.CD["kind"])
+D_DEPTH = tl.constexpr(T.CD["depth"])
+D_IMG_OP = tl.constexpr(T.SD["img_op"])
+D_IMG_LEVEL = tl.constexpr(T.SD["img_level"])
+D_IMG_SIGN = tl.constexpr(T.SD["img_sign"])
+D_SIZE = tl.constexpr(T.SD["size"])
+D_MIX = tl.constexpr(T.SD["mix"])
+D_PARTNER = tl.constexpr(T.SD["partner"])
+D_SELF_OP = tl.constexpr(T.SD["self_op"])
+D_SELF_LEVEL = tl.constexpr(T.SD["self_level"])
+D_SELF_SIGN = tl.constexpr(T.SD["self_sign"])
+D_TOP = tl.constexpr(T.SD["top"])
+D_LEFT = tl.constexpr(T.SD["left"])
+D_SQUARE = tl.constexpr(T.SD["square"])
+D_HEIGHT = tl.constexpr(T.SD["height"])
+D_WIDTH = tl.constexpr(T.SD["width"])
+D_AB_BRANCH = tl.constexpr(T.SD["ab_branch"])
+D_A = tl.constexpr(T.SD["a"])
+D_B = tl.constexpr(T.SD["b"])
+D_P = tl.constexpr(T.SD["p"])
+D_SEED = tl.constexpr(T.SD["seed"])
 
-HASH_MUL: tl.constexpr = noise.MUL
-SEED_RANGE: tl.constexpr = T.SEED_RANGE
+HASH_MUL = tl.constexpr(noise.MUL)
+SEED_RANGE = tl.constexpr(T.SEED_RANGE)
 
 # Pillow's grey (``RGB -> L``) weights and its SMOOTH filter kernel (divided in float32).
-_SMOOTH_SIDE = float(np.float32(1) / np.float32(13))
-_SMOOTH_CENTRE = float(np.float32(5) / np.float32(13))
+_SMOOTH_SIDE = tl.constexpr(float(np.float32(1) / np.float32(13)))
+_SMOOTH_CENTRE = tl.constexpr(float(np.float32(5) / np.float32(13)))
 
-BLOCK_PIXELS = 512          # pixels per program of the step and finish kernels (x 4 lanes)
+# Launch shapes.  The step kernel holds every op's code path: with 512 pixels (x 4 lanes) and 4
+# warps a program needs 255 registers and spills; 256 pixels over 8 warps need 78 (ptxas, sm_90).
+BLOCK_PIXELS = 256          # pixels per program of the step and finish kernels
+STEP_WARPS = 8
 BLOCK_SCAN = 1024           # pixels per iteration of the table kernel's histogram loop
 
 
@@ -158,7 +162,7 @@ else:
 
 @triton.jit
 def _randint(u, lo: tl.constexpr, hi: tl.constexpr):
-    n: tl.constexpr = hi - lo + 1
+    n = hi - lo + 1
     return tl.minimum(tl.floor(u * n), n - 1) + lo
 
 
@@ -167,7 +171,7 @@ def _magnitude(op, u_level, u_sign, tab_a, tab_m, tab_b, tab_f, tab_sign, sev_sp
     # tape._magnitude: mag = B + A * maybe_floor(level * M / 10), sign flipped on u_sign > 0.5
     opi = op.to(tl.int32)
     level = u_level * sev_span + 0.1
-    raw = level * tl.load(tab_m + opi, mask=mask, other=0.0) / 10
+    raw = tl.math.div_rn(level * tl.load(tab_m + opi, mask=mask, other=0.0), 10.0)
     floored = tl.load(tab_f + opi, mask=mask, other=0.0)
     v = floored * tl.floor(raw) + (1 - floored) * raw
     mag = tl.load(tab_b + opi, mask=mask, other=0.0) + tl.load(tab_a + opi, mask=mask, other=0.0) * v
@@ -204,7 +208,7 @@ def _decode_kernel(u_ptr, rec_ptr, tab_a, tab_m, tab_b, tab_f, tab_sign, sizes_p
         expo = _expo(uc, i)
         kind = (tl.load(uc + i * NCD + D_KIND) >= 0.5).to(tl.float32)
         depth = _randint(tl.load(uc + i * NCD + D_DEPTH), DEPTH_MIN, T)
-        tl.store(r + 1 + i * NCF + CF_WEIGHT, expo / total)
+        tl.store(r + 1 + i * NCF + CF_WEIGHT, tl.math.div_rn(expo, total))
         tl.store(r + 1 + i * NCF + CF_KIND, kind)
         tl.store(r + 1 + i * NCF + CF_DEPTH, depth)
     if T > 0:
@@ -292,8 +296,8 @@ def _tables_kernel(x_ptr, rec_ptr, src_ptr, lut_ptr, mean_ptr, scale_ptr, j,
     c = tl.program_id(1)
     n = q // K
     b = n // A
-    HW: tl.constexpr = H * W
-    HW3: tl.constexpr = HW * 3
+    HW = H * W
+    HW3 = HW * 3
     st = rec_ptr + n * L + 1 + K * NCF + ((q % K) * T + j) * NSF
     act_img = tl.load(st + F_ACTIVE_IMG) > 0
     act_p = (tl.load(st + F_ACTIVE_P) > 0) & (tl.load(st + F_ACTIVE_IMG) <= 0)
@@ -309,7 +313,7 @@ def _tables_kernel(x_ptr, rec_ptr, src_ptr, lut_ptr, mean_ptr, scale_ptr, j,
             v = tl.load(img + offs * 3 + c, mask=offs < HW, other=0).to(tl.int32)
             hist += tl.histogram(v, 256)
         # the masked lanes of the last block were counted in bin 0
-        pad: tl.constexpr = (HW + BLOCK - 1) // BLOCK * BLOCK - HW
+        pad = (HW + BLOCK - 1) // BLOCK * BLOCK - HW
         idx = tl.arange(0, 256)
         hist -= tl.where(idx == 0, pad, 0)
         if op == OP_EQUALIZE:
@@ -422,11 +426,9 @@ def _smooth(img, v, rows, cols, ch, mask, H: tl.constexpr, W: tl.constexpr):
     inner = (rows > 0) & (rows < H - 1) & (cols > 0) & (cols < W - 1)
     m = mask & inner
     e = (rows * W + cols) * 3 + ch
-    side: tl.constexpr = _SMOOTH_SIDE
-    centre: tl.constexpr = _SMOOTH_CENTRE
-    ss = _smooth_row(img, e + 3 * W, m, side, side) + 0.5
-    ss = ss + _smooth_row(img, e, m, side, centre)
-    ss = ss + _smooth_row(img, e - 3 * W, m, side, side)
+    ss = _smooth_row(img, e + 3 * W, m, _SMOOTH_SIDE, _SMOOTH_SIDE) + 0.5
+    ss = ss + _smooth_row(img, e, m, _SMOOTH_SIDE, _SMOOTH_CENTRE)
+    ss = ss + _smooth_row(img, e - 3 * W, m, _SMOOTH_SIDE, _SMOOTH_SIDE)
     sm = tl.minimum(tl.maximum(ss.to(tl.int32), 0), 255)
     return tl.where(inner, sm, v).to(tl.float32)
 
@@ -525,8 +527,8 @@ def _step_kernel(x_ptr, f_ptr, rec_ptr, src_ptr, dst_ptr, lut_ptr, mean_ptr, rot
     tile = tl.program_id(1)
     n = q // K
     b = n // A
-    HW: tl.constexpr = H * W
-    HW3: tl.constexpr = HW * 3
+    HW = H * W
+    HW3 = HW * 3
     st = rec_ptr + n * L + 1 + K * NCF + ((q % K) * T + j) * NSF
     act_img = tl.load(st + F_ACTIVE_IMG) > 0
     act_p = (tl.load(st + F_ACTIVE_P) > 0) & (tl.load(st + F_ACTIVE_IMG) <= 0)
@@ -573,7 +575,7 @@ def _step_kernel(x_ptr, f_ptr, rec_ptr, src_ptr, dst_ptr, lut_ptr, mean_ptr, rot
 
 @triton.jit
 def _normalized(v, inv255, mean, std):
-    return (tl.load(inv255 + v) - mean) / std
+    return tl.math.div_rn(tl.load(inv255 + v) - mean, std)
 
 
 @triton.jit
@@ -585,8 +587,8 @@ def _finish_kernel(x_ptr, rec_ptr, chains_ptr, out_ptr, inv255, m0, m1, m2, s0, 
     tile = tl.program_id(1)
     b = bv // V
     v = bv % V
-    HW: tl.constexpr = H * W
-    HW3: tl.constexpr = HW * 3
+    HW = H * W
+    HW3 = HW * 3
     pix = tile * BP + tl.arange(0, BP)[:, None]
     ch = tl.arange(0, 4)[None, :]
     mask = (pix < HW) & (ch < 3)
@@ -652,7 +654,9 @@ def _image_tables(height: int, width: int, device: torch.device):
 
 
 def _launch(kernel, grid, *args, **kw):
-    if not INTERPRETED:
+    if INTERPRETED:
+        kw.pop("num_warps", None)
+    else:
         # keep a * b + c rounded twice, as PIL and NumPy do
         kw["enable_fp_fusion"] = False
     kernel[grid](*args, **kw)
@@ -711,7 +715,8 @@ def chains(x: torch.Tensor, f: torch.Tensor, tapes: torch.Tensor, cfg: C.IPMixCo
                 FIRST=first, BLOCK=BLOCK_SCAN, **common)
         _launch(_step_kernel, (Q, triton.cdiv(H * W, BLOCK_PIXELS)), x, f, tapes, src, dst, lut,
                 mean, tab["rot"], tab["inv255"], float(np.float32(C.MULTIPLY_EPS)), j,
-                FIRST=first, CLAMP=cfg.overflow == "clamp", BP=BLOCK_PIXELS, **common)
+                FIRST=first, CLAMP=cfg.overflow == "clamp", BP=BLOCK_PIXELS, num_warps=STEP_WARPS,
+                **common)
         src = dst
     return src
 

@@ -23,7 +23,8 @@ def _padded_random_crop(images, size):
 def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.CIFAR, batch_size=128,
                    num_threads=4, device="gpu", device_id=None, backend="fused", seed=0,
                    shard_id=0, num_shards=1, extra_outputs=False, enable_checkpointing=False,
-                   checkpoint=None, filelist=None, mixing_filelist=None, dtype="float"):
+                   checkpoint=None, filelist=None, mixing_filelist=None, dtype="float",
+                   mixing_cache_mb="auto"):
     """Like ``pipelines.imagenet.train_pipeline``: outputs views [V, 3, 32, 32] and labels (with
     ``extra_outputs`` also crops, mixing pictures and tapes).  Validation: the ImageNet
     ``val_pipeline`` with ``resize=32`` (the pictures themselves)."""
@@ -42,7 +43,7 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.CIFAR, batch_
         images = fn.flip(images, horizontal=fn.random.coin_flip())
         images = _padded_random_crop(images, size)
         pics = readers.mixing_pictures(mixing_dir, device=device, size=size, resize=size + PAD,
-                                       files=pictures)
+                                       files=pictures, cache_mb=mixing_cache_mb)
         return training_outputs(images, pics, labels, cfg, device=device, backend=backend,
                                 extra_outputs=extra_outputs, dtype=dtype)
 

@@ -23,7 +23,7 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, bat
                    shard_id=0, num_shards=1, dtype="float", resize=256, extra_outputs=False,
                    enable_checkpointing=False, checkpoint=None, hw_decoder_load=0.65,
                    prefetch_queue_depth=2, random_area=(0.08, 1.0), filelist=None,
-                   mixing_filelist=None, draws=None):
+                   mixing_filelist=None, draws=None, mixing_cache_mb="auto"):
     """Build (not yet started) the IPMix training pipeline.
 
     Outputs ``images`` [V, 3, S, S] and ``labels`` [1]; with ``extra_outputs`` also the raw crop,
@@ -32,6 +32,7 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, bat
     ``random_area``: the RandomResizedCrop area range (torchvision's default ``(0.08, 1)``).
     ``filelist`` / ``mixing_filelist``: verified file lists (``dali-ipmix verify --write-filelist``)
     that leave out bad files.  ``draws``: see ``augment.training_outputs`` (benchmarks).
+    ``mixing_cache_mb``: GPU decoder cache for the mixing set (``readers.mixing_pictures``).
     """
     files = readers.listed_or_found(data_dir, filelist)
     pictures = readers.picture_files(mixing_dir, filelist=mixing_filelist)
@@ -45,7 +46,7 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, bat
             random_area=random_area)
         images = fn.flip(images, horizontal=fn.random.coin_flip())
         pics = readers.mixing_pictures(mixing_dir, device=device, size=cfg.image_size,
-                                       resize=resize, files=pictures)
+                                       resize=resize, files=pictures, cache_mb=mixing_cache_mb)
         return training_outputs(images, pics, labels, cfg, device=device, backend=backend,
                                 extra_outputs=extra_outputs, dtype=dtype, draws=draws)
 

@@ -59,7 +59,10 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--impls", default="triton,torch")
-    p.add_argument("--blocks", default="512", help="pixels per program to sweep, e.g. 256,512,1024")
+    p.add_argument("--blocks", default=None, help="pixels per program to sweep, e.g. 128,256,512 "
+                   "(default: the module's BLOCK_PIXELS)")
+    p.add_argument("--warps", default=None, help="warps of the step kernel to sweep, e.g. 4,8 "
+                   "(default: the module's STEP_WARPS)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     p.add_argument("--out", default=None, help="JSON file to write")
     args = p.parse_args(argv)
@@ -77,14 +80,18 @@ def main(argv=None):
         cfg = base.replace(jsd=jsd)
         u = torch.rand((B, cfg.n_aug, T.uniform_size(cfg)), generator=gen).to(device)
         for impl in args.impls.split(","):
-            blocks = [int(b) for b in args.blocks.split(",")] if impl == "triton" else [None]
-            for block in blocks:
+            shapes = [(None, None)]
+            if impl == "triton":
+                from dali_ipmix import triton_kernels as TK
+                blocks = args.blocks.split(",") if args.blocks else [TK.BLOCK_PIXELS]
+                warps = args.warps.split(",") if args.warps else [TK.STEP_WARPS]
+                shapes = [(int(b), int(w)) for b in blocks for w in warps]
+            for block, warps in shapes:
                 if block:
-                    from dali_ipmix import triton_kernels as TK
-                    TK.BLOCK_PIXELS = block
+                    TK.BLOCK_PIXELS, TK.STEP_WARPS = block, warps
                 run = lambda: fused.ipmix_views_from_uniforms(x, f, u, cfg, dtype, impl=impl)  # noqa: E731
                 iters = args.iters if impl == "triton" else max(1, args.iters // 5)
-                row = {"views": cfg.views, "impl": impl, "block": block,
+                row = {"views": cfg.views, "impl": impl, "block": block, "warps": warps,
                        "images_per_s": _rate(run, B, iters, device)}
                 if impl == "triton":
                     row["stage_ms"] = _stages(x, f, u, cfg, dtype, iters, device)
@@ -94,11 +101,12 @@ def main(argv=None):
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "torch": torch.__version__, "triton": _triton_version(),
               "python": platform.python_version(), "rows": rows}
-    print(f"\n{'views':>5} {'impl':>6} {'block':>5} {'images/s':>10}  stage ms (decode / chains / finish)")
+    print(f"\n{'views':>5} {'impl':>6} {'block':>5} {'warps':>5} {'images/s':>10}  stage ms (decode / chains / finish)")
     for r in rows:
         st = r.get("stage_ms")
         stages = " / ".join(f"{st[k]:.2f}" for k in ("decode", "chains", "finish")) if st else "-"
-        print(f"{r['views']:>5} {r['impl']:>6} {r['block'] or '-':>5} {r['images_per_s']:>10.0f}  {stages}")
+        print(f"{r['views']:>5} {r['impl']:>6} {r['block'] or '-':>5} {r['warps'] or '-':>5} "
+              f"{r['images_per_s']:>10.0f}  {stages}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

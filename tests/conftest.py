@@ -15,6 +15,14 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+# magnitudes as the official code hands them to PIL, signs included
+MAGNITUDES = {
+    "equalize": [None], "mirror": [None], "invert": [None],
+    "posterize": [4, 3, 1], "rotate": [2, -8, 5], "solarize": [231, 180, 254],
+    "shear_x": [0.03, -0.09], "shear_y": [0.05, -0.02], "translate_x": [7, -3],
+    "translate_y": [-7, 2], "autocontrast": [9.5, 7.2], "color": [0.2, 0.6],
+    "contrast": [0.118, 0.6], "brightness": [0.2, 0.6], "sharpness": [0.2, 0.6],
+}
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
           "hubble_deep_field.jpg", "retina.jpg")
 
@@ -76,6 +84,9 @@ def has_gpu() -> bool:
     try:
         from nvidia.dali.backend import GetCUDADeviceCount
         return GetCUDADeviceCount() > 0
+    except ImportError:          # no DALI (the GPU machine before it is unpacked): the kernels
+        import torch             # alone can still be tested
+        return torch.cuda.is_available()
     except Exception:
         return False
 

@@ -4,15 +4,8 @@ import pytest
 
 from dali_ipmix import config as C
 from dali_ipmix import ops, reference as R
+from conftest import MAGNITUDES
 
-# magnitudes as the official code hands them to PIL, signs included
-MAGNITUDES = {
-    "equalize": [None], "mirror": [None], "invert": [None],
-    "posterize": [4, 3, 1], "rotate": [2, -8, 5], "solarize": [231, 180, 254],
-    "shear_x": [0.03, -0.09], "shear_y": [0.05, -0.02], "translate_x": [7, -3],
-    "translate_y": [-7, 2], "autocontrast": [9.5, 7.2], "color": [0.2, 0.6],
-    "contrast": [0.118, 0.6], "brightness": [0.2, 0.6], "sharpness": [0.2, 0.6],
-}
 EXACT = {"posterize", "solarize", "invert", "mirror", "translate_x", "translate_y",
          "color", "contrast", "brightness", "sharpness"}
 GEOMETRIC = {"rotate", "shear_x", "shear_y"}
