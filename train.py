@@ -51,9 +51,12 @@ from dali_ipmix import config as C
 from dali_ipmix import models
 from dali_ipmix.cli import UserError
 from dali_ipmix.losses import ipmix_loss
+from dali_ipmix.outputs import write_atomic
 
 CKPT_PATTERN = re.compile(r"^checkpoint_(\d+)\.pth$")
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+TENSORBOARD_DIR = "tensorboard"
 
 # Defaults that differ between the real recipe and the built-in demo (flags left unset).
 RECIPE_DEFAULTS = dict(arch="resnet50", image_size=None, epochs=180, batch_size=128, lr=0.01,
@@ -62,10 +65,20 @@ DEMO_DEFAULTS = dict(arch="resnet18", image_size=32, epochs=8, batch_size=32, lr
                      warmup_epochs=1, print_freq=10, ckpt_every=0, crop_scale=0.35)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where the help does not say the default itself: None means the
+    recipe, the demo or the preset decides, and the help names those."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args_parser(add_help=True):
     p = argparse.ArgumentParser(description="IPMix + DALI classification training "
                                 "(no data flags: built-in demo)", add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="folder with train/ and val/ class folders "
                    "(omit for the built-in demo)")
@@ -177,13 +190,38 @@ def find_checkpoints(folder):
     return sorted(out)
 
 
+class _KeepWriteError:
+    """A file whose failed write is remembered: torch.save swallows the OSError of a full disk and
+    raises ``RuntimeError: unexpected pos`` instead, which must not pass for a bug."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def atomic_torch_save(obj, path):
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    """Write to a temp file in the same folder, fsync, then rename over ``path``; a failed write
+    raises OSError (disk full, quota, permissions) and leaves no temp file."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            sink = _KeepWriteError(f)
+            try:
+                torch.save(obj, sink)
+            except RuntimeError:
+                if sink.error is None:
+                    raise
+                raise sink.error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -251,9 +289,40 @@ def apply_defaults(args):
     for flag in ("epochs", "batch_size", "workers"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    check_numbers(args)
     advmixup.check_adv_args(args)
     if not 0 < args.crop_scale <= 1:
         raise UserError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
+
+
+# (flag dest, test, what the test asks): numbers argparse cannot bound; NaN fails every test, so a
+# NaN flag is refused here rather than showing up as a NaN loss many steps later.
+NUMBER_RULES = (
+    ("lr", lambda v: 0 < v < math.inf, "a finite number > 0"),
+    ("momentum", lambda v: 0 < v < 1, "in (0, 1) (Nesterov SGD needs a momentum)"),
+    ("wd", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("jsd_weight", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    ("warmup_epochs", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    ("beta", lambda v: v is None or 0 < v < math.inf, "a finite number > 0"),
+    ("aug_severity", lambda v: v is None or math.isfinite(v), "a finite number"),
+    ("print_freq", lambda v: v >= 1, ">= 1"),
+    ("max_steps", lambda v: v >= 0, ">= 0 (0 = no limit)"),
+    ("ckpt_every", lambda v: v >= 0, ">= 0 (0 = only at epoch ends)"),
+    ("keep_ckpts", lambda v: v >= 1, ">= 1"),
+    ("lr_scale_batch", lambda v: v >= 0, ">= 0 (0 = no scaling)"),
+    ("val_batch_size", lambda v: v is None or v >= 1, ">= 1"),
+    ("seed", lambda v: v >= 0, ">= 0"),
+)
+
+
+def check_numbers(args):
+    for dest, ok, what in NUMBER_RULES:
+        value = getattr(args, dest)
+        if not ok(value):
+            raise UserError(f"--{dest.replace('_', '-')} must be {what}, got {value}")
+    if args.overwrite and args.resume:
+        raise UserError("--overwrite starts afresh and --resume continues a run: give one of them")
 
 
 def resolve_arch(args):
@@ -308,6 +377,7 @@ def resolve_data(args):
     if not val_dir.is_dir():
         raise UserError(f"validation folder {val_dir} does not exist (expected class folders "
                         f"val/<class>/*.jpg; give --val-dir)")
+    args.train_flag = "--train-dir" if args.train_dir else "--data-path train"
     args.train_dir, args.val_dir = str(train_dir), str(val_dir)
     check_data(args)
 
@@ -315,7 +385,8 @@ def resolve_data(args):
 def check_data(args):
     """Count files and compare the batch with a shard; raises UserError."""
     from dali_ipmix import readers
-    files, _, classes = readers.listed_or_found(args.train_dir, args.train_filelist, flag="--data-path train")
+    files, _, classes = readers.listed_or_found(args.train_dir, args.train_filelist,
+                                                flag=getattr(args, "train_flag", "--data-path train"))
     vfiles, _, vclasses = readers.listed_or_found(args.val_dir, args.val_filelist, flag="--val-dir")
     readers.picture_files(args.mixing_set, flag="--mixing-set", filelist=args.mixing_filelist)
     if vclasses != classes:
@@ -343,14 +414,80 @@ def prepare_output_dir(args):
         probe.close()
     except OSError as e:
         raise UserError(f"--output-dir {out} is not writable ({e.strerror or e})") from None
+    args.output_lock = lock_output_dir(out)
     existing = find_checkpoints(out)
-    if existing and args.resume is None and not args.overwrite:
-        raise UserError(f"--output-dir {out} already holds {len(existing)} checkpoint(s) of another run; "
-                        f"pass --resume auto to continue it, --overwrite to start afresh, or another --output-dir")
+    args.previous_run = previous_run_files(out) if args.resume is None else []
+    if args.previous_run and not args.overwrite:
+        what = (f"{len(existing)} checkpoint(s)" if existing else
+                ", ".join(os.path.basename(p) for p in args.previous_run))
+        raise UserError(f"--output-dir {out} already holds {what} of another run; pass --resume auto "
+                        f"to continue it, --overwrite to start afresh (deletes that run's files), "
+                        f"or another --output-dir")
     if args.resume == "auto":
         if not existing:
             raise UserError(f"--resume auto: no checkpoint_*.pth in {out}")
         args.resume = existing[-1][1]
+
+
+LOCK_FILE = ".train.lock"
+
+
+def lock_output_dir(out):
+    """Hold an exclusive lock on ``out`` while this run lives, so a second run into the same folder
+    is refused instead of interleaving checkpoints and metrics.  flock: the kernel drops the lock
+    when the process ends, however it ends, so a crashed run leaves no stale lock.  Returns the
+    open lock file to keep (None where the file system has no locks)."""
+    import fcntl
+    import socket
+    f = open(os.path.join(str(out), LOCK_FILE), "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read(200).strip() or "pid unknown"
+        f.close()
+        raise UserError(f"--output-dir {out} is in use by another train.py run ({holder}); wait for "
+                        f"it to end (or stop it), or choose another --output-dir") from None
+    except OSError as e:
+        f.close()
+        print(f"train.py: warning: cannot lock --output-dir {out} ({e.strerror or e}); a second run "
+              f"into it would not be refused", file=sys.stderr, flush=True)
+        return None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+def unlock_output_dir(args):
+    lock = getattr(args, "output_lock", None)
+    if lock is not None:
+        lock.close()
+        args.output_lock = None
+
+
+def previous_run_files(out):
+    """What an earlier run wrote into ``out`` (checkpoints, their temp files, metrics, summary,
+    TensorBoard events): the files ``--overwrite`` deletes and whose presence needs a decision."""
+    names = [p for _, p in find_checkpoints(out)]
+    names += glob.glob(os.path.join(str(out), ".tmp-checkpoint_*"))
+    names += [os.path.join(str(out), n) for n in (METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR)
+              if os.path.lexists(os.path.join(str(out), n))]
+    return names
+
+
+def delete_previous_run(args):
+    """--overwrite: remove the earlier run's files, after every check passed and the lock is held,
+    so that pruning, ``--resume auto`` and metrics.jsonl only ever see this run."""
+    import shutil
+    for path in args.previous_run:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    if args.previous_run:
+        log(args, f"--overwrite: deleted the previous run's files in {args.output_dir}: "
+                  f"{', '.join(sorted(os.path.basename(p) for p in args.previous_run))}")
 
 
 def load_resume_checkpoint(args):
@@ -367,6 +504,15 @@ def load_resume_checkpoint(args):
     if ckpt["arch"] != args.arch:
         raise UserError(f"--resume {args.resume}: checkpoint of --arch {ckpt['arch']}, but this run "
                         f"uses --arch {args.arch}; pass --arch {ckpt['arch']}")
+    recorded = ckpt.get("args", {})
+    if recorded.get("num_classes", args.num_classes) != args.num_classes:
+        raise UserError(f"--resume {args.resume}: checkpoint of a {recorded['num_classes']}-class model, "
+                        f"but {args.train_dir} has {args.num_classes} classes; resume with the data it "
+                        f"was trained on, or start a new run")
+    if recorded.get("batch_size", args.batch_size) != args.batch_size:
+        raise UserError(f"--resume {args.resume}: checkpoint trained with --batch-size "
+                        f"{recorded['batch_size']}, this run has {args.batch_size}; pass --batch-size "
+                        f"{recorded['batch_size']} (the schedule's length and the data position depend on it)")
     return ckpt
 
 
@@ -427,20 +573,33 @@ def build_loaders(args, cfg, dali_checkpoint=None):
 # ---------------------------------------------------------------------------------------------
 # Metrics
 
+def write_failed(args, what, error):
+    """Remember a failed write for the summary (the run itself goes on)."""
+    reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    args.failed_writes = getattr(args, "failed_writes", []) + [f"{what} ({reason})"]
+
+
 class MetricsWriter:
-    """metrics.jsonl (+ TensorBoard scalars when available); rank 0 only."""
+    """metrics.jsonl (+ TensorBoard scalars when available); rank 0 only.
+
+    Records are appended as whole lines with os.write; when a write fails (disk full) the unwritten
+    bytes stay queued (up to MAX_QUEUED) and go out with the next record, so the file keeps whole
+    lines in order and loses nothing once space returns."""
+
+    MAX_QUEUED = 16 << 20
 
     def __init__(self, args):
         self.enabled = is_main(args)
-        self.file = None
-        self.tb = None
+        self.args, self.fd, self.tb = args, None, None
+        self.queued, self.failing, self.failures, self.dropped = b"", None, 0, 0
         if not self.enabled:
             return
-        self.file = open(os.path.join(args.output_dir, METRICS_FILE), "a", buffering=1)
+        self.path = os.path.join(args.output_dir, METRICS_FILE)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if not args.no_tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
+                self.tb = SummaryWriter(os.path.join(args.output_dir, TENSORBOARD_DIR))
             except Exception as e:  # tensorboard is an optional dependency
                 print(f"note: TensorBoard logging skipped ({type(e).__name__}: {e}); metrics go to "
                       f"{METRICS_FILE} only", flush=True)
@@ -448,18 +607,56 @@ class MetricsWriter:
     def write(self, record: dict, step: int):
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        if len(self.queued) + len(line) <= self.MAX_QUEUED:
+            self.queued += line
+        else:
+            self.dropped += 1
+        self._flush()
         if self.tb is not None:
             prefix = record.get("kind", "train")
-            for key, value in record.items():
-                if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"{prefix}/{key}", value, step)
+            try:
+                for key, value in record.items():
+                    if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
+                        self.tb.add_scalar(f"{prefix}/{key}", value, step)
+            except Exception as e:  # its writer thread hits the full disk first, raises here later
+                print(f"train.py: warning: TensorBoard logging stopped ({type(e).__name__}: {e}); "
+                      f"{METRICS_FILE} goes on", file=sys.stderr, flush=True)
+                write_failed(self.args, TENSORBOARD_DIR, e)
+                self.tb = None
+
+    def _flush(self):
+        while self.queued:
+            try:
+                self.queued = self.queued[os.write(self.fd, self.queued):]
+            except OSError as e:
+                self.failures += 1
+                if self.failing is None:
+                    print(f"train.py: warning: writing {self.path} failed ({e.strerror or e}); its "
+                          f"records wait in memory and are written with the next one that fits",
+                          file=sys.stderr, flush=True)
+                self.failing = e
+                return
+        if self.failing is not None:
+            print(f"train.py: {self.path} is written again; "
+                  + (f"{self.dropped} record(s) did not fit in memory" if self.dropped else "no record lost"),
+                  flush=True)
+            self.failing = None
 
     def close(self):
-        if self.file:
-            self.file.close()
+        if self.fd is not None:
+            self._flush()
+            os.close(self.fd)
+            self.fd = None
+            if self.failures or self.dropped:
+                lost = self.queued.count(b"\n") + self.dropped
+                write_failed(self.args, METRICS_FILE, f"{self.failures} failed write(s), "
+                             + (f"{lost} record(s) lost" if lost else "every record written later"))
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except Exception as e:
+                write_failed(self.args, TENSORBOARD_DIR, e)
 
 
 def all_reduce_sum(values, device):
@@ -521,7 +718,7 @@ def gather_dali_states(loader, args):
 
 
 def save_checkpoint(args, *, model, optimizer, scheduler, scaler, epoch, step, epoch_done,
-                    train_loader, best_top1, history):
+                    train_loader, best_top1, history, epoch_steps=0):
     dali_states = gather_dali_states(train_loader, args)  # a collective: every rank calls it
     if not is_main(args):
         return None
@@ -534,6 +731,7 @@ def save_checkpoint(args, *, model, optimizer, scheduler, scaler, epoch, step, e
         "scaler": scaler.state_dict(),
         "epoch": epoch,                  # epoch to continue (in progress unless epoch_done)
         "epoch_done": epoch_done,
+        "epoch_steps": epoch_steps,      # steps of that epoch done (all: its validation is due)
         "step": step,
         "arch": args.arch,
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
@@ -550,8 +748,9 @@ def save_checkpoint(args, *, model, optimizer, scheduler, scaler, epoch, step, e
         # disk full, permissions, quota: the run goes on, older checkpoints stay as they are
         kept = find_checkpoints(args.output_dir)
         print(f"train.py: warning: writing checkpoint {path} failed ({e.strerror or e}); "
-              f"{'previous checkpoint ' + kept[-1][1] if kept else 'no earlier checkpoint'} kept",
-              file=sys.stderr, flush=True)
+              f"{'previous checkpoint ' + kept[-1][1] if kept else 'no earlier checkpoint'} kept; "
+              f"the next checkpoint tries again", file=sys.stderr, flush=True)
+        write_failed(args, os.path.basename(path), e)
         return None
     for _, old in find_checkpoints(args.output_dir)[:-max(1, args.keep_ckpts)]:
         try:
@@ -646,6 +845,7 @@ def run(args, model_factory=None) -> int:
             raise
         raise err from None
     finally:
+        unlock_output_dir(args)
         if args.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -687,6 +887,8 @@ def _run(args, model_factory, t_start) -> int:
     except UserError as e:
         error = e
     _sync_user_error(args, error)
+    if is_main(args):
+        delete_previous_run(args)
     if args.distributed:
         obj = [args.output_dir, args.resume]
         dist.broadcast_object_list(obj, src=0)
@@ -726,7 +928,7 @@ def _run(args, model_factory, t_start) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, make_lr_lambda(total_steps, warmup_steps, min(1.0, final_lr / lr)))
 
-    start_epoch, step, best_top1, history = 0, 0, 0.0, []
+    start_epoch, step, best_top1, history, resumed_steps = 0, 0, 0.0, [], 0
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -737,9 +939,14 @@ def _run(args, model_factory, t_start) -> int:
         torch.set_rng_state(ckpt["rng"]["torch"])
         if "cuda" in ckpt["rng"] and args.torch_device.type == "cuda":
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        if dali_state is None and not ckpt.get("epoch_done", True):
-            start_epoch += 1  # cannot replay the rest of that epoch's data; start the next one
-        log(args, f"resumed from {args.resume}: epoch {start_epoch}, step {step}")
+        if not ckpt.get("epoch_done", True):
+            resumed_steps = ckpt.get("epoch_steps", step - start_epoch * steps_per_epoch)
+            if dali_state is None and resumed_steps < steps_per_epoch:
+                start_epoch += 1  # cannot replay the rest of that epoch's data; start the next one
+                resumed_steps = 0
+        log(args, f"resumed from {args.resume}: epoch {start_epoch + 1}, step {step}"
+                  + (" (its training is done; its validation runs now)"
+                     if resumed_steps >= steps_per_epoch else ""))
 
     if args.distributed:
         device_ids = [args.torch_device.index] if args.torch_device.type == "cuda" else None
@@ -753,7 +960,9 @@ def _run(args, model_factory, t_start) -> int:
               f"{cfg.views} view(s){' + JSD' if cfg.jsd else ''}, backend {args.backend}, "
               f"device {args.torch_device} (DALI {args.dali_device}), amp {args.amp}, "
               f"{args.world_size} rank(s) x batch {args.batch_size}, lr {lr:g}, "
-              f"{args.epochs} epochs x {steps_per_epoch} steps -> {args.output_dir}")
+              f"{args.epochs} epochs x {steps_per_epoch} steps"
+              + (f", stopping after step {args.max_steps} (--max-steps)" if 0 < args.max_steps < total_steps
+                 else "") + f" -> {args.output_dir}")
     if args.demo:
         log(args, "note: this is the built-in demo (synthetic data, small model); the real recipe is "
                   "--data-path IMAGENET --mixing-set FRACTALS with the defaults (ResNet-50, 224 px)")
@@ -771,7 +980,10 @@ def _run(args, model_factory, t_start) -> int:
             model.train()
             win = {"t": time.perf_counter(), "data": 0.0, "n": 0, "losses": [], "c1": 0.0, "seen": 0}
             t_data = time.perf_counter()
-            for images, labels in train_loader:
+            in_epoch = resumed_steps if epoch == start_epoch else 0
+            # a run stopped on an epoch's last step resumes with that epoch's validation; the
+            # restored reader then starts the next epoch
+            for images, labels in (train_loader if in_epoch < steps_per_epoch else ()):
                 now = time.perf_counter()
                 win["data"] += now - t_data
                 if args.adv_mixup != "off":
@@ -793,6 +1005,7 @@ def _run(args, model_factory, t_start) -> int:
                 scaler.update()
                 scheduler.step()
                 step += 1
+                in_epoch += 1
                 win["n"] += 1
                 win["seen"] += labels.numel()
                 win["losses"].append((step, loss.detach()))
@@ -805,9 +1018,10 @@ def _run(args, model_factory, t_start) -> int:
                     win = {"t": time.perf_counter(), "data": 0.0, "n": 0, "losses": [], "c1": 0.0, "seen": 0}
                 if args.ckpt_every and step % args.ckpt_every == 0:
                     last_path = save_checkpoint(args, epoch=epoch, step=step, epoch_done=False,
-                                                best_top1=best_top1, history=history, **ckpt_kw) or last_path
-                if args.max_steps and step >= args.max_steps:
-                    stopped = True
+                                                epoch_steps=in_epoch, best_top1=best_top1,
+                                                history=history, **ckpt_kw) or last_path
+                if args.max_steps and step >= args.max_steps and in_epoch < steps_per_epoch:
+                    stopped = True   # on an epoch's last step the epoch ends first (validation)
                     break
                 if stop_request.should_stop():
                     stopped = interrupted = True
@@ -820,9 +1034,13 @@ def _run(args, model_factory, t_start) -> int:
             if stopped:
                 if not (args.ckpt_every and step % args.ckpt_every == 0):
                     last_path = save_checkpoint(args, epoch=epoch, step=step, epoch_done=False,
-                                                best_top1=best_top1, history=history, **ckpt_kw) or last_path
+                                                epoch_steps=in_epoch, best_top1=best_top1,
+                                                history=history, **ckpt_kw) or last_path
                 why = f"by {stop_request.name()}" if interrupted else "(--max-steps)"
-                log(args, f"stopped {why} after step {step}; checkpoint {last_path or 'not written'}; "
+                log(args, f"stopped {why} after step {step}"
+                          + (f" (the last of epoch {epoch + 1}; its validation runs when resumed)"
+                             if in_epoch >= steps_per_epoch else "")
+                          + f"; checkpoint {last_path or 'not written'}; "
                           f"continue with: --resume auto --output-dir {args.output_dir}")
                 break
             t0 = time.perf_counter()
@@ -837,6 +1055,11 @@ def _run(args, model_factory, t_start) -> int:
                       f"{rec['val_seconds']:.1f} s)  best top-1 {best_top1:.2f}%")
             last_path = save_checkpoint(args, epoch=epoch + 1, step=step, epoch_done=True,
                                         best_top1=best_top1, history=history, **ckpt_kw) or last_path
+            if args.max_steps and step >= args.max_steps and epoch + 1 < args.epochs:
+                log(args, f"stopped (--max-steps) after step {step}, the last of epoch {epoch + 1}; "
+                          f"checkpoint {last_path or 'not written'}; continue with: --resume auto "
+                          f"--output-dir {args.output_dir}")
+                break
         if args.adv_eval != "off" and not interrupted:
             robust = robust_evaluate(args, val_loader)
             metrics.write({"kind": "robust", "step": step, **{k: v for k, v in robust.items()
@@ -868,13 +1091,19 @@ def _run(args, model_factory, t_start) -> int:
                for r in history if r.get("kind") == "robust"]),
             f"  checkpoint: {last_path}" if last_path else "  checkpoint: none",
             f"  metrics: {os.path.join(args.output_dir, METRICS_FILE)}",
-            "=" * 72,
         ]
-        print("\n".join(lines), flush=True)
-        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-            json.dump({"arch": args.arch, "steps": step, "best_top1": best_top1,
-                       "last": last, "img_per_s": img_s, "seconds": total,
-                       "robust": [h for h in history if h.get("kind") == "robust"]}, f)
+        summary = {"arch": args.arch, "steps": step, "best_top1": best_top1,
+                   "last": last, "img_per_s": img_s, "seconds": total,
+                   "robust": [h for h in history if h.get("kind") == "robust"]}
+        try:
+            write_atomic(os.path.join(args.output_dir, SUMMARY_FILE),
+                         json.dumps(dict(summary, failed_writes=getattr(args, "failed_writes", []))))
+        except OSError as e:
+            write_failed(args, SUMMARY_FILE, e)
+        failed = getattr(args, "failed_writes", [])
+        lines += [f"  failed write: {w}" + (f" x{failed.count(w)}" if failed.count(w) > 1 else "")
+                  for w in dict.fromkeys(failed)]
+        print("\n".join(lines + ["=" * 72]), flush=True)
     return 0
 
 
@@ -926,7 +1155,7 @@ def report_window(args, metrics, win, epoch, step, total_steps, scheduler):
         metrics.write({"kind": "train", "epoch": epoch + 1, "step": step, "loss": mean_loss,
                        "top1_clean": 100.0 * c1 / max(seen, 1), "lr": lr, "img_per_s": img_s,
                        "data_wait": data_share}, step)
-        print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps}  loss {mean_loss:.4f}  "
+        print(f"epoch {epoch + 1}/{args.epochs} step {step}/{end}  loss {mean_loss:.4f}  "
               f"train top-1 {100.0 * c1 / max(seen, 1):.1f}%  lr {lr:.4g}  {img_s:.1f} img/s  "
               f"data wait {100 * data_share:.0f}%  ETA {fmt_time(eta)}", flush=True)
 

@@ -5,6 +5,8 @@ Folder problems are found here, before DALI starts, and reported as one line nam
 from __future__ import annotations
 
 import os
+import stat
+import sys
 from pathlib import Path
 
 from .cli import UserError
@@ -19,6 +21,78 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _kind_of_mode(mode: int) -> str:
+    return ("" if stat.S_ISREG(mode) else "FIFO" if stat.S_ISFIFO(mode) else
+            "socket" if stat.S_ISSOCK(mode) else
+            "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "folder" if stat.S_ISDIR(mode) else "special file")
+
+
+def special_kind(path) -> str:
+    """'' for a regular file, a link to one or a broken link; else what the entry is ('FIFO',
+    'socket', 'device', ...).  Opening a FIFO blocks until someone writes into it, so only regular
+    files are ever opened as images; a broken link stays listed and the reader's error names it."""
+    try:
+        return _kind_of_mode(os.stat(path).st_mode)
+    except OSError:
+        return ""
+
+
+def _entry_kind(entry: os.DirEntry) -> str:
+    if entry.is_file():          # the listing's file type: no stat for a plain file
+        return ""
+    try:
+        return _kind_of_mode(entry.stat().st_mode)
+    except OSError:
+        return ""
+
+
+def _walk(top):
+    """``os.walk(top)`` (same order, links to folders not followed, unreadable folders skipped)
+    yielding (folder, DirEntry of each non-folder), so file types come with the listing."""
+    try:
+        with os.scandir(top) as it:
+            entries = list(it)
+    except OSError:
+        return
+    dirs, others = [], []
+    for e in entries:
+        try:
+            is_dir = e.is_dir()
+        except OSError:
+            is_dir = False
+        (dirs if is_dir else others).append(e)
+    yield top, others
+    for d in dirs:
+        if not d.is_symlink():
+            yield from _walk(d.path)
+
+
+_REPORTED = set()
+
+
+def _image_files(root: Path, top: Path, flag: str):
+    """Relative paths of the image files under ``top`` (sorted per folder), leaving out entries
+    that are no regular files; a note on stderr names those, once per folder."""
+    files, skipped = [], []
+    for folder, entries in _walk(top):
+        for e in sorted(entries, key=lambda e: e.name):
+            if _is_image(e.name):
+                rel = str(Path(folder, e.name).relative_to(root))
+                kind = _entry_kind(e)
+                if kind:
+                    skipped.append(f"{rel} ({kind})")
+                else:
+                    files.append(rel)
+    if skipped and (str(top), tuple(skipped)) not in _REPORTED:
+        _REPORTED.add((str(top), tuple(skipped)))
+        shown = ", ".join(skipped[:5]) + (f", ... ({len(skipped)} in all)" if len(skipped) > 5 else "")
+        print(f"note: {flag} {top}: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} "
+              f"with an image name that {'is' if len(skipped) == 1 else 'are'} no regular file: "
+              f"{shown}", file=sys.stderr, flush=True)
+    return files
+
+
 def class_folder_files(root, flag="--data"):
     """(files, labels, class names) of a class-folder data set (``root/<class>/<image>``)."""
     root = Path(root)
@@ -30,11 +104,9 @@ def class_folder_files(root, flag="--data"):
         raise UserError(f"{flag} {root}: no class sub-folders; expected root/<class>/<image>.jpg")
     files, labels = [], []
     for label, name in enumerate(classes):
-        for dirpath, _, names in os.walk(root / name):
-            for n in sorted(names):
-                if _is_image(n):
-                    files.append(str(Path(dirpath, n).relative_to(root)))
-                    labels.append(label)
+        found = _image_files(root, root / name, flag)
+        files += found
+        labels += [label] * len(found)
     if not files:
         raise UserError(f"{flag} {root}: the class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files, labels, classes
@@ -48,6 +120,12 @@ def listed_or_found(root, filelist=None, flag="--data"):
     if filelist is not None:
         from .verify import filelist_files
         files, labels = filelist_files(filelist, root=root)
+        bad = next(((i, l) for i, l in enumerate(labels) if l >= len(classes)), None)
+        if bad is not None:
+            raise UserError(f"file list {filelist}: label {bad[1]} of {files[bad[0]]} is out of range: "
+                            f"{root} has {len(classes)} class folders (labels 0..{len(classes) - 1}); "
+                            f"write the list again with `dali-ipmix verify {root} --write-filelist "
+                            f"{filelist} --overwrite`")
     return files, labels, classes
 
 
@@ -60,8 +138,7 @@ def picture_files(root, flag="--mixing", filelist=None):
     if not root.is_dir():
         raise UserError(f"{flag} {root}: no such folder; give a folder of mixing pictures "
                         f"(e.g. made by `dali-ipmix fractals --out DIR`)")
-    files = sorted(str(Path(d, n).relative_to(root))
-                   for d, _, names in os.walk(root) for n in names if _is_image(n))
+    files = sorted(_image_files(root, root, flag))
     if not files:
         raise UserError(f"{flag} {root}: no pictures found ({', '.join(IMAGE_EXTENSIONS)}); "
                         f"generate some with `dali-ipmix fractals --out {root}`")
@@ -110,16 +187,26 @@ def mixing_cache_mb(mixing_dir, files) -> int:
     return min(MIXING_CACHE_MAX_MB, int(width * height * 3 * len(files) * 1.25 / 2 ** 20) + 1)
 
 
-def mixing_pictures(mixing_dir, *, device, size, resize, seed=None, files=None, cache_mb="auto"):
+def mixing_pictures(mixing_dir, *, device, size, resize, seed=None, files=None, stream_seed=None,
+                    cache_mb="auto"):
     """The mixing-set reader: its own shuffling and seed; Resize(shorter side -> resize) then
     RandomCrop(size), as the official code prepares the fractal picture.
+
+    ``stream_seed`` (one per rank): the order the reader walks the pictures in.  DALI's reader
+    shuffles its file list with one fixed seed and then picks from a 1024-file buffer, so readers
+    given the same list walk the same sequence in step whatever their seed; the official code
+    draws its picture independently in every process (``np.random.choice``).  The list is
+    therefore permuted per rank first.
 
     On GPU the decoded pictures are kept in the mixed decoder's cache (``cache_mb`` MiB, "auto":
     the whole set, see ``mixing_cache_mb``; 0: none): the same few thousand pictures are drawn
     again and again, and decoding them every batch would cost as much as a third of the source
     decoding.  The first pass over the set fills the cache."""
+    import numpy as np
     from nvidia.dali import fn, types
     files = picture_files(mixing_dir) if files is None else files
+    if stream_seed is not None:
+        files = [files[i] for i in np.random.default_rng(stream_seed).permutation(len(files))]
     kw = {} if seed is None else {"seed": seed}
     data, _ = fn.readers.file(file_root=str(mixing_dir), files=files, random_shuffle=True,
                               name=MIXING_READER, **kw)

@@ -30,7 +30,8 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from .cli import UserError
 from .data._io import pool_map, resolve_jobs
-from .readers import IMAGE_EXTENSIONS, class_folder_files, picture_files
+from .outputs import check_output_file, write_atomic
+from .readers import IMAGE_EXTENSIONS, class_folder_files, picture_files, special_kind
 
 
 class Kind(NamedTuple):
@@ -60,6 +61,8 @@ PROBLEMS: Dict[str, Kind] = {
     "outside_classes": Kind(False, "not inside a class folder: the class-folder reader skips the file"),
     "unlistable_name": Kind(False, "the name cannot go into a DALI file list (line break or "
                                    "leading/trailing space): left out of --write-filelist"),
+    "not_regular": Kind(False, "a FIFO, socket or device under an image name: never opened, the "
+                               "readers skip it"),
 }
 FATAL_KINDS = tuple(k for k, v in PROBLEMS.items() if v.fatal)
 
@@ -253,6 +256,9 @@ def check_file(root: str, item: Tuple[str, bool]) -> Optional[Finding]:
     path = os.path.join(root, rel)
     ext = os.path.splitext(rel)[1].lower()
     kinds: List[str] = [] if _listable(rel) else ["unlistable_name"]
+    special = special_kind(path)
+    if special:                  # opening a FIFO would wait for a writer forever
+        return Finding(rel, tuple(kinds) + ("not_regular",), special)
     try:
         with open(path, "rb") as fh:
             data = fh.read() if listed else fh.read(1 << 16)
@@ -292,7 +298,7 @@ def scan(root, *, mixing: bool = False, jobs: Optional[int] = None) -> Report:
     listed = set(files)
     everything = _all_files(root)
     results = pool_map(functools.partial(check_file, str(root)),
-                       [(rel, rel in listed) for rel in everything], jobs=jobs)
+                       [(rel, rel in listed) for rel in everything], jobs=jobs, progress="verify")
     return Report(str(root), mixing, files, labels, len(everything), [f for f in results if f])
 
 
@@ -302,13 +308,8 @@ def write_filelist(path, files: Sequence[str], labels: Sequence[int], overwrite:
     """Write a DALI ``file_list`` (``relative/path label`` per line; paths relative to the data
     folder, given to the reader as ``file_root``).  Written to a temporary file and renamed, so an
     interrupted run never leaves half a list."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"--write-filelist {path}: file exists; pass --overwrite or choose another name")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{f} {int(l)}\n" for f, l in zip(files, labels)))
-    os.replace(tmp, path)
-    return path
+    path = check_output_file(path, "--write-filelist", overwrite)
+    return write_atomic(path, "".join(f"{f} {int(l)}\n" for f, l in zip(files, labels)))
 
 
 def filelist_files(path, root=None) -> Tuple[List[str], List[int]]:
@@ -358,14 +359,21 @@ def verify_command(folder, mixing: bool = False) -> str:
     return f"`dali-ipmix verify {shlex.quote(str(folder))}{mixing_flag} --write-filelist good.txt`"
 
 
-# Who met the bad file: (what stopped, the command to rerun, its data / mixing file-list flags).
+# Who met the bad file: (what stopped, the command to rerun, its data / mixing file-list flags;
+# None: the command takes no file list, so the bad files have to leave the folder).
 USES = {"train": ("training", "train", "--train-filelist / --val-filelist", "--mixing-filelist"),
-        "bench": ("the benchmark", "rerun dali-ipmix bench", "--data-filelist", "--mixing-filelist")}
+        "bench": ("the benchmark", "rerun dali-ipmix bench", "--data-filelist", "--mixing-filelist"),
+        "preview": ("the preview", "rerun dali-ipmix preview", None, None),
+        "stages": ("dali-ipmix stages", "rerun dali-ipmix stages", None, None),
+        "eval": ("the evaluation", "rerun dali-ipmix eval", None, None)}
 
 
 def skip_hint(folder, mixing: bool = False, use: str = "train") -> str:
     _, rerun, data_flag, mixing_flag = USES[use]
     flag = mixing_flag if mixing else data_flag
+    if flag is None:
+        command = verify_command(folder, mixing).replace(" --write-filelist good.txt", "")
+        return f"list every bad file with {command}, move them out of the folder, then {rerun}"
     return f"skip bad files with {verify_command(folder, mixing)}, then {rerun} with {flag} good.txt"
 
 
@@ -448,6 +456,10 @@ def explain_pipeline_error(exc: BaseException, data_dirs: Iterable, mixing_dirs:
                              f"scanning the data after DALI's '{m.group(0)}'); "
                              f"{skip_hint(folder, is_mixing, use)}")
     commands = " and ".join(verify_command(f, f in mixing) for f in folders) or verify_command("DIR")
+    if data_flag is None:
+        return UserError(f"DALI could not decode a data file and does not say which ({m.group(0)}); "
+                         f"find it with {commands.replace(' --write-filelist good.txt', '')}, move it "
+                         f"out of the folder, then {rerun}")
     return UserError(f"DALI could not decode a data file and does not say which ({m.group(0)}); "
                      f"find and skip it with {commands}, then {rerun} with {data_flag} / "
                      f"{mixing_flag}")
@@ -493,20 +505,24 @@ def format_report(report: Report, took: float, jobs: int, max_shown: int = 50) -
 
 def _run(args: argparse.Namespace) -> int:
     for flag, target in (("--write-filelist", args.write_filelist), ("--json", args.json)):
-        if target and Path(target).exists() and not args.overwrite:   # refuse before the long scan
-            raise UserError(f"{flag} {target}: file exists; pass --overwrite or choose another name")
+        if target:                                   # refuse before the long scan
+            check_output_file(target, flag, args.overwrite)
     start = time.perf_counter()
     report = scan(args.data_dir, mixing=args.mixing, jobs=args.jobs)
     print(format_report(report, time.perf_counter() - start, min(resolve_jobs(args.jobs), report.scanned),
                         max_shown=args.max_shown))
-    if args.write_filelist:
-        files, labels = report.good()
-        write_filelist(args.write_filelist, files, labels, overwrite=args.overwrite)
-        print(f"file list: {len(files)} files -> {args.write_filelist}")
-    if args.json:
-        tmp = Path(args.json + ".tmp")
-        tmp.write_text(json.dumps(report.to_json(), indent=1))
-        os.replace(tmp, args.json)
+    flag, target = "--write-filelist", args.write_filelist
+    try:
+        if target:
+            files, labels = report.good()
+            write_filelist(target, files, labels, overwrite=args.overwrite)
+            print(f"file list: {len(files)} files -> {target}")
+        flag, target = "--json", args.json
+        if target:
+            write_atomic(target, json.dumps(report.to_json(), indent=1))
+    except OSError as e:          # checked beforehand; the disk can still fill up meanwhile
+        raise UserError(f"{flag} {target}: writing it failed ({e.strerror or e}); the report above "
+                        f"is complete, nothing was left half-written") from None
     return 1 if report.fatal else 0
 
 

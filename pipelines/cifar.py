@@ -12,8 +12,10 @@ PAD = 4
 
 
 def _padded_random_crop(images, size):
-    # RandomCrop(size, padding=4): a window anchored in [-4, 4] of the zero-padded image.
-    anchor = fn.cast(fn.random.uniform(range=[-PAD, PAD + 1], shape=[2]), dtype=types.INT32)
+    # RandomCrop(size, padding=4): a window anchored at an integer drawn uniformly from -4..4 (the
+    # zero-padded image's torch.randint(0, 9) minus the padding); discrete values, since a float
+    # draw cast to int rounds to nearest and would skew the ends.
+    anchor = fn.random.uniform(values=list(range(-PAD, PAD + 1)), shape=[2], dtype=types.INT32)
     anchor = fn.cast(anchor, dtype=types.FLOAT)
     return fn.slice(images, anchor, types.Constant([float(size), float(size)]), axes=[0, 1],
                     normalized_anchor=False, normalized_shape=False,
@@ -31,6 +33,7 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.CIFAR, batch_
     files = readers.listed_or_found(data_dir, filelist)
     pictures = readers.picture_files(mixing_dir, filelist=mixing_filelist)
     size = cfg.image_size
+    rank_seed = seed + 1000 * shard_id
 
     @pipeline_def(enable_conditionals=(backend == "dali"))
     def graph():
@@ -43,12 +46,13 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.CIFAR, batch_
         images = fn.flip(images, horizontal=fn.random.coin_flip())
         images = _padded_random_crop(images, size)
         pics = readers.mixing_pictures(mixing_dir, device=device, size=size, resize=size + PAD,
-                                       files=pictures, cache_mb=mixing_cache_mb)
+                                       files=pictures, stream_seed=rank_seed,
+                                       cache_mb=mixing_cache_mb)
         return training_outputs(images, pics, labels, cfg, device=device, backend=backend,
                                 extra_outputs=extra_outputs, dtype=dtype)
 
     kw = {} if checkpoint is None else {"checkpoint": checkpoint}
     return graph(batch_size=batch_size, num_threads=num_threads,
                  device_id=(0 if device == "gpu" else None) if device_id is None else device_id,
-                 seed=seed + 1000 * shard_id,
+                 seed=rank_seed,
                  enable_checkpointing=enable_checkpointing, **kw)

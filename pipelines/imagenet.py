@@ -46,7 +46,8 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, bat
             random_area=random_area)
         images = fn.flip(images, horizontal=fn.random.coin_flip())
         pics = readers.mixing_pictures(mixing_dir, device=device, size=cfg.image_size,
-                                       resize=resize, files=pictures, cache_mb=mixing_cache_mb)
+                                       resize=resize, files=pictures, stream_seed=rank_seed,
+                                       cache_mb=mixing_cache_mb)
         return training_outputs(images, pics, labels, cfg, device=device, backend=backend,
                                 extra_outputs=extra_outputs, dtype=dtype, draws=draws)
 

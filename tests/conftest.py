@@ -74,6 +74,54 @@ def make_class_folders(root, n_images=12, n_classes=3, n_pictures=5, seed=5):
     return root
 
 
+class FullDisk:
+    """Stands in for a module's ``os`` (monkeypatch ``module.os``): while ``full`` is set the disk
+    has ``room`` bytes left, so a write stores what fits and the next one fails with ENOSPC, as on
+    a real full disk.  Files opened with ``os.fdopen`` and ``os.write`` go through it; everything
+    else is the real ``os``."""
+
+    def __init__(self):
+        self.full, self.room = False, 0
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def fill(self, full):
+        self.full, self.room = full, 100
+
+    def _take(self, data):
+        if not self.full:
+            return data
+        if self.room <= 0:
+            raise OSError(28, "No space left on device")
+        part, self.room = bytes(data[:self.room]), self.room - len(data[:self.room])
+        return part
+
+    def write(self, fd, data):
+        return os.write(fd, self._take(data))
+
+    def fdopen(self, fd, *a, **kw):
+        disk, real = self, os.fdopen(fd, *a, **kw)
+
+        class File:
+            def write(self, data):      # a buffered file: stores what fits, then raises
+                part = disk._take(data)
+                real.write(part)
+                if len(part) < len(data):
+                    raise OSError(28, "No space left on device")
+                return len(part)
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                real.close()
+        return File()
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """12 training / 12 validation JPEGs in 3 classes and 5 mixing pictures."""

@@ -279,3 +279,33 @@ def test_official_and_reference_views_agree_in_statistics(tmp_path):
     off = strength(official, lambda im: O.as_views([t.unsqueeze(0) for t in im], True)[0])
     ref = strength(reference, lambda im: im)
     assert abs(off - ref) / off < 0.10, (off, ref)
+
+
+BENCH_TINY = ["bench", "--contenders", "dali-plain", "--image-size", "32", "-b", "4", "--iters", "1",
+              "--warmup", "1", "--threads", "1", "--device", "cpu", "--gen-images", "8",
+              "--gen-pictures", "4", "--gen-size", "40"]
+
+
+def test_out_that_cannot_be_written_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    from dali_ipmix.bench import runner
+    (tmp_path / "afile").write_text("x")
+    ran = []
+    monkeypatch.setattr(runner, "run_bench", lambda **kw: ran.append(1))
+    assert cli.main(BENCH_TINY + ["--out", str(tmp_path / "afile" / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err and "afile" in err and not ran
+
+
+def test_outputs_on_a_full_disk_warn_and_leave_no_partial_file(tmp_path, capsys, monkeypatch):
+    from conftest import FullDisk
+    from dali_ipmix import outputs
+    disk = FullDisk()
+    disk.fill(True)
+    monkeypatch.setattr(outputs, "os", disk)
+    out = tmp_path / "run"
+    assert cli.main(BENCH_TINY + ["--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "dali-plain" in captured.out                           # the measurements are shown
+    for name in ("bench.json", "bench.txt", "bench.png"):
+        assert f"could not write {out / name} (No space left on device)" in captured.err
+    assert sorted(p.name for p in out.iterdir()) == []            # no half file, no temp file

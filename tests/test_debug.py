@@ -233,3 +233,29 @@ def test_bad_input_one_line_errors(argv, message, capsys, monkeypatch, tmp_path)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("bad", ["truncated", "text"])
+def test_preview_bad_image_is_one_line_naming_it(bad, data, tmp_path, capsys):
+    train = tmp_path / "train"
+    shutil.copytree(data[0], train)
+    good = next(train.glob("*/*.jpg"))
+    broken = good.parent / "broken.jpg"
+    broken.write_bytes(good.read_bytes()[:400] if bad == "truncated" else b"not a picture\n")
+    args = ["preview", "--data", str(train), "--mixing", str(data[1]), "--image-size", "32", "--k", "1",
+            "--t", "1", "--n", "8", "--tile", "32", "--out", str(tmp_path / "sheet.png")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(broken) in err and "dali-ipmix verify" in err, err
+    assert not (tmp_path / "sheet.png").exists()
+
+
+def test_preview_out_that_cannot_be_written_is_refused_before_the_run(data, tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    ran = []
+    monkeypatch.setattr(preview, "preview", lambda *a, **kw: ran.append(1))
+    args = ["preview", "--data", str(data[0]), "--mixing", str(data[1]), "--out",
+            str(tmp_path / "afile" / "sheet.png")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "afile" in err and not ran

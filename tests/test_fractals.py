@@ -238,3 +238,47 @@ def test_cli_rejects_a_bad_ratio(tmp_path, capsys):
     rc = main(["fractals", "--out", str(tmp_path / "x"), "--count", "2", "--ifs-ratio", "1.5"])
     assert rc == 2 and "--ifs-ratio" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_refuses_to_replace_an_existing_preview(tmp_path, capsys):
+    sheet = tmp_path / "sheet.png"
+    sheet.write_bytes(b"my picture")
+    rc = main(["fractals", "--out", str(tmp_path / "set"), "--count", "2", "--size", "96", "--jobs", "1",
+               "--preview", str(sheet)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--preview" in err and "--overwrite" in err
+    assert sheet.read_bytes() == b"my picture" and not (tmp_path / "set").exists()   # before any work
+
+
+def _failing_render(fail_at, exc):
+    real = F.render_fractal
+
+    def render(index, *a, **kw):
+        if index == fail_at:
+            raise exc
+        return real(index, *a, **kw)
+    return render
+
+
+def test_an_interrupted_run_leaves_no_partial_set(tmp_path, capsys, monkeypatch):
+    from dali_ipmix import readers
+    from dali_ipmix.cli import UserError
+    out = tmp_path / "set"
+    monkeypatch.setattr(F, "render_fractal", _failing_render(2, KeyboardInterrupt()))
+    try:
+        rc = main(["fractals", "--out", str(out), "--count", "4", "--size", "96", "--jobs", "1"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C was not handled")
+    assert rc == 130 and "interrupted" in capsys.readouterr().err
+    with pytest.raises(UserError, match="no pictures found"):     # nothing that looks like a set
+        readers.picture_files(out)
+    assert sorted(os.listdir(tmp_path)) == ["set"]                 # and no stray temporary folder
+    # an interrupted --overwrite keeps the earlier complete set as it was
+    monkeypatch.undo()
+    F.generate_fractals(out, 4, size=96, seed=3, jobs=1)
+    before = {p: (out / p).read_bytes() for p in readers.picture_files(out)}
+    monkeypatch.setattr(F, "render_fractal", _failing_render(3, RuntimeError("worker died")))
+    with pytest.raises(RuntimeError, match="worker died"):
+        F.generate_fractals(out, 6, size=96, seed=4, jobs=1, overwrite=True)
+    assert {p: (out / p).read_bytes() for p in readers.picture_files(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["set"]

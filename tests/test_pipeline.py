@@ -138,3 +138,70 @@ def test_cifar_graph_32px_padded_crop_replays_through_reference(dataset):
         assert v.shape == (3, 3, 32, 32)
         ref = R.ipmix_views(crop, pic, np.asarray(tapes.at(i)), cfg)
         assert np.abs(v - ref).mean() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Fidelity to the official code
+
+def crop_offsets(n_batches=6, batch=500, seed=0):
+    """(dy, dx) of every window ``pipelines.cifar._padded_random_crop`` cut from a 32 px picture
+    whose pixels hold their own coordinates (+1; 0 = the zero padding)."""
+    from nvidia.dali import fn, pipeline_def
+    from pipelines import cifar
+    yy, xx = np.mgrid[:32, :32]
+    coords = np.stack([yy + 1, xx + 1, np.full_like(yy, 255)], -1).astype(np.uint8)
+
+    @pipeline_def
+    def graph():
+        images = fn.external_source(source=lambda: [coords] * batch, layout="HWC")
+        return cifar._padded_random_crop(images, 32)
+
+    pipe = graph(batch_size=batch, num_threads=1, device_id=None, seed=seed)
+    pipe.build()
+    offsets = []
+    for _ in range(n_batches):
+        (out,) = pipe.run()
+        for i in range(batch):
+            crop = np.asarray(out.at(i))
+            y, x = map(int, np.argwhere(crop[..., 2] == 255)[0])      # any pixel of the picture
+            offsets.append((int(crop[y, x, 0]) - 1 - y, int(crop[y, x, 1]) - 1 - x))
+    return np.array(offsets)
+
+
+def test_cifar_random_crop_offsets_are_uniform_over_minus4_to_4():
+    # official cifar.py: transforms.RandomCrop(32, padding=4), i.e. torch.randint(0, 9) - 4 per axis
+    offsets = crop_offsets().ravel()
+    values, counts = np.unique(offsets, return_counts=True)
+    assert values.tolist() == list(range(-4, 5))
+    share = counts / offsets.size
+    assert np.all(np.abs(share - 1 / 9) < 0.02), dict(zip(values.tolist(), share.round(3).tolist()))
+
+
+def _index_pictures(folder, count):
+    """``count`` one-pixel pictures whose colour is their index (R + 256 G)."""
+    from PIL import Image
+    folder.mkdir()
+    for i in range(count):
+        Image.fromarray(np.array([[[i % 256, i // 256, 0]]], np.uint8)).save(folder / f"{i:05d}.png")
+
+
+def test_ranks_draw_their_own_stream_of_mixing_pictures(dataset, tmp_path):
+    # more pictures than DALI's 1024-file shuffle buffer, where equal file lists walk in step
+    count, draws = 3000, 400
+    _index_pictures(tmp_path / "mixing", count)
+    cfg = C.IMAGENET.replace(k=1, t=1, image_size=32, patch_sizes=(32,))
+    seen = []
+    for rank in range(2):
+        pipe = imagenet.train_pipeline(dataset / "train", tmp_path / "mixing", cfg=cfg, batch_size=50,
+                                       num_threads=1, device="cpu", backend="none", seed=0,
+                                       shard_id=rank, num_shards=2, resize=36, extra_outputs=True)
+        pipe.build()
+        picks = []
+        while len(picks) < draws:
+            pics = pipe.run()[3]
+            picks += [int(p[0, 0, 0]) + 256 * int(p[0, 0, 1]) for p in map(np.asarray, pics)]
+        seen.append(set(picks[:draws]))
+    assert all(len(s) == draws for s in seen)           # each rank: distinct pictures
+    # independent streams share about draws^2 / count = 53 pictures; readers walking one list in
+    # step share about 125 (the same ~1024-picture window)
+    assert len(seen[0] & seen[1]) < 90

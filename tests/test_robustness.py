@@ -383,3 +383,26 @@ def test_cli_bad_input(tiny_run, capsys):
     assert "ImageNet-C layout" in _one_line_error(capsys, base + ["--imagenet-c", str(tmp / "val")])
     assert "no labels.npy" in _one_line_error(capsys, base + ["--cifar-c", str(tmp / "val")])
     assert "2/255" in _one_line_error(capsys, base + ["--pgd-eps", "two"])
+
+
+@pytest.mark.parametrize("bad", ["truncated", "empty", "text"])
+def test_cli_bad_image_is_one_line_naming_it(bad, tiny_run, capsys):
+    tmp, ckpt = tiny_run
+    path = tmp / "val" / "class_1" / "broken.png"
+    good = (tmp / "val" / "class_1" / "0.png").read_bytes()
+    path.write_bytes({"truncated": good[:len(good) // 2], "empty": b"", "text": b"just some notes\n"}[bad])
+    # truncated: in a worker process, whose error comes back through the DataLoader (the default)
+    workers = "1" if bad == "truncated" else "0"
+    err = _one_line_error(capsys, ["eval", "--checkpoint", str(ckpt), "--data", str(tmp / "val"),
+                                   "--workers", workers, "--no-corruptions", "--no-pgd", "-q"])
+    assert str(path) in err and f"dali-ipmix verify {tmp / 'val'}" in err
+    assert ("empty (0 bytes)" if bad == "empty" else "cannot be decoded") in err
+
+
+@pytest.mark.skipif("not _has_corruptions()")
+@pytest.mark.parametrize("name", ["pixelate", "jpeg_compression", "brightness"])
+def test_generated_corruptions_are_writable_arrays(name):
+    # read-only arrays make the DataLoader's collate warn once per worker
+    from dali_ipmix.robustness import corruptions
+    image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    assert corruptions.corrupt(image, name, 3, seed=1).flags.writeable

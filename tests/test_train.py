@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
+from conftest import FullDisk
 from dali_ipmix.losses import ipmix_loss, jsd_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -320,3 +322,214 @@ def test_cifar_preset_with_preactresnet(dataset, tmp_path):
     assert train.main(argv) == 0
     ckpt = torch.load(_latest(out), weights_only=False)
     assert ckpt["arch"] == "preactresnet18" and ckpt["args"]["preset"] == "cifar"
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder: --overwrite, a full disk, a stop on an epoch's last step, a second run
+
+def _records(out, kind):
+    return [r for r in map(json.loads, open(out / "metrics.jsonl")) if r["kind"] == kind]
+
+
+def test_overwrite_deletes_the_previous_runs_files(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(_args(dataset, out, "--max-steps", "6", "--ckpt-every", "1", "--keep-ckpts", "9"),
+                      model_factory=tiny_factory) == 0
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert train.main(_args(dataset, out, "--max-steps", "1", "--keep-ckpts", "1", "--overwrite"),
+                      model_factory=tiny_factory) == 0
+    # pruning kept this run's checkpoint, so --resume auto continues this run
+    assert [s for s, _ in train.find_checkpoints(out)] == [1]
+    assert [r["step"] for r in _records(out, "step")] == [1] and not _records(out, "epoch")
+    assert json.load(open(out / "summary.json"))["steps"] == 1
+    assert (out / "notes.txt").read_text() == "mine"
+    assert "deleted the previous run's files" in capsys.readouterr().out
+
+
+def test_metrics_of_an_earlier_run_need_a_decision(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"kind": "step", "step": 7, "loss": 1.0}\n')
+    assert train.main(_args(dataset, out, "--max-steps", "1"), model_factory=tiny_factory) == 2
+    err = capsys.readouterr().err
+    assert "already holds metrics.jsonl" in err and "--overwrite" in err
+    assert (out / "metrics.jsonl").read_text().count("\n") == 1
+    assert train.main(_args(dataset, out, "--overwrite", "--resume", "auto")) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+
+def test_a_full_disk_warns_and_later_writes_catch_up(dataset, tmp_path, monkeypatch, capsys):
+    disk = FullDisk()
+    monkeypatch.setattr(train, "os", disk)
+
+    def factory(n):
+        net, calls = tiny_factory(n), [0]
+        forward = net.forward
+
+        def filling(x):
+            if net.training:             # steps 2 and 3 (and the end of epoch 1) on a full disk
+                calls[0] += 1
+                disk.fill(calls[0] in (2, 3))
+            return forward(x)
+        net.forward = filling
+        return net
+
+    out = tmp_path / "run"
+    assert train.main(_args(dataset, out, "--max-steps", "4", "--ckpt-every", "1"), model_factory=factory) == 0
+    captured = capsys.readouterr()
+    assert "writing checkpoint" in captured.err and "No space left on device" in captured.err
+    assert "checkpoint_00000001.pth kept" in captured.err
+    assert [s for s, _ in train.find_checkpoints(out)] == [1, 4]
+    assert not glob.glob(str(out / ".tmp-*"))
+    # every metrics record arrives once, in order, as whole lines, once space returns
+    assert [r["step"] for r in _records(out, "step")] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in _records(out, "epoch")] == [1]
+    summary = captured.out[captured.out.index("summary:"):]
+    assert "failed write: checkpoint_00000002.pth (No space left on device)" in summary
+    assert "failed write: checkpoint_00000003.pth" in summary
+    assert "failed write: metrics.jsonl" in summary and "every record written later" in summary
+    assert len(json.load(open(out / "summary.json"))["failed_writes"]) == 4  # ckpt 2, 3 (twice), metrics
+
+
+def _stopping_factory(sigterm_at):
+    """tiny_factory whose training forward of step ``sigterm_at`` sends this process SIGTERM."""
+    def factory(n):
+        net, calls = tiny_factory(n), [0]
+        forward = net.forward
+
+        def stopping(x):
+            if net.training:
+                calls[0] += 1
+                if calls[0] == sigterm_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return forward(x)
+        net.forward = stopping
+        return net
+    return factory
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "max_steps"])
+def test_stop_on_an_epochs_last_step_resumes_with_its_validation(stop, dataset, tmp_path):
+    # 3 steps per epoch; the run stops after step 3, the last of epoch 1
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train.main(_args(dataset, a, "--epochs", "3"), model_factory=tiny_factory) == 0
+    if stop == "sigterm":
+        rc = train.main(_args(dataset, b, "--epochs", "3"), model_factory=_stopping_factory(3))
+        assert rc == 128 + signal.SIGTERM
+        assert not os.path.exists(b / "metrics.jsonl") or not _records(b, "epoch")   # validation is due
+    else:
+        assert train.main(_args(dataset, b, "--epochs", "3", "--max-steps", "3"),
+                          model_factory=tiny_factory) == 0
+        assert [(r["epoch"], r["step"]) for r in _records(b, "epoch")] == [(1, 3)]   # validated first
+    assert train.main(_args(dataset, b, "--epochs", "3", "--resume", "auto"), model_factory=tiny_factory) == 0
+    assert [r["step"] for r in _records(b, "step")] == list(range(1, 10))
+    assert [(r["epoch"], r["step"]) for r in _records(b, "epoch")] == [(1, 3), (2, 6), (3, 9)]
+    loss = lambda d: [round(r["loss"], 5) for r in _records(d, "step")]  # noqa: E731
+    assert loss(a) == loss(b)
+    pa, pb = _params(_latest(a)), _params(_latest(b))
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_second_run_into_a_busy_output_dir_is_refused(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    script = ("import sys, train, test_train; "
+              "sys.exit(train.main(sys.argv[1:], model_factory=test_train.tiny_factory))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    proc = subprocess.Popen([sys.executable, "-c", script, *_args(dataset, out, "--epochs", "60")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and '"step": 1' in (out / "metrics.jsonl").read_text():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0]
+        for extra in ([], ["--overwrite"]):
+            assert train.main(_args(dataset, out, "--max-steps", "1", *extra), model_factory=tiny_factory) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and "in use by another train.py run" in err
+            assert f"pid {proc.pid} on {socket.gethostname()}" in err
+        assert (out / "metrics.jsonl").exists()           # --overwrite deleted nothing
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    # the lock ends with its process: the stopped run can be continued
+    assert train.main(_args(dataset, out, "--epochs", "60", "--max-steps", "1", "--resume", "auto"),
+                      model_factory=tiny_factory) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags and resumes that do not fit: one line, before any work
+
+@pytest.mark.parametrize("flag, value, expect", [
+    ("--lr", "-1", "--lr must be a finite number > 0"),
+    ("--lr", "nan", "--lr must be a finite number > 0, got nan"),
+    ("--momentum", "-5", "--momentum must be in (0, 1)"),
+    ("--wd", "nan", "--wd must be a finite number >= 0"),
+    ("--label-smoothing", "2", "--label-smoothing must be in [0, 1)"),
+    ("--jsd-weight", "nan", "--jsd-weight must be a finite number >= 0"),
+    ("--print-freq", "0", "--print-freq must be >= 1"),
+    ("--max-steps", "-2", "--max-steps must be >= 0"),
+])
+def test_bad_numbers_are_refused_before_any_work(flag, value, expect, dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = _args(dataset, out, "--max-steps", "2")
+    argv += [flag, value]
+    assert train.main(argv, model_factory=tiny_factory) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err, err
+    assert not out.exists()
+
+
+def test_resume_that_does_not_fit_and_labels_out_of_range(dataset, tmp_path, capsys):
+    import shutil
+    out = tmp_path / "run"
+    assert train.main(_args(dataset, out, "--max-steps", "1"), model_factory=tiny_factory) == 0
+    ckpt = _latest(out)
+    capsys.readouterr()
+    # another batch size would change the schedule's length and the data position
+    assert train.main(_args(dataset, out, "--resume", "auto", "--batch-size", "2"), model_factory=tiny_factory) == 2
+    assert "trained with --batch-size 4, this run has 2" in capsys.readouterr().err
+    # another class count: the checkpoint's classifier does not fit
+    two = tmp_path / "two"
+    for split in ("train", "val"):
+        for c in ("class0", "class1"):
+            shutil.copytree(dataset / split / c, two / split / c)
+    argv = _args(two, tmp_path / "new", "--resume", str(ckpt))
+    argv[argv.index("--mixing-set") + 1] = str(dataset / "mixing")
+    assert train.main(argv, model_factory=tiny_factory) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint of a 3-class model" in err and "2 classes" in err
+    # a file list whose label has no class folder
+    listed = tmp_path / "list.txt"
+    listed.write_text("class0/000.jpg 0\nclass1/001.jpg 7\n")
+    assert train.main(_args(dataset, tmp_path / "r2", "--max-steps", "1", "--batch-size", "2",
+                            "--train-filelist", str(listed)), model_factory=tiny_factory) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(listed) in err and "label 7" in err and "out of range" in err
+
+
+def test_missing_train_dir_is_named_as_given(dataset, tmp_path, capsys):
+    argv = ["--train-dir", str(tmp_path / "nope"), "--val-dir", str(dataset / "val"),
+            "--mixing-set", str(dataset / "mixing"), "--output-dir", str(tmp_path / "run")]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--train-dir {tmp_path / 'nope'}: no such folder" in err and "--data-path" not in err
+
+
+def test_help_states_each_default_once():
+    text = train.get_args_parser().format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+    joined = " ".join(text.split())              # argparse wraps lines
+    assert not re.search(r"\(default[^)]*\) \(default", joined)
+    assert "(default: 4)" in joined               # --workers: the help does not say it itself
+
+
+def test_progress_line_counts_to_the_step_it_stops_at(dataset, tmp_path, capsys):
+    # 2 epochs x 3 steps, stopped after 4: "step N/4", the ETA counting to the same step
+    assert train.main(_args(dataset, tmp_path / "run", "--max-steps", "4"), model_factory=tiny_factory) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if " step " in l and "loss" in l]
+    assert [l.split(" step ")[1].split()[0] for l in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert lines[-1].endswith("ETA 0:00:00")

@@ -277,3 +277,44 @@ def test_filelist_errors_name_file_and_line(dataset, tmp_path):
     assert V.filelist_files(gone) == (["c0/a.jpg", "c9/missing.jpg"], [0, 3])
     with pytest.raises(UserError, match="c9/missing.jpg"):
         V.filelist_files(gone, root=dataset)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entries that are no regular files; output paths checked before the scan
+
+def test_a_fifo_named_like_an_image_is_skipped_and_reported_not_opened(tmp_path, capsys):
+    import subprocess
+    import sys
+    from dali_ipmix import readers
+    from conftest import make_class_folders
+    root = make_class_folders(tmp_path / "data", n_images=6, n_pictures=2)
+    os.mkfifo(root / "train" / "class1" / "pipe.jpg")
+    os.mkfifo(root / "mixing" / "pipe.png")
+    files, _, _ = readers.class_folder_files(root / "train", flag="--data-path train")
+    assert "class1/pipe.jpg" not in files and len(files) == 6
+    assert readers.picture_files(root / "mixing") == ["a/f1.jpg", "b/c/f0.jpg"]
+    note = capsys.readouterr().err
+    assert "class1/pipe.jpg (FIFO)" in note and "pipe.png (FIFO)" in note
+    # verify runs in its own process: opening a FIFO would block it for good
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for extra, rel in (([], "class1/pipe.jpg"), (["--mixing"], "pipe.png")):
+        folder = root / ("mixing" if extra else "train")
+        done = subprocess.run([sys.executable, "-m", "dali_ipmix.cli", "verify", str(folder), "--jobs", "1",
+                               *extra], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr          # a warning, nothing fatal
+        assert f"warn  {rel}  not_regular (FIFO)" in done.stdout
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "folder_as_file"])
+def test_output_paths_are_checked_before_the_scan(case, dataset, tmp_path, capsys, monkeypatch):
+    target = tmp_path / "nope" / "good.txt" if case == "missing_folder" else tmp_path / "adir"
+    if case == "folder_as_file":
+        target.mkdir()
+    scanned = []
+    monkeypatch.setattr(V, "scan", lambda *a, **kw: scanned.append(1))
+    assert main(["verify", str(dataset), "--jobs", "1", "--write-filelist", str(target), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(target) in err
+    assert ("does not exist" if case == "missing_folder" else "is a folder") in err
+    # nothing scanned, nothing written (no folder made, no temporary file left)
+    assert not scanned and sorted(os.listdir(tmp_path)) == ([] if case == "missing_folder" else ["adir"])

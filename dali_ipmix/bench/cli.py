@@ -57,14 +57,19 @@ def _run(args: argparse.Namespace) -> int:
         log=lambda msg: print(msg, file=sys.stderr, flush=True), on_row=on_row)
     print(caption(result))
     print(table(result["rows"]))
+    failed = []
     if args.out:
-        paths = write_outputs(result, args.out)
-        print("wrote " + ", ".join(str(p) for p in paths))
+        paths, failed = write_outputs(result, args.out)
+        if paths:
+            print("wrote " + ", ".join(str(p) for p in paths))
+        for what in failed:
+            print(f"dali-ipmix bench: warning: could not write {what}; the table above holds the "
+                  f"results", file=sys.stderr)
     if any(r["error"] for r in result["rows"]):
         print("dali-ipmix bench: some rows failed (see the 'error' lines); the others were measured",
               file=sys.stderr)
         return 1
-    return 0
+    return 1 if failed else 0
 
 
 def register(subparsers) -> None:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import platform
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 # views per source image -> the row the ratios are taken against: the official code when it was
 # measured, else the package's reference DataLoader
@@ -139,8 +140,10 @@ def machine_info(device: str) -> Dict[str, object]:
 # Files.
 
 def check_out_dir(out, overwrite: bool) -> Path:
-    """Refuse (before any measurement) to replace a previous run's files without ``--overwrite``."""
+    """Refuse (before any measurement) to replace a previous run's files without ``--overwrite``,
+    and a folder that cannot be created or written into."""
     from dali_ipmix.errors import UserError
+    from dali_ipmix.outputs import check_output_folder
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; choose another folder")
@@ -148,13 +151,12 @@ def check_out_dir(out, overwrite: bool) -> Path:
     if taken and not overwrite:
         raise UserError(f"--out {out} already holds {', '.join(taken)}; pass --overwrite to replace "
                         f"them or choose another folder")
-    return out
+    return check_output_folder(out, "--out")
 
 
 def write_json(result: dict, path) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
+    from dali_ipmix.outputs import write_atomic
+    return write_atomic(path, json.dumps(result, indent=2) + "\n")
 
 
 def plot_png(result: dict, path) -> Path:
@@ -186,19 +188,32 @@ def plot_png(result: dict, path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     if rows:
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    from dali_ipmix.outputs import write_atomic
+    png = io.BytesIO()
+    try:
+        fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return write_atomic(path, png.getvalue())
 
 
-def write_outputs(result: dict, out, plot: bool = True) -> List[Path]:
-    """bench.json, bench.txt (caption + table) and bench.png into ``out`` (checked beforehand);
-    a record with ``complete`` False is marked as partial in the text."""
+def write_outputs(result: dict, out, plot: bool = True) -> Tuple[List[Path], List[str]]:
+    """bench.json, bench.txt (caption + table) and, with ``plot``, bench.png into ``out`` (checked
+    beforehand): (written paths, "file (reason)" of each write that failed).  Each file is written
+    whole or not at all, and a failure (disk full) does not stop the others: the JSON matters
+    most.  A record with ``complete`` False (a run still going) is marked as partial."""
+    from dali_ipmix.outputs import write_atomic
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    txt = out / "bench.txt"
     partial = "" if result.get("complete", True) else "(partial: the run is still going)\n"
-    txt.write_text(partial + caption(result) + "\n\n" + table(result["rows"]) + "\n")
-    paths = [write_json(result, out / "bench.json"), txt]
-    return paths + [plot_png(result, out / "bench.png")] if plot else paths
+    writers = [("bench.json", lambda p: write_json(result, p)),
+               ("bench.txt", lambda p: write_atomic(
+                   p, partial + caption(result) + "\n\n" + table(result["rows"]) + "\n"))]
+    if plot:
+        writers.append(("bench.png", lambda p: plot_png(result, p)))
+    written, failed = [], []
+    for name, write in writers:
+        try:
+            written.append(write(out / name))
+        except OSError as e:
+            failed.append(f"{out / name} ({e.strerror or e})")
+    return written, failed

@@ -1,11 +1,13 @@
 """Small helpers shared by the image-set generators: output folders, JPEG/PNG writing, a process pool."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import multiprocessing
 import os
 import shutil
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
@@ -30,6 +32,7 @@ def prepare_out_dir(path: Union[str, os.PathLike], overwrite: bool, owned: Seque
     place, so a mistyped ``--out`` never wipes unrelated data.
     """
     from dali_ipmix.cli import UserError  # the CLI module is light; imported here to avoid a cycle
+    from dali_ipmix.outputs import check_output_folder
 
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -43,8 +46,32 @@ def prepare_out_dir(path: Union[str, os.PathLike], overwrite: bool, owned: Seque
                 shutil.rmtree(victim)
             elif victim.exists() or victim.is_symlink():
                 victim.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return check_output_folder(out, "--out")
+
+
+@contextlib.contextmanager
+def staged(out: Path, owned: Sequence[str]):
+    """Yield a fresh folder to generate into (a hidden sibling of ``out``); when the block ends
+    normally, the ``owned`` entries of ``out`` are replaced by the generated ones, else the
+    generated files are removed.  So an interrupted run (Ctrl-C, an error) leaves ``out`` as it
+    was, never a partial set that looks complete to the readers."""
+    out = Path(out)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-", dir=out.parent))
+    except OSError:             # a parent folder we may not write into: stage inside ``out``
+        stage = Path(tempfile.mkdtemp(prefix=".incomplete-", dir=out))
+    try:
+        yield stage
+        for name in owned:
+            old, new = out / name, stage / name
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            elif old.exists() or old.is_symlink():
+                old.unlink()
+            if new.exists():
+                shutil.move(str(new), str(old))   # a rename on one file system
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_jpeg(path: Union[str, os.PathLike], array: np.ndarray, quality: int = JPEG_QUALITY,
@@ -105,18 +132,23 @@ def _pool_context():
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
-def pool_map(fn: Callable[[T], R], items: Iterable[T], jobs: Optional[int] = None) -> List[R]:
+def pool_map(fn: Callable[[T], R], items: Iterable[T], jobs: Optional[int] = None,
+             progress: Optional[str] = None) -> List[R]:
     """``[fn(x) for x in items]`` over ``jobs`` processes (in order); runs inline for one job or item.
 
     ``fn`` must be picklable (a module-level function or a ``functools.partial`` of one).
+    ``progress``: the label of a progress line (``dali_ipmix.progress``; terminals only).
     """
+    from dali_ipmix.progress import track
     items = list(items)
     workers = min(resolve_jobs(jobs), len(items))
     if workers <= 1:
-        return [fn(x) for x in items]
+        results = map(fn, items)
+        return list(track(results, progress, len(items)) if progress else results)
     chunk = max(1, min(MAX_CHUNK, len(items) // (workers * 4)))
     with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
-        return list(pool.map(fn, items, chunksize=chunk))
+        results = pool.map(fn, items, chunksize=chunk)
+        return list(track(results, progress, len(items)) if progress else results)
 
 
 # Octave cell counts of ``smooth_noise``: from a few blobs per image down to fine mottling.

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from dali_ipmix.data._io import (contact_sheet, pool_map, prepare_out_dir, resolve_jobs, smooth_noise,
-                                 write_jpeg)
+                                 staged, write_jpeg)
 
 # --- run layout ---------------------------------------------------------------------------------
 KINDS = ("ifs", "orbit")  # sub-folders of the output folder, in generation order
@@ -469,19 +469,22 @@ def generate_fractals(out_dir, count: int, size: int = DEFAULT_SIZE, seed: int =
                       overwrite: bool = False, preview=None) -> List[str]:
     """Write ``count`` fractals as ``out_dir/ifs/NNNNN.jpg`` and ``out_dir/orbit/NNNNN.jpg``.
 
-    ``overwrite`` removes only the ``ifs`` and ``orbit`` sub-folders of a non-empty ``out_dir``
-    (see ``prepare_out_dir``).  ``preview``: optional PNG contact sheet of a few images of each kind.
-    Returns the written paths in index order.
+    ``overwrite`` replaces only the ``ifs`` and ``orbit`` sub-folders of a non-empty ``out_dir``
+    (see ``prepare_out_dir``), and only once the whole set is written (``staged``): an interrupted
+    run leaves ``out_dir`` as it was.  ``preview``: optional PNG contact sheet of a few images of
+    each kind.  Returns the written paths in index order.
     """
     _check_args(count, size, seed, ifs_ratio)
-    out = prepare_out_dir(out_dir, overwrite, owned=KINDS)
+    out = prepare_out_dir(out_dir, overwrite)
     n_ifs, n_orbit = split_counts(count, ifs_ratio)
-    for kind, n in zip(KINDS, (n_ifs, n_orbit)):
-        if n:
-            (out / kind).mkdir(exist_ok=True)
-    work = functools.partial(_write_one, out_dir=str(out), count=count, size=size, seed=seed,
-                             ifs_ratio=ifs_ratio)
-    paths = pool_map(work, range(count), jobs)
+    with staged(out, KINDS) as stage:
+        for kind, n in zip(KINDS, (n_ifs, n_orbit)):
+            if n:
+                (stage / kind).mkdir()
+        work = functools.partial(_write_one, out_dir=str(stage), count=count, size=size, seed=seed,
+                                 ifs_ratio=ifs_ratio)
+        pool_map(work, range(count), jobs, progress="fractals")
+    paths = [str(fractal_path(out, i, count, ifs_ratio)) for i in range(count)]
     if preview and paths:
         n_prev_ifs = min(n_ifs, max(PREVIEW_TILES - n_orbit, round(PREVIEW_TILES * ifs_ratio)))
         picks = paths[:n_prev_ifs] + paths[n_ifs:n_ifs + PREVIEW_TILES - n_prev_ifs]
@@ -492,9 +495,20 @@ def generate_fractals(out_dir, count: int, size: int = DEFAULT_SIZE, seed: int =
 # ==================================================================================================
 # CLI
 def _run(args: argparse.Namespace) -> int:
+    import sys
+    from dali_ipmix.outputs import check_output_file
     start = time.perf_counter()
-    paths = generate_fractals(args.out, args.count, size=args.size, seed=args.seed, ifs_ratio=args.ifs_ratio,
-                              jobs=args.jobs, overwrite=args.overwrite, preview=args.preview)
+    _check_args(args.count, args.size, args.seed, args.ifs_ratio)
+    if args.preview:
+        check_output_file(args.preview, "--preview", args.overwrite, make_folder=True)
+    try:
+        paths = generate_fractals(args.out, args.count, size=args.size, seed=args.seed,
+                                  ifs_ratio=args.ifs_ratio, jobs=args.jobs, overwrite=args.overwrite,
+                                  preview=args.preview)
+    except KeyboardInterrupt:
+        print(f"fractals: interrupted; {args.out} is as it was before (no partial set)",
+              file=sys.stderr, flush=True)
+        return 130
     took = time.perf_counter() - start
     n_ifs, n_orbit = split_counts(args.count, args.ifs_ratio)
     print(f"fractals: {len(paths)} images ({n_ifs} ifs, {n_orbit} orbit) at {args.size}px in {took:.1f} s "
@@ -516,7 +530,8 @@ def register(subparsers) -> None:
                    help="share of IFS fractals, the rest are orbit traps (default %(default)s)")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per CPU)")
     p.add_argument("--overwrite", action="store_true",
-                   help="reuse a non-empty --out, replacing its ifs/ and orbit/ sub-folders (other files stay)")
+                   help="reuse a non-empty --out, replacing its ifs/ and orbit/ sub-folders (other files "
+                        "stay), and replace an existing --preview file")
     p.add_argument("--preview", default=None, metavar="PNG",
                    help="also write a contact sheet of a few images here (put it outside --out)")
     p.set_defaults(func=_run)

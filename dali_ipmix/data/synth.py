@@ -220,7 +220,7 @@ def generate_synth(out_dir, classes: int = 10, train_per_class: int = 100, val_p
             (out / split / name).mkdir(parents=True, exist_ok=True)
             tasks += [(split, k, i) for i in range(per_class)]
     work = functools.partial(_write_one, out_dir=str(out), classes=classes, seed=seed)
-    paths = pool_map(work, tasks, jobs)
+    paths = pool_map(work, tasks, jobs, progress="synth")
     if preview and paths:
         contact_sheet(_preview_picks(paths, names), preview, cols=min(classes, 10), tile=128)
     return paths
@@ -242,7 +242,10 @@ def _preview_picks(paths: Sequence[str], names: Sequence[str]) -> List[str]:
 # ---------------------------------------------------------------------------------------------------
 # CLI
 def _run(args: argparse.Namespace) -> int:
+    from dali_ipmix.outputs import check_output_file
     start = time.perf_counter()
+    if args.preview:
+        check_output_file(args.preview, "--preview", args.overwrite, make_folder=True)
     paths = generate_synth(args.out, classes=args.classes, train_per_class=args.train_per_class,
                            val_per_class=args.val_per_class, seed=args.seed, overwrite=args.overwrite,
                            preview=args.preview, jobs=args.jobs)

@@ -84,12 +84,28 @@ def has_gpu() -> bool:
 
 
 def check_new_files(paths: Sequence[Path], overwrite: bool) -> None:
-    """Refuse to replace files the user already has, unless --overwrite."""
+    """Refuse to replace files the user already has, unless --overwrite, and a place that cannot
+    take them (the folder is created), before the pipeline runs."""
+    from ..outputs import check_output_file
     for path in paths:
         if path.exists() and not overwrite:
             raise UserError(f"{path} exists; pass --overwrite or choose another --out")
         if path.exists() and path.is_dir():
             raise UserError(f"{path} is a folder; choose another --out")
+        check_output_file(path, "--out", overwrite=True, make_folder=True)
+
+
+@contextlib.contextmanager
+def bad_files_named(data, mixing, use: str):
+    """A DALI error about a bad data file becomes one line naming it (``verify.explain_pipeline_error``)."""
+    try:
+        yield
+    except RuntimeError as e:
+        from ..verify import SEARCH_LIMIT, explain_pipeline_error
+        error = explain_pipeline_error(e, [data], [mixing], search_limit=SEARCH_LIMIT, use=use)
+        if error is None:
+            raise
+        raise error from None
 
 
 # ---------------------------------------------------------------------------------------------

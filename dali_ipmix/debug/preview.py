@@ -14,6 +14,7 @@ from the readable draws alone.
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from PIL import Image, ImageDraw
 from .. import config as C
 from .. import reference as R
 from ..cli import UserError
+from ..outputs import write_atomic
+from ..progress import Progress
 from ..tape import CF, SF, TapeLayout
 from . import _common
 from . import _sheet as S
@@ -213,6 +216,8 @@ def build_sheet(preview: Preview, title: str, tile: int) -> Tuple[Image.Image, d
     n, views = len(preview.crops), aug_views(cfg)
     scale = tile / cfg.image_size
     samples, text_lines = [], []
+    # the reference replays (twice per view) are the slow part at 224 px
+    bar = Progress("preview: reference replay of view", 2 * n * views)
     for b in range(n):
         entry = {"index": b, "label": preview.labels[b], "views": []}
         for a in range(views):
@@ -225,6 +230,7 @@ def build_sheet(preview: Preview, title: str, tile: int) -> Tuple[Image.Image, d
             text_lines.append(lines)
             entry["views"].append({"view": a + 1, "draws": draws, "tape": [_f(v) for v in tape],
                                    "replay": diff, "_lines": lines})
+            bar.update()
         samples.append(entry)
 
     layout = make_layout(cfg, n, tile, text_lines)
@@ -257,6 +263,8 @@ def build_sheet(preview: Preview, title: str, tile: int) -> Tuple[Image.Image, d
                                    S.STEP_COLORS[j % len(S.STEP_COLORS)])
             S.draw_lines(draw, (layout.text_x, layout.strip_y(b, a, views) + 2), view.pop("_lines"))
             view["sheet_tiles"] = boxes
+            bar.update()
+    bar.close()
     record = {"sheet_size": list(layout.size), "tile": tile, "samples": samples}
     return sheet, record
 
@@ -278,9 +286,11 @@ def preview(data_dir, mixing_dir, out_png: Path, *, preset: str = "imagenet", cf
               "data": str(data_dir), "mixing": str(mixing_dir), "config": _common.config_dict(cfg),
               "tape_layout": {"k": cfg.k, "t": cfg.t, "size": TapeLayout(cfg.k, cfg.t).size},
               **record}
+    png = io.BytesIO()
+    sheet.save(png, "PNG")
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out_png, "PNG")
-    out_png.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    write_atomic(out_png, png.getvalue())
+    write_atomic(out_png.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
     batch.record = record
     return batch, record
 
@@ -294,10 +304,16 @@ def _run(args) -> int:
         raise UserError("--n must be >= 1 and --tile >= 16")
     _common.check_device(args.device)
     _common.check_new_files([out, out.with_suffix(".json")], args.overwrite)
-    with _common.data_folders(args.data, args.mixing, args.seed) as (data, mixing, generated):
+    with _common.data_folders(args.data, args.mixing, args.seed) as (data, mixing, generated), \
+            _common.bad_files_named(data, mixing, "preview"):
         note = " (tiny generated data)" if generated else ""
-        batch, record = preview(data, mixing, out, preset=args.preset, cfg=cfg, n=args.n, seed=args.seed,
-                                backend=args.backend, device=args.device, tile=args.tile, data_note=note)
+        try:
+            batch, record = preview(data, mixing, out, preset=args.preset, cfg=cfg, n=args.n,
+                                    seed=args.seed, backend=args.backend, device=args.device,
+                                    tile=args.tile, data_note=note)
+        except OSError as e:      # the place was checked; the disk can still fill up meanwhile
+            raise UserError(f"--out {out}: writing the sheet failed ({e.strerror or e}); nothing was "
+                            f"left half-written") from None
     worst = max(v["replay"]["max_abs"] for s in record["samples"] for v in s["views"])
     mean = np.mean([v["replay"]["mean_abs"] for s in record["samples"] for v in s["views"]])
     print(f"preview: {args.n} samples x {aug_views(cfg)} IPMix view(s); reference replay of the pipeline's "

@@ -169,7 +169,8 @@ def _run(args) -> int:
     out = Path(args.out)
     owned = [p.name for p in out.iterdir() if OWNED.match(p.name)] if out.is_dir() else []
     out = prepare_out_dir(out, args.overwrite, owned=owned)
-    with _common.data_folders(args.data, args.mixing, args.seed) as (data, mixing, generated):
+    with _common.data_folders(args.data, args.mixing, args.seed) as (data, mixing, generated), \
+            _common.bad_files_named(data, mixing, "stages"):
         if generated:
             print("stages: no --data/--mixing: using a tiny generated set")
         index = run_stages(data, mixing, out, cfg, args.preset, n=args.n, seed=args.seed,

@@ -8,6 +8,7 @@ import sys
 from typing import Optional
 
 from ..cli import UserError
+from ..outputs import check_output_file, write_atomic
 from .attacks import PGD_STEPS
 from .metrics import ECE_BINS, RMS_BIN_SIZE
 from .tables import CORRUPTIONS, SEVERITIES
@@ -159,10 +160,11 @@ def run(args) -> int:
     if not any((args.data, args.imagenet_c, args.cifar_c, args.imagenet_r, args.imagenet_a)):
         raise UserError("nothing to evaluate: give --data VAL_DIR and/or --imagenet-c / --cifar-c / "
                         "--imagenet-r / --imagenet-a")
-    if args.json and os.path.exists(args.json) and not args.overwrite:
-        raise UserError(f"--json {args.json} exists; pass --overwrite to replace it or choose another path")
+    if args.json:
+        check_output_file(args.json, "--json", args.overwrite, make_folder=True)
     loaded = load_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     settings, (mean, std), preset_name = settings_from_args(args, loaded)
+    settings.progress = not args.quiet
     model = Normalized(loaded.model, mean, std).to(settings.device)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     log(f"dali-ipmix eval: {loaded.arch} ({loaded.num_classes} classes) from {args.checkpoint}, "
@@ -172,10 +174,11 @@ def run(args) -> int:
               "num_classes": loaded.num_classes, "preset": preset_name, **report}
     print(format_report(report))
     if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(folder, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        try:
+            write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+        except OSError as e:      # checked beforehand; the disk can still fill up meanwhile
+            print(f"dali-ipmix eval: warning: writing --json {args.json} failed ({e.strerror or e}); "
+                  f"the table above holds the results", file=sys.stderr, flush=True)
+            return 1
         log(f"report written to {args.json}")
     return 0

@@ -72,7 +72,9 @@ def corrupt(image: np.ndarray, name: str, severity: int, seed: int) -> np.ndarra
         out = package.corrupt(np.ascontiguousarray(image), severity=severity, corruption_name=name, **extra)
     finally:
         np.random.set_state(state)
-    return np.asarray(out, dtype=np.uint8).reshape(image.shape)
+    # a copy: pixelate and jpeg_compression hand back a read-only view of a PIL image, which the
+    # DataLoader's collate turns into a tensor with a warning from every worker
+    return np.array(out, dtype=np.uint8).reshape(image.shape)
 
 
 def warm_up(names) -> None:

@@ -47,6 +47,27 @@ def eval_crop(image: Image.Image, resize: int, size: int) -> np.ndarray:
     return np.array(TF.center_crop(image, size), dtype=np.uint8)   # a writable copy
 
 
+class ImageReadError(UserError):
+    """A picture of an evaluation set that cannot be read.  Raised in a DataLoader worker, it comes
+    back as this class with the worker's traceback as its text; ``one_line`` keeps the message."""
+
+    MARK = "ImageReadError: "
+
+    def one_line(self) -> str:
+        text = str(self).strip()
+        last = text.splitlines()[-1] if text else text
+        return last.split(self.MARK, 1)[1] if self.MARK in last else last
+
+
+def read_failure(path: Path, error: Exception, flag: str, root) -> ImageReadError:
+    from ..verify import _why, verify_command
+    words = str(error).splitlines()[0] if str(error) else ""
+    why = _why(path, f"it cannot be decoded ({type(error).__name__}: {words})")
+    command = verify_command(root).replace(" --write-filelist good.txt", "")
+    return ImageReadError(f"{path}: the evaluation stopped on this file ({flag}), {why}; list every bad "
+                          f"file with {command}, move them out of the folder, then rerun dali-ipmix eval")
+
+
 class ClassFolderImages(torch.utils.data.Dataset):
     """``root/<class>/<image>`` -> (uint8 crop, label).  ``label_of`` maps folder names to labels;
     folders it does not name are skipped (ImageNet-C's 1000 folders for a subset model), and
@@ -63,7 +84,7 @@ class ClassFolderImages(torch.utils.data.Dataset):
             raise UserError(f"{flag} {root}: none of its class folders ({shown}) is a class of the "
                             f"model; the folder names must be the model's class names (e.g. wnids)")
         keep = [keep[i] for i in subset_indices(len(keep), max_images)]
-        self.root, self.resize, self.size = Path(root), resize, size
+        self.root, self.resize, self.size, self.flag = Path(root), resize, size, flag
         self.files = [f for f, _ in keep]
         self.labels = [y for _, y in keep]
         self.classes_found = sorted({Path(f).parts[0] for f in self.files})
@@ -72,8 +93,12 @@ class ClassFolderImages(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        with Image.open(self.root / self.files[i]) as im:
-            return eval_crop(im, self.resize, self.size), self.labels[i]
+        path = self.root / self.files[i]
+        try:
+            with Image.open(path) as im:
+                return eval_crop(im, self.resize, self.size), self.labels[i]
+        except Exception as e:   # Pillow raises OSError, SyntaxError, ValueError... for bad data
+            raise read_failure(path, e, self.flag, self.root) from None
 
 
 class ArrayImages(torch.utils.data.Dataset):

@@ -71,6 +71,7 @@ class EvalSettings:
     rms_bin_size: int = RMS_BIN_SIZE
     rms_skip_last_bin: bool = True        # official calib_err leaves the last bin out
     ece_bins: int = ECE_BINS
+    progress: bool = True                 # a progress line per image set (terminals only)
 
 
 @dataclass
@@ -101,28 +102,39 @@ def to_pixels(images: torch.Tensor, device) -> torch.Tensor:
 
 
 def predict(model, dataset, s: EvalSettings, mask: Optional[Sequence[int]] = None,
-            attack: Optional[Callable] = None) -> Outcome:
+            attack: Optional[Callable] = None, label: str = "") -> Outcome:
     """Run ``model`` (pixels in [0, 1] -> logits) over ``dataset``; ``mask`` keeps those logits
-    (labels index into it); ``attack(model, x, y)`` replaces the images first."""
+    (labels index into it); ``attack(model, x, y)`` replaces the images first.  A picture that
+    cannot be read is a one-line ``UserError`` naming it."""
+    try:
+        return _predict(model, dataset, s, mask, attack, label)
+    except D.ImageReadError as e:
+        raise UserError(e.one_line()) from None
+
+
+def _predict(model, dataset, s, mask, attack, label) -> Outcome:
+    from ..progress import Progress
     loader = torch.utils.data.DataLoader(dataset, batch_size=s.batch_size, shuffle=False,
                                          num_workers=s.workers)
     keep = None if mask is None else torch.as_tensor(list(mask), device=s.device)
     confs, top1s, top5s = [], [], []
-    for images, labels in loader:
-        x, y = to_pixels(images, s.device), labels.to(s.device)
-        if attack is not None:
-            x = attack(model, x, y)
-        with torch.no_grad():
-            logits = model(x).float()
-        if keep is not None:
-            logits = logits.index_select(1, keep)
-        if int(y.max()) >= logits.shape[1] or int(y.min()) < 0:
-            raise UserError(f"labels up to {int(y.max())} but the model has {logits.shape[1]} outputs; "
-                            f"the data set's classes do not match the model's")
-        top1, top5 = topk_correct(logits, y, (1, 5))
-        confs.append(confidence(logits))
-        top1s.append(top1)
-        top5s.append(top5)
+    with Progress(label or "images", len(dataset), enabled=None if s.progress else False) as bar:
+        for images, labels in loader:
+            x, y = to_pixels(images, s.device), labels.to(s.device)
+            if attack is not None:
+                x = attack(model, x, y)
+            with torch.no_grad():
+                logits = model(x).float()
+            if keep is not None:
+                logits = logits.index_select(1, keep)
+            if int(y.max()) >= logits.shape[1] or int(y.min()) < 0:
+                raise UserError(f"labels up to {int(y.max())} but the model has {logits.shape[1]} outputs; "
+                                f"the data set's classes do not match the model's")
+            top1, top5 = topk_correct(logits, y, (1, 5))
+            confs.append(confidence(logits))
+            top1s.append(top1)
+            top5s.append(top5)
+            bar.update(len(labels))
     if not top1s:
         return Outcome(np.zeros(0), np.zeros(0, bool), np.zeros(0, bool))
     return Outcome(np.concatenate(confs), np.concatenate(top1s), np.concatenate(top5s))
@@ -233,7 +245,7 @@ def subset_set(root, subset: Sequence[str], classes, s: EvalSettings, flag: str)
 
 def _timed(log, label, fn):
     start = time.monotonic()
-    outcome = fn()
+    outcome = fn(label=label)
     log(f"{label}: {outcome.top1.size} images, top-1 error {100 * error_rate(outcome.top1):.2f}% "
         f"({time.monotonic() - start:.1f} s)")
     return outcome
