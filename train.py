@@ -91,6 +91,9 @@ def get_args_parser(add_help=True):
     g.add_argument("--val-filelist", default=None, metavar="FILE", help="the same for validation")
     g.add_argument("--mixing-filelist", default=None, metavar="FILE",
                    help="the same for the mixing set (`dali-ipmix verify DIR --mixing --write-filelist FILE`)")
+    g.add_argument("--mixing-cache-mb", type=int, default=None, metavar="MB",
+                   help="GPU memory for the decoded mixing pictures, so each is decoded once "
+                   "(default: enough for the whole set, at most 4096; 0: decode every time)")
     g.add_argument("--demo-cache", default=None, help="cache folder of the demo data "
                    "(default $DALI_IPMIX_CACHE or ~/.cache/dali_ipmix/demo)")
     g.add_argument("--workers", "-j", type=int, default=4, help="DALI CPU threads per rank")
@@ -313,6 +316,7 @@ NUMBER_RULES = (
     ("lr_scale_batch", lambda v: v >= 0, ">= 0 (0 = no scaling)"),
     ("val_batch_size", lambda v: v is None or v >= 1, ">= 1"),
     ("seed", lambda v: v >= 0, ">= 0"),
+    ("mixing_cache_mb", lambda v: v is None or v >= 0, ">= 0 (0 = no cache)"),
 )
 
 
@@ -550,7 +554,8 @@ def build_loaders(args, cfg, dali_checkpoint=None):
                   device=args.dali_device, device_id=args.dali_device_id, backend=args.backend,
                   seed=args.seed, shard_id=args.rank, num_shards=args.world_size,
                   enable_checkpointing=True, checkpoint=dali_checkpoint,
-                  filelist=args.train_filelist, mixing_filelist=args.mixing_filelist)
+                  filelist=args.train_filelist, mixing_filelist=args.mixing_filelist,
+                  mixing_cache_mb="auto" if args.mixing_cache_mb is None else args.mixing_cache_mb)
     if args.preset == "cifar":
         # 32 px pictures: flip + RandomCrop(32, padding=4); validation is the picture itself
         resize = cfg.image_size

@@ -273,6 +273,19 @@ def _decode_kernel(u_ptr, rec_ptr, tab_a, tab_m, tab_b, tab_f, tab_sign, sizes_p
 # Per-image tables for the step: histograms -> equalize / autocontrast LUTs, contrast's mean.
 
 @triton.jit
+def _step_record(rec_ptr, q, j, A: tl.constexpr, K: tl.constexpr, T: tl.constexpr,
+                 L: tl.constexpr):
+    """Step j of chain image q (sample-major, then view, then chain): a pointer to its tape
+    fields, its sample b, and whether it is an image op, a patch mixing, a self-mixing."""
+    n = q // K
+    st = rec_ptr + n * L + 1 + K * NCF + ((q % K) * T + j) * NSF
+    act_img = tl.load(st + F_ACTIVE_IMG) > 0
+    act_p = (tl.load(st + F_ACTIVE_P) > 0) & (tl.load(st + F_ACTIVE_IMG) <= 0)
+    self_mix = act_p & (tl.load(st + F_SELF_MIX) > 0)
+    return st, n // A, act_img, act_p, self_mix
+
+
+@triton.jit
 def _step_source(x_ptr, src_ptr, q, b, act_img, HW3, FIRST: tl.constexpr):
     """The image this step's image op reads: the chain's current image (x itself at step 0) for
     an IMG step, the original x for a self-mix partner."""
@@ -294,14 +307,9 @@ def _tables_kernel(x_ptr, rec_ptr, src_ptr, lut_ptr, mean_ptr, scale_ptr, j,
                    H: tl.constexpr, W: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr):
     q = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    n = q // K
-    b = n // A
     HW = H * W
     HW3 = HW * 3
-    st = rec_ptr + n * L + 1 + K * NCF + ((q % K) * T + j) * NSF
-    act_img = tl.load(st + F_ACTIVE_IMG) > 0
-    act_p = (tl.load(st + F_ACTIVE_P) > 0) & (tl.load(st + F_ACTIVE_IMG) <= 0)
-    self_mix = act_p & (tl.load(st + F_SELF_MIX) > 0)
+    st, b, act_img, act_p, self_mix = _step_record(rec_ptr, q, j, A, K, T, L)
     op = tl.where(act_img, tl.load(st + F_OP), tl.load(st + F_SELF_OP)).to(tl.int32)
     mag = tl.where(act_img, tl.load(st + F_MAG), tl.load(st + F_SELF_MAG))
     runs = act_img | self_mix
@@ -525,14 +533,9 @@ def _step_kernel(x_ptr, f_ptr, rec_ptr, src_ptr, dst_ptr, lut_ptr, mean_ptr, rot
                  BP: tl.constexpr):
     q = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    n = q // K
-    b = n // A
     HW = H * W
     HW3 = HW * 3
-    st = rec_ptr + n * L + 1 + K * NCF + ((q % K) * T + j) * NSF
-    act_img = tl.load(st + F_ACTIVE_IMG) > 0
-    act_p = (tl.load(st + F_ACTIVE_P) > 0) & (tl.load(st + F_ACTIVE_IMG) <= 0)
-    self_mix = act_p & (tl.load(st + F_SELF_MIX) > 0)
+    st, b, act_img, act_p, self_mix = _step_record(rec_ptr, q, j, A, K, T, L)
     top = tl.load(st + F_TOP).to(tl.int32)
     left = tl.load(st + F_LEFT).to(tl.int32)
     height = tl.load(st + F_HEIGHT).to(tl.int32)
