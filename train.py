@@ -57,12 +57,21 @@ CKPT_PATTERN = re.compile(r"^checkpoint_(\d+)\.pth$")
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 TENSORBOARD_DIR = "tensorboard"
+BEST_ROBUST = "best_robust.pth"
 
 # Defaults that differ between the real recipe and the built-in demo (flags left unset).
 RECIPE_DEFAULTS = dict(arch="resnet50", image_size=None, epochs=180, batch_size=128, lr=0.01,
-                       warmup_epochs=0, print_freq=50, ckpt_every=1000, crop_scale=0.08)
+                       warmup_epochs=0, print_freq=50, ckpt_every=1000, crop_scale=0.08,
+                       lr_schedule="cosine", nesterov="on")
 DEMO_DEFAULTS = dict(arch="resnet18", image_size=32, epochs=8, batch_size=32, lr=0.02,
-                     warmup_epochs=1, print_freq=10, ckpt_every=0, crop_scale=0.35)
+                     warmup_epochs=1, print_freq=10, ckpt_every=0, crop_scale=0.35,
+                     lr_schedule="cosine", nesterov="on")
+# --preset cifar-adv: the IPMix cifar preset, --adv-mixup aom, and the CIFAR-10 adversarial-training
+# schedule of Rice et al. 2020 (locuslab/robust_overfitting train_cifar.py): PreActResNet-18, batch
+# 128, 200 epochs, SGD momentum 0.9 without Nesterov, weight decay 5e-4 (the defaults here), lr 0.1
+# divided by 10 at 50 % and by 100 at 75 % of training.
+CIFAR_ADV_DEFAULTS = dict(arch="preactresnet18", image_size=32, epochs=200, batch_size=128, lr=0.1,
+                          warmup_epochs=0, lr_schedule="piecewise", nesterov="off", adv_mixup="aom")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -106,14 +115,17 @@ def get_args_parser(add_help=True):
     g.add_argument("--val-batch-size", type=int, default=None, help="validation batch (default: --batch-size)")
 
     g = p.add_argument_group("IPMix")
-    g.add_argument("--preset", choices=sorted(C.PRESETS), default="imagenet", help="IPMix hyperparameters")
+    g.add_argument("--preset", choices=sorted(C.PRESETS) + ["cifar-adv"], default="imagenet",
+                   help="IPMix hyperparameters; cifar-adv = cifar with --adv-mixup aom and Rice et al.'s "
+                   "adversarial-training schedule (docs/adversarial.md)")
     g.add_argument("--image-size", type=int, default=None,
                    help="crop size (recipe 224, demo 32); patch sizes above it are dropped and it is added")
     g.add_argument("--backend", choices=("fused", "dali", "none"), default=None,
                    help="IPMix implementation inside the DALI graph (default fused; 'dali' if the fused "
                    "kernel cannot be imported); 'none' = no augmentation")
     g.add_argument("--no-jsd", action="store_true", help="one IPMix view and plain cross-entropy "
-                   "(default: clean + 2 IPMix views with the JSD consistency loss)")
+                   "(default: clean + 2 IPMix views with the JSD consistency loss; with --adv-mixup "
+                   "one view unless --adv-jsd)")
     g.add_argument("--jsd-weight", type=float, default=12.0, help="weight of the JSD term (official 12)")
     g.add_argument("--k", type=int, default=None, help="IPMix chains (preset: 3)")
     g.add_argument("--t", type=int, default=None, help="max chain depth (preset: 3)")
@@ -135,6 +147,11 @@ def get_args_parser(add_help=True):
     g.add_argument("--lr-scale-batch", type=int, default=0, metavar="N",
                    help="linear scaling: use lr * global_batch / N (e.g. 256); 0 = no scaling (official)")
     g.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup before the cosine")
+    g.add_argument("--lr-schedule", choices=("cosine", "piecewise"), default=None,
+                   help="cosine per iteration (official IPMix), or piecewise: lr/10 from 50 %% and "
+                   "lr/100 from 75 %% of training (Rice et al.; cifar-adv)")
+    g.add_argument("--nesterov", choices=("on", "off"), default=None,
+                   help="Nesterov momentum (official IPMix on; cifar-adv off)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=5e-4)
     g.add_argument("--label-smoothing", type=float, default=0.0)
@@ -286,7 +303,12 @@ def apply_defaults(args):
     if not args.demo and not args.mixing_set:
         raise UserError("--mixing-set is required with --data-path/--train-dir (a folder of "
                         "fractal pictures; make one with `dali-ipmix fractals --out DIR --count 1000`)")
-    for key, value in (DEMO_DEFAULTS if args.demo else RECIPE_DEFAULTS).items():
+    defaults = DEMO_DEFAULTS if args.demo else RECIPE_DEFAULTS
+    if args.preset == "cifar-adv":
+        # recorded as "cifar": checkpoints name the IPMix preset (dali-ipmix eval reads it)
+        args.preset, args.recipe = "cifar", "cifar-adv"
+        defaults = {**defaults, **CIFAR_ADV_DEFAULTS}
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     for flag in ("epochs", "batch_size", "workers"):
@@ -472,10 +494,12 @@ def unlock_output_dir(args):
 
 def previous_run_files(out):
     """What an earlier run wrote into ``out`` (checkpoints, their temp files, metrics, summary,
-    TensorBoard events): the files ``--overwrite`` deletes and whose presence needs a decision."""
+    TensorBoard events, the best robust checkpoint): the files ``--overwrite`` deletes and whose
+    presence needs a decision."""
     names = [p for _, p in find_checkpoints(out)]
     names += glob.glob(os.path.join(str(out), ".tmp-checkpoint_*"))
-    names += [os.path.join(str(out), n) for n in (METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR)
+    names += [os.path.join(str(out), n) for n in (METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR,
+                                                  BEST_ROBUST)
               if os.path.lexists(os.path.join(str(out), n))]
     return names
 
@@ -529,12 +553,16 @@ def create_model(args, model_factory=None) -> nn.Module:
     return models.get_model(args.arch, args.num_classes)
 
 
-def make_lr_lambda(total_steps: int, warmup_steps: int, min_factor: float):
+def make_lr_lambda(total_steps: int, warmup_steps: int, min_factor: float, schedule: str = "cosine"):
     """Official schedule: cosine per iteration from 1 to ``min_factor`` (multiplier of the peak lr),
-    after an optional linear warmup."""
+    after an optional linear warmup.  ``piecewise``: Rice et al.'s 1, 1/10 from half of training,
+    1/100 from three quarters, read at the end of each step as their lr_schedule(epoch + (i+1)/n)."""
     def lr_lambda(step):
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if schedule == "piecewise":
+            done = (step + 1) / max(1, total_steps)
+            return 1.0 if done < 0.5 else 0.1 if done < 0.75 else 0.01
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
     return lr_lambda
@@ -914,8 +942,8 @@ def _run(args, model_factory, t_start) -> int:
     args.net, args.model_without_ddp = net, model
     global_batch = args.batch_size * args.world_size
     lr = args.lr * global_batch / args.lr_scale_batch if args.lr_scale_batch else args.lr
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, nesterov=True,
-                                weight_decay=args.wd)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum,
+                                nesterov=args.nesterov == "on", weight_decay=args.wd)
     scaler = torch.amp.GradScaler(args.torch_device.type, enabled=args.amp == "fp16")
 
     dali_state = None
@@ -931,7 +959,7 @@ def _run(args, model_factory, t_start) -> int:
     warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
     final_lr = 1e-6 * 128 / global_batch          # official: 1e-6 / (lr * bs / 128) as a multiplier
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, make_lr_lambda(total_steps, warmup_steps, min(1.0, final_lr / lr)))
+        optimizer, make_lr_lambda(total_steps, warmup_steps, min(1.0, final_lr / lr), args.lr_schedule))
 
     start_epoch, step, best_top1, history, resumed_steps = 0, 0, 0.0, [], 0
     if ckpt is not None:
@@ -1053,11 +1081,13 @@ def _run(args, model_factory, t_start) -> int:
             best_top1 = max(best_top1, res["val_top1"])
             rec = {"kind": "epoch", "epoch": epoch + 1, "step": step, **res, "best_top1": best_top1,
                    "val_seconds": time.perf_counter() - t0}
-            history.append(rec)
-            metrics.write(rec, step)
             log(args, f"epoch {epoch + 1}/{args.epochs}: val top-1 {res['val_top1']:.2f}%  top-5 "
                       f"{res['val_top5']:.2f}%  loss {res['val_loss']:.4f}  ({res['val_images']} images, "
                       f"{rec['val_seconds']:.1f} s)  best top-1 {best_top1:.2f}%")
+            if args.adv_eval_every and ((epoch + 1) % args.adv_eval_every == 0 or epoch + 1 == args.epochs):
+                rec.update(robust_check(args, val_loader, epoch + 1, step, history))
+            history.append(rec)
+            metrics.write(rec, step)
             last_path = save_checkpoint(args, epoch=epoch + 1, step=step, epoch_done=True,
                                         best_top1=best_top1, history=history, **ckpt_kw) or last_path
             if args.max_steps and step >= args.max_steps and epoch + 1 < args.epochs:
@@ -1066,7 +1096,9 @@ def _run(args, model_factory, t_start) -> int:
                           f"--output-dir {args.output_dir}")
                 break
         if args.adv_eval != "off" and not interrupted:
-            robust = robust_evaluate(args, val_loader)
+            robust = robust_evaluate(args, val_loader, steps=args.adv_eval_steps,
+                                     restarts=args.adv_eval_restarts, images=args.adv_eval_images,
+                                     autoattack=args.adv_eval == "autoattack")
             metrics.write({"kind": "robust", "step": step, **{k: v for k, v in robust.items()
                                                             if isinstance(v, (int, float))}}, step)
             history.append({"kind": "robust", **robust})
@@ -1090,6 +1122,10 @@ def _run(args, model_factory, t_start) -> int:
             "  val top-1: (no completed epoch)",
             f"  throughput: {img_s:.1f} source img/s ({img_s * views:.1f} views/s) while training",
             f"  time: {fmt_time(total)} total ({total:.1f} s; setup {setup_time:.1f} s, training {train_time:.1f} s)",
+            *([f"  best robust (PGD-{advmixup.SELECT_STEPS}, {args.adv_eval_eps * 255:g}/255, "
+               f"{best['robust_images']} val images): {best['robust_pgd']:.2f}% (clean {best['robust_clean']:.2f}%) "
+               f"after epoch {best['epoch']} -> {os.path.join(args.output_dir, BEST_ROBUST)}"
+               for best in [best_robust(history)] if best]),
             *([f"  robust ({r['eps'] * 255:g}/255): clean {r['clean']:.2f}%  PGD-{r['steps']} {r['pgd']:.2f}%"
                + (f"  AutoAttack {r['autoattack']:.2f}%" if r.get('autoattack') is not None else "")
                + f"  ({r['images']} images)"
@@ -1099,7 +1135,8 @@ def _run(args, model_factory, t_start) -> int:
         ]
         summary = {"arch": args.arch, "steps": step, "best_top1": best_top1,
                    "last": last, "img_per_s": img_s, "seconds": total,
-                   "robust": [h for h in history if h.get("kind") == "robust"]}
+                   "robust": [h for h in history if h.get("kind") == "robust"],
+                   "best_robust": best_robust(history)}
         try:
             write_atomic(os.path.join(args.output_dir, SUMMARY_FILE),
                          json.dumps(dict(summary, failed_writes=getattr(args, "failed_writes", []))))
@@ -1112,13 +1149,53 @@ def _run(args, model_factory, t_start) -> int:
     return 0
 
 
-def robust_evaluate(args, loader) -> dict:
-    """PGD (and AutoAttack) accuracy on the validation set after training; counts summed over ranks."""
-    per_rank = args.adv_eval_images // args.world_size if args.adv_eval_images else 0
+def best_robust(history):
+    """The epoch record with the highest PGD accuracy of the per-epoch check (the first if tied)."""
+    checked = [h for h in history if h.get("robust_pgd") is not None]
+    return max(checked, key=lambda h: h["robust_pgd"]) if checked else None
+
+
+def robust_check(args, loader, epoch, step, history) -> dict:
+    """The per-epoch PGD check (--adv-eval-every); writes best_robust.pth when it improves."""
+    t0 = time.perf_counter()
+    res = robust_evaluate(args, loader, steps=advmixup.SELECT_STEPS, images=args.adv_val_images,
+                          what=f"epoch {epoch}/{args.epochs}: PGD-{advmixup.SELECT_STEPS} check")
+    best = best_robust(history)
+    out = {"robust_clean": res["clean"], "robust_pgd": res["pgd"], "robust_images": res["images"],
+           "robust_seconds": time.perf_counter() - t0}
+    if best is None or res["pgd"] > best["robust_pgd"]:
+        out["best_robust_pgd"] = res["pgd"]
+        if is_main(args):
+            path = os.path.join(args.output_dir, BEST_ROBUST)
+            try:   # what `dali-ipmix eval` loads: weights, arch, args, input kind
+                atomic_torch_save({"model": args.net.state_dict(), "arch": args.arch, "epoch": epoch,
+                                   "step": step, "robust": out,
+                                   "args": {k: v for k, v in vars(args).items()
+                                            if isinstance(v, (int, float, str, bool, type(None)))},
+                                   "input": {"pixels_0_1": True, "mean": list(args.input_mean),
+                                             "std": list(args.input_std)}}, path)
+            except OSError as e:
+                print(f"train.py: warning: writing {path} failed ({e.strerror or e})", file=sys.stderr,
+                      flush=True)
+            else:
+                log(args, f"  most robust so far -> {path}")
+    else:
+        out["best_robust_pgd"] = best["robust_pgd"]
+    return out
+
+
+def robust_evaluate(args, loader, *, steps, restarts=1, autoattack=False, images=0,
+                    what="robust eval") -> dict:
+    """Clean / PGD (/ AutoAttack) accuracy on ``images`` validation images (0 = all) spread evenly
+    over the list, in float32: input gradients under bf16/fp16 autocast can underflow and weaken
+    the attack.  Each rank takes its share of its shard; counts are summed over ranks."""
+    r, w, n = args.rank, args.world_size, args.num_val
+    shard = n * (r + 1) // w - n * r // w           # the validation reader's shard of this rank
+    keep = images * (r + 1) // w - images * r // w if images else 0
     res = advmixup.robust_eval(
-        args.model_without_ddp, loader, args.adv_eval_eps, args.adv_eval_step_size,
-        args.adv_eval_steps, restarts=args.adv_eval_restarts, autoattack=args.adv_eval == "autoattack",
-        max_images=per_rank, seed=args.seed + args.rank, autocast_ctx=lambda: autocast(args))
+        args.model_without_ddp, advmixup.spread_batches(loader, shard, keep), args.adv_eval_eps,
+        args.adv_eval_step_size, steps, restarts=restarts, autoattack=autoattack,
+        seed=args.seed + args.rank)
     keys = [k for k in res if k.startswith("n_")] + ["images"]
     sums = dict(zip(keys, all_reduce_sum([res[k] for k in keys], args.torch_device)))
     total = max(sums["images"], 1)
@@ -1128,8 +1205,8 @@ def robust_evaluate(args, loader) -> dict:
     res["clean_minus_pgd"] = res["clean"] - res["pgd"]
     if res.get("autoattack") is not None:
         res["pgd_minus_aa"] = res["pgd"] - res["autoattack"]
-    log(args, f"robust eval ({res['images']} images, eps {res['eps']:.4g}): clean {res['clean']:.2f}%  "
-              f"PGD {res['pgd']:.2f}%" + (f"  AutoAttack {res['autoattack']:.2f}%"
+    log(args, f"{what} ({res['images']} images, eps {res['eps'] * 255:.3g}/255, float32): clean "
+              f"{res['clean']:.2f}%  PGD-{steps} {res['pgd']:.2f}%" + (f"  AutoAttack {res['autoattack']:.2f}%"
                                           if res.get("autoattack") is not None else ""))
     return res
 

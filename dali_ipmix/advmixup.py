@@ -1,8 +1,8 @@
 """Adversarial mixup training (``--adv-mixup {off,aom,mixup_pgd}``) and robust evaluation.
 
 The method is the project's reconstruction of "Adversarially Optimized Mixup" (Bunk et al.,
-arXiv 2103.11589) in /work/shared/spec/advmixup.md §2.3: the paper's method section could not be
-read, so every component its abstract names is a switch.  ``mixup_pgd`` is the fixed baseline
+arXiv 2103.11589; docs/adversarial.md): the paper's method section could not be read, so every
+component its abstract names is a switch.  ``mixup_pgd`` is the fixed baseline
 (Rice et al.'s mixup + PGD: mixed probe, lambda fixed, label = lambda, cross-entropy).
 
 Inputs are pixels in [0, 1] (the pipeline built with ``pixel_config(cfg)``) and the model starts
@@ -15,7 +15,9 @@ API (what train.py calls)
 ``check_adv_args(args)``            fills mode-dependent defaults in ``args``; raises
                                     ``dali_ipmix.cli.UserError`` on bad combinations.
 ``uses_pixels(args)``               True when the pipeline must emit [0, 1] pixels
-                                    (``--adv-mixup`` or ``--adv-eval`` on).
+                                    (``--adv-mixup``, ``--adv-eval`` or ``--adv-eval-every`` on).
+``spread_batches(loader, total, keep)``  ``loader``'s batches cut to a fixed, evenly spaced
+                                    subset of ``keep`` of its ``total`` samples.
 ``pixel_config(cfg)``               the IPMixConfig whose pipelines emit [0, 1] pixels.
 ``with_normalization(model, mean, std)`` -> ``robustness.model.Normalized(model, mean, std)``.
 ``replay_generator(seed, epoch, step, rank, device="cpu")``  the one seeding rule of every draw.
@@ -57,8 +59,8 @@ from .robustness.model import Normalized
 
 MODES = ("off", "aom", "mixup_pgd")
 PROBES = ("mixed", "endpoints")
-LABEL_RULES = ("lambda", "projection", "distance")   # spec §2.3: lam, geo_proj, geo_dist
-OBJECTIVES = ("ce", "kl_interp")
+LABEL_RULES = ("lambda", "projection", "distance")
+OBJECTIVES = ("kl_target", "ce", "kl_interp")
 BN_MODES = ("frozen", "train")
 EVAL_MODES = ("off", "pgd", "autoattack")
 ON_OFF = ("on", "off")
@@ -66,15 +68,19 @@ ON_OFF = ("on", "off")
 # Switches that differ between the modes; a switch left unset takes its mode's value.
 MODE_DEFAULTS = {
     "aom": dict(adv_probe="mixed", adv_opt_lambda="on", adv_label_rule="projection",
-                adv_objective="ce"),
+                adv_objective="kl_target"),
     "mixup_pgd": dict(adv_probe="mixed", adv_opt_lambda="off", adv_label_rule="lambda",
                       adv_objective="ce"),
 }
-# Mode-independent defaults (spec §2.3: CIFAR eps 8/255, alpha = eps/4, Beta(1, 1), lam_step 0.1).
+# Mode-independent defaults (CIFAR eps 8/255, alpha = eps/4 as Rice et al. 2020; Beta(1, 1); lam_step 0.1).
 COMMON_DEFAULTS = dict(adv_eps=8 / 255, adv_steps=10, adv_pgd_weight=0.0, adv_clean_weight=0.0,
                        adv_bn="frozen", adv_mix_alpha=1.0, adv_lambda_step=0.1,
                        adv_lambda_box=(0.0, 1.0))
 TRAINING_FLAGS = tuple(MODE_DEFAULTS["aom"]) + tuple(COMMON_DEFAULTS) + ("adv_step_size",)
+# The per-epoch robust check that picks best_robust.pth: PGD-10 on a fixed validation subset,
+# Rice et al. 2020's model selection against robust overfitting (their validation split: 1000 images).
+SELECT_STEPS = 10
+SELECT_IMAGES = 1000
 
 PIXEL_MEAN = (0.0, 0.0, 0.0)
 PIXEL_STD = (1.0, 1.0, 1.0)
@@ -94,9 +100,10 @@ def pixels(text: str) -> float:
 def add_adv_args(parser: argparse.ArgumentParser):
     """Add the ``adversarial mixup`` argument group; returns it."""
     g = parser.add_argument_group("adversarial mixup (docs/adversarial.md)")
-    g.add_argument("--adv-mixup", choices=MODES, default="off",
+    g.add_argument("--adv-mixup", choices=MODES, default=None,
                    help="training mode: aom = adversarially optimised mixup (the project's "
-                   "reconstruction), mixup_pgd = mixup + PGD baseline; needs [0, 1] pixels")
+                   "reconstruction), mixup_pgd = mixup + PGD baseline; needs [0, 1] pixels "
+                   "(default off)")
     g.add_argument("--adv-eps", type=pixels, default=None, metavar="E",
                    help="L-inf radius in pixel units, e.g. 8/255 (default 8/255)")
     g.add_argument("--adv-step-size", type=pixels, default=None, metavar="A",
@@ -111,8 +118,11 @@ def add_adv_args(parser: argparse.ArgumentParser):
                    help="weight of the first label: lambda, projection of the probed point onto "
                    "the segment, or distance ratio (aom default projection; mixup_pgd: lambda)")
     g.add_argument("--adv-objective", choices=OBJECTIVES, default=None,
-                   help="attack loss: ce = soft cross-entropy, kl_interp = KL(interpolated "
-                   "endpoint predictions || prediction at the probe) (default ce)")
+                   help="attack loss: kl_target = KL(mixed label || prediction), i.e. soft "
+                   "cross-entropy minus the label's entropy; ce = soft cross-entropy (it also "
+                   "rewards uncertain labels, pulling lambda to 0.5); kl_interp = KL(interpolated "
+                   "endpoint predictions || prediction at the probe) (aom default kl_target; "
+                   "mixup_pgd: ce)")
     g.add_argument("--adv-pgd-weight", type=float, default=None, metavar="W",
                    help="weight of an added PGD-AT term CE(f(PGD_K(x)), y) (default 0)")
     g.add_argument("--adv-clean-weight", type=float, default=None, metavar="W",
@@ -126,8 +136,17 @@ def add_adv_args(parser: argparse.ArgumentParser):
                    help="sign-step of lambda when optimised (default 0.1)")
     g.add_argument("--adv-lambda-box", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="lambda is drawn in and kept inside [LO, HI] (default 0 1)")
+    g.add_argument("--adv-jsd", action="store_true",
+                   help="keep IPMix's JSD triple (clean + 2 views, JSD loss) in an adversarial "
+                   "mode; by default the mode trains on one IPMix view")
+    g.add_argument("--adv-eval-every", type=int, default=None, metavar="N",
+                   help=f"every N epochs (and after the last), PGD-{SELECT_STEPS} accuracy at the "
+                   "evaluation radius on a fixed validation subset, logged per epoch; the most "
+                   "robust model is kept as best_robust.pth (default 1 with --adv-mixup, else 0 = off)")
+    g.add_argument("--adv-val-images", type=int, default=SELECT_IMAGES, metavar="N",
+                   help="size of that subset, spread evenly over the validation list (0 = all)")
     g.add_argument("--adv-eval", choices=EVAL_MODES, default="off",
-                   help="robust evaluation after each epoch: PGD, or PGD + AutoAttack "
+                   help="robust evaluation of the final model, in float32: PGD, or PGD + AutoAttack "
                    "(torchattacks, official standard settings); needs [0, 1] pixels")
     g.add_argument("--adv-eval-eps", type=pixels, default=None, metavar="E",
                    help="evaluation radius (default: --adv-eps, i.e. 8/255)")
@@ -137,7 +156,8 @@ def add_adv_args(parser: argparse.ArgumentParser):
     g.add_argument("--adv-eval-restarts", type=int, default=1, metavar="R",
                    help="evaluation PGD restarts (the worst per image is kept)")
     g.add_argument("--adv-eval-images", type=int, default=0, metavar="N",
-                   help="evaluate robustness on the first N validation images per rank (0 = all)")
+                   help="evaluate the final model on N validation images spread evenly over the "
+                   "list (0 = all)")
     return g
 
 
@@ -145,6 +165,8 @@ def check_adv_args(args) -> argparse.Namespace:
     """Validate the ``--adv-*`` flags and fill in their defaults (in place; returns ``args``).
 
     Idempotent: calling it again on the filled ``args`` accepts them unchanged."""
+    if args.adv_mixup is None:
+        args.adv_mixup = "off"
     mode = args.adv_mixup
     if mode not in MODES:
         raise UserError(f"--adv-mixup {mode!r}: choose one of {', '.join(MODES)}")
@@ -153,11 +175,13 @@ def check_adv_args(args) -> argparse.Namespace:
     if mode == "off":
         # the training switches stay unset (None); --adv-eps still sets the evaluation radius
         unused = [f for f in TRAINING_FLAGS if getattr(args, f, None) is not None
-                  and not (f == "adv_eps" and args.adv_eval != "off")]
+                  and not (f == "adv_eps" and (args.adv_eval != "off" or args.adv_eval_every))]
         if unused:
             raise UserError(f"--{unused[0].replace('_', '-')} has no effect without "
                             f"--adv-mixup aom or --adv-mixup mixup_pgd")
-        if args.adv_eval != "off" and args.adv_eps is None:
+        if args.adv_jsd:
+            raise UserError("--adv-jsd has no effect without --adv-mixup aom or --adv-mixup mixup_pgd")
+        if (args.adv_eval != "off" or args.adv_eval_every) and args.adv_eps is None:
             args.adv_eps = COMMON_DEFAULTS["adv_eps"]
     else:
         for key, value in MODE_DEFAULTS[mode].items():
@@ -172,6 +196,12 @@ def check_adv_args(args) -> argparse.Namespace:
                 setattr(args, key, value)
         if args.adv_step_size is None:
             args.adv_step_size = args.adv_eps / 4
+        # one IPMix view unless asked: the JSD triple would triple every attacked batch
+        if getattr(args, "no_jsd", False) and args.adv_jsd:
+            raise UserError("--no-jsd and --adv-jsd contradict each other; give one")
+        args.no_jsd = not args.adv_jsd
+    if args.adv_eval_every is None:
+        args.adv_eval_every = 0 if mode == "off" else 1
     eval_eps = args.adv_eps if args.adv_eps is not None else COMMON_DEFAULTS["adv_eps"]
     if args.adv_eval_eps is None:
         args.adv_eval_eps = eval_eps
@@ -188,6 +218,8 @@ def check_adv_args(args) -> argparse.Namespace:
     need(args.adv_eval_steps >= 0, "adv-eval-steps", f"must be >= 0, got {args.adv_eval_steps}")
     need(args.adv_eval_restarts >= 1, "adv-eval-restarts", f"must be >= 1, got {args.adv_eval_restarts}")
     need(args.adv_eval_images >= 0, "adv-eval-images", f"must be >= 0, got {args.adv_eval_images}")
+    need(args.adv_eval_every >= 0, "adv-eval-every", f"must be >= 0 (0 = off), got {args.adv_eval_every}")
+    need(args.adv_val_images >= 0, "adv-val-images", f"must be >= 0, got {args.adv_val_images}")
     if mode == "off":
         return args
     need(args.adv_step_size >= 0, "adv-step-size", f"must be >= 0, got {args.adv_step_size:g}")
@@ -204,7 +236,7 @@ def check_adv_args(args) -> argparse.Namespace:
 
 def uses_pixels(args) -> bool:
     """True when the pipeline must emit [0, 1] pixels and the model must be wrapped by ``with_normalization``."""
-    return args.adv_mixup != "off" or args.adv_eval != "off"
+    return args.adv_mixup != "off" or args.adv_eval != "off" or bool(args.adv_eval_every)
 
 
 def pixel_config(cfg):
@@ -323,7 +355,7 @@ def random_start(x: torch.Tensor, eps: float, n: int, generator: torch.Generator
 
 
 # ---------------------------------------------------------------------------------------------
-# The probe: PGD through the mixup interpolation (spec §2.3)
+# The probe: PGD through the mixup interpolation (docs/adversarial.md)
 
 @dataclass
 class Probe:
@@ -415,6 +447,10 @@ def soft_cross_entropy(logits, target):
 def _attack_loss(logits, target, t, p_a, p_b, objective):
     if objective == "ce":
         return soft_cross_entropy(logits, target)
+    if objective == "kl_target":
+        # soft CE minus the target's entropy: CE alone climbs towards lambda = 0.5 wherever the
+        # model fits mixup, because the label itself is most uncertain there
+        return soft_cross_entropy(logits, target) + (target * target.clamp_min(1e-12).log()).sum(1)
     # kl_interp: KL(t p(xa) + (1 - t) p(xb) || p(xm)): how far the prediction at the probe is
     # from the interpolation of the endpoint predictions (the "unsmooth" reading of the abstract)
     p = t.view(-1, 1) * p_a + (1 - t.view(-1, 1)) * p_b
@@ -562,8 +598,9 @@ def autoattack_standard(model, eps: float, num_classes: int, seed: int = 0):
     except ImportError:
         raise UserError(f"AutoAttack needs the torchattacks package: {AUTOATTACK_INSTALL} "
                         f"(or evaluate with PGD only)") from None
-    if num_classes < 3:
-        raise ValueError(f"AutoAttack's targeted attacks need >= 3 classes, the model has {num_classes}")
+    if num_classes < 4:    # APGD-T's targeted DLR loss reads the 3rd and 4th largest logits
+        raise UserError(f"AutoAttack's targeted attacks need a model with >= 4 classes, this one has "
+                        f"{num_classes}; evaluate it with PGD only")
     n = min(num_classes, 10)    # torchattacks runs n - 1 targets; official AA uses 9
     attacks = [
         ta.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", rho=0.75, seed=seed),
@@ -588,6 +625,25 @@ def _torchattacks_version() -> str:
     return getattr(torchattacks, "__version__", "?")
 
 
+def spread_batches(loader, total: int, keep: int):
+    """``loader``'s ``(x, y)`` batches cut to ``keep`` of its ``total`` samples, evenly spaced over
+    the stream (``robustness.datasets.subset_indices``): validation lists are sorted by class, so
+    the first ``keep`` would cover only the first classes.  The whole loader is consumed (a DALI
+    iterator left mid-epoch would resume there next time), so the subset is the same every pass."""
+    from .robustness.datasets import subset_indices
+    if not keep or keep >= total:
+        yield from loader
+        return
+    chosen = torch.from_numpy(subset_indices(total, keep))
+    start = 0
+    for x, y in loader:
+        rows = chosen[(chosen >= start) & (chosen < start + y.shape[0])] - start
+        start += y.shape[0]
+        if rows.numel():
+            rows = rows.to(y.device)
+            yield x[rows], y[rows]
+
+
 def robust_eval(model, loader, eps, alpha, steps, restarts=1, autoattack=False, *, max_images=0,
                 seed=0, autocast_ctx=None, log=None) -> dict:
     """Clean, PGD and (optionally) AutoAttack accuracy of ``model`` (which starts with
@@ -595,7 +651,10 @@ def robust_eval(model, loader, eps, alpha, steps, restarts=1, autoattack=False, 
 
     An image counts as robust only if it is classified correctly clean AND after the attack
     (the clean point is inside the ball).  ``worst``: robust to both PGD and AutoAttack.
-    PGD runs under ``autocast_ctx`` (if given); AutoAttack runs in float32.  Returns percentages
+    ``max_images``: the first N of the loader (``spread_batches`` picks a spread subset).
+    PGD runs under ``autocast_ctx`` if given, which is for quick looks only: input gradients in
+    bf16/fp16 can underflow and weaken the attack, so reported numbers use None (float32).
+    AutoAttack always runs in float32.  Returns percentages
     (``clean``, ``pgd``, ``autoattack``, ``worst``), the gaps ``clean_minus_pgd`` and
     ``pgd_minus_aa`` (a large PGD-AA gap means PGD was fooled by gradient masking), the raw
     counts ``n_*`` (to all-reduce over ranks) and the settings.  The model's mode is restored.
@@ -630,7 +689,7 @@ def robust_eval(model, loader, eps, alpha, steps, restarts=1, autoattack=False, 
                     attack = autoattack_standard(model, eps, clean_logits.shape[1], seed)
                 devices = [x.device.index or 0] if x.device.type == "cuda" else []
                 with torch.random.fork_rng(devices=devices):    # torchattacks re-seeds the global RNG
-                    x_aa = attack(x, y)
+                    x_aa = attack(x.contiguous(), y)     # FAB .view()s gradients shaped like x
                 model.eval()
                 with torch.no_grad():
                     ok_aa = ok_clean & (model(x_aa).argmax(1) == y)

@@ -17,7 +17,9 @@ contains, so a foreign pickle cannot run code.  Problems are reported as one-lin
 ``UserError`` naming the folder or file.
 
 Command line: ``python -m dali_ipmix.cifar_data --root DIR --out OUT`` writes
-``OUT/train/<class>/*.png`` and ``OUT/val/<class>/*.png``.
+``OUT/train/<class>/*.png`` and ``OUT/val/<class>/*.png`` (the test split); with
+``--val-holdout N``, ``OUT/val/`` holds N training images instead and the test split goes to
+``OUT/test/``, so that choosing a checkpoint on val/ leaves the test set unseen.
 """
 from __future__ import annotations
 
@@ -191,10 +193,27 @@ def main(argv=None) -> int:
     p.add_argument("--root", required=True, help="folder holding cifar-10-batches-py/ or cifar-100-python/")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--val-holdout", type=int, default=0, metavar="N",
+                   help="write N training images (evenly spaced over the training list) to OUT/val/ "
+                   "and the test split to OUT/test/: a validation split for choosing checkpoints "
+                   "(Rice et al. hold out 1000); default 0: OUT/val/ is the test split")
     args = p.parse_args(argv)
     try:
-        for split, name in (("train", "train"), ("test", "val")):
-            images, labels, classes = load_cifar(args.root, split)
+        train = load_cifar(args.root, "train")
+        test = load_cifar(args.root, "test")
+        if not args.val_holdout:
+            splits = (("train", train), ("val", test))
+        else:
+            from .robustness.datasets import subset_indices
+            n = len(train[1])
+            if not 0 < args.val_holdout < n:
+                raise UserError(f"--val-holdout {args.val_holdout}: must be between 1 and {n - 1} "
+                                f"(the training split of {args.root} has {n} images)")
+            held = np.zeros(n, bool)
+            held[subset_indices(n, args.val_holdout)] = True
+            splits = (("train", (train[0][~held], train[1][~held], train[2])),
+                      ("val", (train[0][held], train[1][held], train[2])), ("test", test))
+        for name, (images, labels, classes) in splits:
             write_class_folders(images, labels, classes, os.path.join(args.out, name),
                                 overwrite=args.overwrite)
             print(f"{name}: {len(images)} images, {len(classes)} classes -> {os.path.join(args.out, name)}")

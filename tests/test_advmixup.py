@@ -1,5 +1,5 @@
-"""Adversarial mixup (spec advmixup.md §2.3/§4/§5), the CIFAR reader and the CIFAR-sized models,
-on CPU with tiny models."""
+"""Adversarial mixup (docs/adversarial.md), the CIFAR reader and the CIFAR-sized models, on CPU
+with tiny models."""
 import argparse
 import copy
 import pickle
@@ -115,9 +115,10 @@ def test_geometric_labels_equal_lambda_on_the_segment():
 
 
 # ---------------------------------------------------------------------------------------------
-# §2.3 derivation: endpoint PGD with sign steps is PGD on the mixed point
+# docs/adversarial.md: endpoint PGD with sign steps is PGD on the mixed point
 
-@pytest.mark.parametrize("objective,opt_lambda", [("ce", False), ("ce", True), ("kl_interp", True)])
+@pytest.mark.parametrize("objective,opt_lambda", [("ce", False), ("ce", True), ("kl_target", True),
+                                                  ("kl_interp", True)])
 def test_endpoint_probe_equals_mixed_probe(objective, opt_lambda):
     model = _model(dtype=torch.float64).eval()
     x, y = _batch(4, lo=0.3, hi=0.7, dtype=torch.float64)       # interior: no [0, 1] clipping
@@ -156,6 +157,58 @@ def test_attack_loss_does_not_decrease(objective):
         p_a = F.softmax(model(x), 1)
         final = A._attack_loss(model(pr.x), pr.target, pr.t, p_a, p_a[perm], objective).mean().item()
     assert final >= start
+
+
+def test_kl_target_is_cross_entropy_minus_the_label_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, C, generator=g)
+    target = F.softmax(torch.randn(5, C, generator=g), 1)
+    target[0] = F.one_hot(torch.tensor(2), C).float()          # a pure label: zero entropy
+    ce = A.soft_cross_entropy(logits, target)
+    entropy = -(target * target.clamp_min(1e-12).log()).sum(1)
+    kl = A._attack_loss(logits, target, None, None, None, "kl_target")
+    torch.testing.assert_close(kl, ce - entropy)
+    assert kl[0] == ce[0] and (kl[1:] < ce[1:] - 1e-3).all()
+    # zero where the prediction is the mixed label, whatever that label's entropy
+    torch.testing.assert_close(A._attack_loss(target.clamp_min(1e-20).log(), target, None, None, None, "kl_target"),
+                               torch.zeros(5), atol=1e-6, rtol=0)
+
+
+def _mixup_fitted(seed=0, steps=150):
+    """A tiny CNN trained with mixup (one lambda per sample) on the toy problem."""
+    model = _model(seed=seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for i in range(steps):
+        x, y = _toy(32, 100 + i)
+        perm, lam = A.draw_pairs(32, torch.Generator().manual_seed(i))
+        target = A.soft_targets(lam, F.one_hot(y, C).float(), F.one_hot(y[perm], C).float())
+        loss = A.soft_cross_entropy(model(A._mix(lam, x, x[perm])), target).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_default_aom_attack_does_not_pull_lambda_to_one_half():
+    # On a model that fits mixup, soft CE is largest where the label is most uncertain
+    # (lambda = 0.5), so ascending it on lambda collapses lambda there instead of finding where the
+    # model errs; the default objective must leave that spread alone.
+    model = _mixup_fitted()
+    x, y = _toy(128, 7)
+
+    def spread(*flags):
+        cfg = A.AdvConfig.from_args(_args("--adv-mixup", "aom", *flags))
+        pr, _ = _probe(model, x, y, cfg, seed=0)
+        lam0 = A.draw_pairs(128, torch.Generator().manual_seed(0), cfg.mix_alpha, cfg.lambda_box)[1]
+        far = lambda lam: float((lam - 0.5).abs().mean())            # mean |lambda - 0.5|
+        near = lambda lam: float(((lam - 0.5).abs() < 0.1).float().mean())   # share within 0.1
+        return far(lam0), far(pr.lam), near(lam0), near(pr.lam)
+
+    # margins from model seeds 0-3: default ratio 0.89-0.98, ce 0.64-0.69
+    far0, far1, near0, near1 = spread()
+    assert far1 >= 0.85 * far0 and near1 <= near0 + 0.05, (far0, far1, near0, near1)
+    far0, ce_far1, _, _ = spread("--adv-objective", "ce")        # the old default, still an option
+    assert ce_far1 <= 0.8 * far0 and far1 - ce_far1 >= 0.15 * far0, (far0, far1, ce_far1)
 
 
 def test_same_seed_same_probe_and_global_rng_untouched():
@@ -236,6 +289,33 @@ def test_ddp_model_one_backward():
         dist.destroy_process_group()
 
 
+def test_adversarial_modes_train_on_one_view_unless_asked():
+    import train
+    for extra, jsd in (((), False), (("--adv-jsd",), True)):
+        args = train.get_args_parser().parse_args(["--adv-mixup", "aom", *extra])
+        train.init_distributed(args)
+        train.apply_defaults(args)
+        cfg = train.build_config(args)
+        assert (cfg.jsd, cfg.views) == (jsd, 3 if jsd else 1)
+    plain = train.get_args_parser().parse_args([])
+    train.init_distributed(plain)
+    train.apply_defaults(plain)
+    assert train.build_config(plain).jsd                   # IPMix alone keeps the official triple
+    with pytest.raises(UserError, match="--no-jsd and --adv-jsd"):
+        _args_train = train.get_args_parser().parse_args(["--adv-mixup", "aom", "--adv-jsd", "--no-jsd"])
+        A.check_adv_args(_args_train)
+
+
+def test_spread_batches_is_a_fixed_subset_over_all_classes():
+    labels = torch.arange(10).repeat_interleave(10)               # a class-sorted list of 100
+    loader = [(labels[i:i + 16].float().view(-1, 1), labels[i:i + 16]) for i in range(0, 100, 16)]
+    picked = [torch.cat([y for _, y in A.spread_batches(loader, 100, 10)]) for _ in range(2)]
+    assert torch.equal(picked[0], picked[1]) and sorted(picked[0].tolist()) == list(range(10))
+    xs = torch.cat([x for x, _ in A.spread_batches(loader, 100, 10)]).view(-1)
+    assert torch.equal(xs, picked[0].float())                       # images stay with their labels
+    assert sum(len(y) for _, y in A.spread_batches(loader, 100, 0)) == 100
+
+
 def test_inputs_must_be_pixels_and_model_must_normalize():
     x, y = _batch(4)
     args = _args("--adv-mixup", "aom", "--adv-steps", "1")
@@ -274,12 +354,16 @@ def test_pixel_pipeline_feeds_the_mode(dataset):
 def test_flags_defaults_and_bad_combinations():
     a = _args("--adv-mixup", "aom", "--adv-eps", "4/255")
     assert a.adv_eps == pytest.approx(4 / 255) and a.adv_step_size == pytest.approx(1 / 255)
-    assert (a.adv_probe, a.adv_opt_lambda, a.adv_label_rule, a.adv_objective) == ("mixed", "on", "projection", "ce")
+    assert (a.adv_probe, a.adv_opt_lambda, a.adv_label_rule, a.adv_objective) == (
+        "mixed", "on", "projection", "kl_target")
     assert A.check_adv_args(a) is a and a.adv_step_size == pytest.approx(1 / 255)   # idempotent
     b = _args("--adv-mixup", "mixup_pgd")
-    assert (b.adv_opt_lambda, b.adv_label_rule, b.adv_steps, b.adv_bn) == ("off", "lambda", 10, "frozen")
+    assert (b.adv_opt_lambda, b.adv_label_rule, b.adv_steps, b.adv_bn, b.adv_objective) == (
+        "off", "lambda", 10, "frozen", "ce")
+    assert a.adv_eval_every == b.adv_eval_every == 1 and a.adv_val_images == 1000
     off = _args()
-    assert not A.uses_pixels(off) and off.adv_steps is None
+    assert not A.uses_pixels(off) and off.adv_steps is None and off.adv_eval_every == 0
+    assert A.uses_pixels(_args("--adv-eval-every", "2"))
     ev = _args("--adv-eval", "autoattack", "--adv-eps", "2/255")
     assert A.uses_pixels(ev) and ev.adv_eval_eps == pytest.approx(2 / 255)
     for argv, flag in ((("--adv-steps", "3"), "--adv-steps"),
@@ -287,7 +371,9 @@ def test_flags_defaults_and_bad_combinations():
                        (("--adv-mixup", "aom", "--adv-lambda-box", "0.8", "0.2"), "--adv-lambda-box"),
                        (("--adv-mixup", "aom", "--adv-eps", "2"), "--adv-eps"),
                        (("--adv-mixup", "aom", "--adv-pgd-weight", "-1"), "--adv-pgd-weight"),
-                       (("--adv-eval", "pgd", "--adv-eval-restarts", "0"), "--adv-eval-restarts")):
+                       (("--adv-eval", "pgd", "--adv-eval-restarts", "0"), "--adv-eval-restarts"),
+                       (("--adv-jsd",), "--adv-jsd"),
+                       (("--adv-mixup", "aom", "--adv-eval-every", "-1"), "--adv-eval-every")):
         with pytest.raises(UserError, match=flag):
             _args(*argv)
     with pytest.raises(SystemExit):
@@ -350,7 +436,8 @@ def test_autoattack_official_settings_and_runs(trained, monkeypatch):
         attack.attacks[3].n_queries = 50
         return attack
     monkeypatch.setattr(A, "autoattack_standard", shortened)
-    data = [_toy(8, 11)]
+    x, y = _toy(8, 11)
+    data = [(x.contiguous(memory_format=torch.channels_last), y)]     # as train.py --channels-last feeds it
     res = A.robust_eval(trained, data, 8 / 255, 2 / 255, 10, restarts=2, autoattack=True)
     assert res["autoattack"] <= res["clean"] and res["worst"] <= min(res["pgd"], res["autoattack"])
     assert res["pgd_minus_aa"] == pytest.approx(res["pgd"] - res["autoattack"])
@@ -406,6 +493,22 @@ def test_cifar_pickles_class_folders_and_errors(tmp_path):
     (folder / "data_batch_3").unlink()
     with pytest.raises(UserError, match="data_batch_3"):
         cifar_data.load_cifar(tmp_path / "c10")
+
+
+def test_cifar_conversion_holds_out_a_validation_split(tmp_path, capsys):
+    _write_cifar10(tmp_path / "c10", per_batch=4)                    # 20 training, 4 test images
+    out = tmp_path / "png"
+    assert cifar_data.main(["--root", str(tmp_path / "c10"), "--out", str(out), "--val-holdout", "5"]) == 0
+    train_x, _, _ = cifar_data.load_cifar(out, "train")
+    val_x, _, _ = cifar_data._load_class_folders(out / "val")
+    test_x, _, _ = cifar_data._load_class_folders(out / "test")
+    source, _, _ = cifar_data.load_cifar(tmp_path / "c10", "train")
+    assert (len(train_x), len(val_x), len(test_x)) == (15, 5, 4)
+    rows = lambda a: {r.tobytes() for r in a}
+    assert rows(val_x) | rows(train_x) == rows(source) and not rows(val_x) & rows(train_x)
+    assert cifar_data.main(["--root", str(tmp_path / "c10"), "--out", str(tmp_path / "x"),
+                            "--val-holdout", "20"]) == 2
+    assert "--val-holdout 20" in capsys.readouterr().err
 
 
 def test_cifar_unpickler_refuses_foreign_globals(tmp_path):

@@ -406,3 +406,45 @@ def test_generated_corruptions_are_writable_arrays(name):
     from dali_ipmix.robustness import corruptions
     image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     assert corruptions.corrupt(image, name, 3, seed=1).flags.writeable
+
+
+def test_cli_eps_is_announced_and_autoattack_on_an_adversarially_trained_checkpoint(tiny_run, capsys,
+                                                                                      monkeypatch):
+    from dali_ipmix import advmixup, models
+    tmp, ckpt = tiny_run
+    base = ["--data", str(tmp / "val"), "--workers", "0", "--no-corruptions", "--pgd-steps", "2"]
+    assert ">= 4 classes" in _one_line_error(capsys, ["eval", str(ckpt), *base, "--autoattack", "-q"])
+    _write(tmp / "val" / "class_3", 250, 2, size=48)
+    adv = tmp / "best_robust.pth"
+    torch.save({"model": models.get_model("tiny_cnn", 4).state_dict(), "arch": "tiny_cnn",
+                "args": {"num_classes": 4, "image_size": 32, "preset": "imagenet", "adv_mixup": "aom",
+                         "adv_eps": 8 / 255}}, adv)                  # as train.py records it
+
+    # the IPMix default radius is printed as such, and the trained radius is pointed out
+    assert main(["eval", str(adv), *base]) == 0
+    captured = capsys.readouterr()
+    assert "eps 2/255 = the IPMix protocol default, NOT the 8/255" in captured.out
+    assert "adversarially trained at eps 8/255: pass --eps 8/255" in captured.err
+
+    standard = advmixup.autoattack_standard
+
+    def shortened(*a, **kw):     # the same four attacks with fewer iterations: a CPU-time budget
+        attack = standard(*a, **kw)
+        for sub in attack.attacks[:3]:
+            sub.steps = 5
+        attack.attacks[3].n_queries = 20
+        return attack
+    pytest.importorskip("torchattacks")
+    monkeypatch.setattr(advmixup, "autoattack_standard", shortened)
+    out = tmp / "aa.json"
+    assert main(["eval", "--autoattack", "--eps", "8/255", str(adv), *base, "-q", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    pgd, aa = report["pgd"], report["autoattack"]
+    assert pgd["eps"] == aa["eps"] == pytest.approx(8 / 255) and pgd["alpha"] == pytest.approx(2 / 255)
+    assert aa["images"] == pgd["images"] == 8 and aa["clean_error"] <= aa["error"] <= 100
+    assert aa["aa_minus_pgd_error"] == pytest.approx(aa["error"] - pgd["error"])
+    assert "APGD-CE (5 it)" in aa["impl"]
+    assert "NOT the 8/255" not in table and f"AutoAttack eps 8/255" in table
+    assert "--no-pgd" in _one_line_error(capsys, ["eval", str(adv), *base, "--no-pgd", "--autoattack"])
+    assert "give one" in _one_line_error(capsys, ["eval", str(adv), "--checkpoint", str(ckpt), *base])

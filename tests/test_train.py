@@ -85,6 +85,34 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_piecewise_schedule_is_rice_et_al():
+    # locuslab/robust_overfitting train_cifar.py: lr_schedule(epoch + (i + 1) / n) before step i
+    epochs, n = 8, 5
+    rice = lambda t: 0.1 if t / epochs < 0.5 else 0.01 if t / epochs < 0.75 else 0.001   # noqa: E731
+    lam = train.make_lr_lambda(epochs * n, 0, 1e-4, "piecewise")
+    for epoch in range(epochs):
+        for i in range(n):
+            assert 0.1 * lam(epoch * n + i) == pytest.approx(rice(epoch + (i + 1) / n)), (epoch, i)
+
+
+def test_cifar_adv_preset_defaults_and_overrides():
+    def resolved(*argv):
+        args = train.get_args_parser().parse_args(["--data-path", "d", "--mixing-set", "m", *argv])
+        train.init_distributed(args)
+        train.apply_defaults(args)
+        return args
+    a = resolved("--preset", "cifar-adv")
+    assert (a.preset, a.arch, a.epochs, a.batch_size, a.lr, a.lr_schedule, a.nesterov, a.wd, a.momentum) == (
+        "cifar", "preactresnet18", 200, 128, 0.1, "piecewise", "off", 5e-4, 0.9)
+    assert (a.adv_mixup, a.adv_eps, a.adv_step_size, a.adv_steps, a.no_jsd, a.adv_eval_every) == (
+        "aom", 8 / 255, 2 / 255, 10, True, 1)
+    b = resolved("--preset", "cifar-adv", "--epochs", "30", "--adv-mixup", "mixup_pgd", "--nesterov", "on")
+    assert (b.epochs, b.adv_mixup, b.nesterov, b.lr_schedule) == (30, "mixup_pgd", "on", "piecewise")
+    c = resolved()
+    assert (c.preset, c.lr_schedule, c.nesterov, c.adv_mixup, c.adv_eval_every) == (
+        "imagenet", "cosine", "on", "off", 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Learning on a fixed batch of real pipeline output
 
@@ -312,6 +340,74 @@ def test_adversarial_mixup_mode_trains_and_reports_robust_accuracy(mode, dataset
     assert ckpt["input"]["pixels_0_1"] is True
     steps = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert all(np.isfinite(r["loss"]) for r in steps if r["kind"] == "step")
+
+
+def test_cifar_adv_schedule_per_epoch_robust_check_and_best_robust(dataset, tmp_path, capsys):
+    from dali_ipmix.robustness import load_checkpoint
+    out = tmp_path / "run"
+    # 12 images / batch 4 = 3 steps per epoch, 4 epochs: the three lr phases of the schedule
+    argv = _args(dataset, out, "--preset", "cifar-adv", "--arch", "tiny_cnn", "--epochs", "4",
+                 "--adv-steps", "1", "--keep-ckpts", "10")
+    assert train.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "1 view(s)," in printed and "+ JSD" not in printed          # no JSD triple by default
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    # recorded after step s: the lr of step s + 1, i.e. Rice's lr at (s + 1) / 12 of training
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert lrs == pytest.approx([0.05] * 4 + [0.005] * 3 + [0.0005] * 5)
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    assert all(r["robust_images"] == 12 and 0 <= r["robust_pgd"] <= r["robust_clean"] for r in epochs)
+    assert all(f"epoch {e}/4: PGD-10 check (12 images, eps 8/255, float32)" in printed for e in range(1, 5))
+    best_pgd = max(r["robust_pgd"] for r in epochs)
+    best_epoch = next(r["epoch"] for r in epochs if r["robust_pgd"] == best_pgd)   # the first of a tie
+    assert [r["best_robust_pgd"] for r in epochs] == [max(x["robust_pgd"] for x in epochs[:i + 1])
+                                                       for i in range(4)]
+    best = torch.load(out / "best_robust.pth", weights_only=False)
+    assert best["epoch"] == best_epoch and best["robust"]["robust_pgd"] == best_pgd
+    ckpt = torch.load(out / f"checkpoint_{3 * best_epoch:08d}.pth", weights_only=False)
+    for k, v in ckpt["model"].items():                  # the weights of that epoch, not the last
+        assert torch.equal(best["model"][k], v), k
+    assert ckpt["optimizer"]["param_groups"][0]["nesterov"] is False
+    loaded = load_checkpoint(out / "best_robust.pth")    # what `dali-ipmix eval` reads
+    assert loaded.arch == "tiny_cnn" and loaded.args["preset"] == "cifar" and loaded.num_classes == 3
+    summary = json.load(open(out / "summary.json"))
+    assert summary["best_robust"]["epoch"] == best_epoch
+    # a folder holding only best_robust.pth is another run's result too
+    for _, path in train.find_checkpoints(out):
+        os.unlink(path)
+    assert train.main(argv) == 2
+    assert "best_robust.pth" in capsys.readouterr().err
+
+
+class AutocastRecorder(TinyNet):
+    """Records, per forward, whether it was an evaluation forward with gradients (an attack or the
+    robust evaluation's clean pass: eval mode, not inference mode) and whether autocast was on."""
+
+    def __init__(self, num_classes):
+        super().__init__(num_classes)
+        self.calls = []
+
+    def forward(self, x):
+        robust_eval = not self.training and not torch.is_inference_mode_enabled()
+        self.calls.append((robust_eval, torch.is_autocast_enabled("cpu")))
+        return super().forward(x)
+
+
+def test_robust_evaluation_runs_in_float32_under_bf16_training(dataset, tmp_path):
+    nets = []
+
+    def factory(num_classes):
+        torch.manual_seed(0)
+        nets.append(AutocastRecorder(num_classes))
+        return nets[-1]
+    argv = _args(dataset, tmp_path / "run", "--epochs", "1", "--amp", "bf16", "--adv-mixup", "mixup_pgd",
+                 "--adv-steps", "1", "--adv-eval", "pgd", "--adv-eval-steps", "2")
+    assert train.main(argv, model_factory=factory) == 0
+    calls = nets[0].calls
+    assert any(amp for robust, amp in calls if not robust)            # training did run under bf16
+    robust = [amp for is_robust, amp in calls if is_robust]
+    assert robust and not any(robust), f"{sum(robust)} of {len(robust)} robust-eval forwards under autocast"
 
 
 def test_cifar_preset_with_preactresnet(dataset, tmp_path):

@@ -9,7 +9,7 @@ from typing import Optional
 
 from ..cli import UserError
 from ..outputs import check_output_file, write_atomic
-from .attacks import PGD_STEPS
+from .attacks import PGD_EPS, PGD_STEPS
 from .metrics import ECE_BINS, RMS_BIN_SIZE
 from .tables import CORRUPTIONS, SEVERITIES
 
@@ -20,11 +20,15 @@ def register(subparsers) -> None:
         description="Evaluate a train.py checkpoint (or a bare state_dict with --arch): clean top-1/top-5 "
                     "error, corruption errors (ImageNet-C or CIFAR-C folder, else the 15 ImageNet-C "
                     "corruptions generated from --data), RMS calibration error and ECE, ImageNet-R/-A "
-                    "with 200-class logit masks, and PGD-Linf error.  Prints a table; --json writes the "
-                    "full report.  All numbers are percentages.",
+                    "with 200-class logit masks, PGD-Linf error (by default at 2/255, the IPMix protocol; "
+                    "adversarially trained models: --eps 8/255) and, with --autoattack, AutoAttack error.  "
+                    "Prints a table; --json writes the full report.  All numbers are percentages.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", required=True, help="train.py checkpoint_*.pth, or a state_dict file")
+    g.add_argument("checkpoint_arg", nargs="?", default=None, metavar="CHECKPOINT",
+                   help="the same as --checkpoint")
+    g.add_argument("--checkpoint", default=None, help="train.py checkpoint_*.pth or best_robust.pth, or "
+                   "a state_dict file")
     g.add_argument("--arch", default=None, help="model name (needed for a bare state_dict)")
     g.add_argument("--num-classes", type=int, default=None, help="classes (default: from the checkpoint)")
     g.add_argument("--preset", choices=("imagenet", "cifar"), default=None,
@@ -49,11 +53,16 @@ def register(subparsers) -> None:
     g.add_argument("--max-images", type=int, default=None, help="use N images of each set (spread over classes)")
     g = p.add_argument_group("adversarial")
     g.add_argument("--no-pgd", action="store_true", help="skip the PGD evaluation")
-    g.add_argument("--pgd-eps", default="2/255", help="L-inf budget in pixels [0,1] (paper, CIFAR: 2/255)")
-    g.add_argument("--pgd-alpha", default="0.5/255", help="step size (paper: 0.5/255)")
+    g.add_argument("--eps", "--pgd-eps", dest="pgd_eps", default=None, metavar="E",
+                   help=f"L-inf budget in pixels [0,1] of PGD and AutoAttack (default {PGD_EPS * 255:g}/255: the "
+                   "IPMix paper's CIFAR protocol, not the 8/255 of adversarial training)")
+    g.add_argument("--pgd-alpha", default=None, help="PGD step size (default eps/4; the paper: 0.5/255)")
     g.add_argument("--pgd-steps", type=int, default=PGD_STEPS, help="steps (paper: 20)")
     g.add_argument("--pgd-restarts", type=int, default=1, help="random restarts")
     g.add_argument("--pgd-max-images", type=int, default=None, help="attack N clean images (default: all)")
+    g.add_argument("--autoattack", action="store_true",
+                   help="also AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square with the official "
+                   "settings, from torchattacks 3.5.1) at the same eps, on the PGD images")
     g = p.add_argument_group("calibration")
     g.add_argument("--rms-bin-size", type=int, default=RMS_BIN_SIZE, help="samples per adaptive bin")
     g.add_argument("--rms-all-bins", action="store_true",
@@ -135,11 +144,16 @@ def settings_from_args(args, loaded):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here; use --device cpu")
+    if args.no_pgd and args.autoattack:
+        raise UserError("--autoattack runs on the PGD images; drop --no-pgd")
+    eps = PGD_EPS if args.pgd_eps is None else parse_fraction(args.pgd_eps, "--eps")
+    alpha = eps / 4 if args.pgd_alpha is None else parse_fraction(args.pgd_alpha, "--pgd-alpha")
     pgd = None if args.no_pgd else PGDSettings(
-        eps=parse_fraction(args.pgd_eps, "--pgd-eps"), alpha=parse_fraction(args.pgd_alpha, "--pgd-alpha"),
-        steps=args.pgd_steps, restarts=args.pgd_restarts, max_images=args.pgd_max_images)
+        eps=eps, alpha=alpha, steps=args.pgd_steps, restarts=args.pgd_restarts,
+        max_images=args.pgd_max_images, autoattack=args.autoattack,
+        eps_source="--eps" if args.pgd_eps else "default (IPMix protocol)")
     if pgd and not (0 <= pgd.eps <= 1 and 0 <= pgd.alpha <= 1):
-        raise UserError(f"--pgd-eps / --pgd-alpha are in pixel units [0, 1] (e.g. 2/255), "
+        raise UserError(f"--eps / --pgd-alpha are in pixel units [0, 1] (e.g. 8/255), "
                         f"got {args.pgd_eps}, {args.pgd_alpha}")
     settings = EvalSettings(
         data=args.data, image_size=size, resize=resize,
@@ -153,10 +167,27 @@ def settings_from_args(args, loaded):
     return settings, (cfg.mean, cfg.std), preset_name
 
 
+def eps_note(pgd, recorded) -> str:
+    """The attack radius and where it comes from, with a warning when it is not the radius the
+    checkpoint was adversarially trained at (a 2/255 number read as an 8/255 one misleads)."""
+    note = f"PGD{' and AutoAttack' if pgd.autoattack else ''} at eps {pgd.eps * 255:g}/255 ({pgd.eps_source})"
+    trained = recorded.get("adv_eps") if recorded.get("adv_mixup") not in (None, "off") else None
+    if trained is not None and abs(trained - pgd.eps) > 1e-9:
+        note += (f"; this model was adversarially trained at eps {trained * 255:g}/255: "
+                 f"pass --eps {trained * 255:g}/255 to evaluate it at that radius")
+    return note
+
+
 def run(args) -> int:
     from .evaluate import evaluate
     from .model import Normalized, load_checkpoint
     from .report import format_report
+    if args.checkpoint and args.checkpoint_arg and args.checkpoint != args.checkpoint_arg:
+        raise UserError(f"two checkpoints given ({args.checkpoint_arg} and --checkpoint {args.checkpoint}); "
+                        f"give one")
+    args.checkpoint = args.checkpoint or args.checkpoint_arg
+    if not args.checkpoint:
+        raise UserError("no checkpoint: give CHECKPOINT (a train.py checkpoint_*.pth or best_robust.pth)")
     if not any((args.data, args.imagenet_c, args.cifar_c, args.imagenet_r, args.imagenet_a)):
         raise UserError("nothing to evaluate: give --data VAL_DIR and/or --imagenet-c / --cifar-c / "
                         "--imagenet-r / --imagenet-a")
@@ -169,6 +200,8 @@ def run(args) -> int:
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     log(f"dali-ipmix eval: {loaded.arch} ({loaded.num_classes} classes) from {args.checkpoint}, "
         f"preset {preset_name}, crop {settings.image_size} (resize {settings.resize}), {settings.device}")
+    if settings.pgd is not None:
+        log(eps_note(settings.pgd, loaded.args))
     report = evaluate(model, loaded.num_classes, settings, log=log)
     report = {"checkpoint": os.path.abspath(args.checkpoint), "arch": loaded.arch,
               "num_classes": loaded.num_classes, "preset": preset_name, **report}

@@ -46,6 +46,8 @@ class PGDSettings:
     restarts: int = 1
     random_start: bool = True
     max_images: Optional[int] = None      # PGD on the first share of the clean set (None: all)
+    autoattack: bool = False              # AutoAttack (standard) on the same images, same eps
+    eps_source: str = "default (IPMix protocol)"   # how eps was chosen, printed with the numbers
 
 
 @dataclass
@@ -332,6 +334,37 @@ def evaluate(model, num_classes: int, settings: Optional[EvalSettings] = None,
         subset = torch.utils.data.Subset(clean_set, chosen.tolist())
         adv = _timed(log, f"pgd eps {p.eps * 255:g}/255", partial(predict, model, subset, s, None, attack))
         report["pgd"] = {"eps": p.eps, "alpha": p.alpha, "steps": p.steps, "restarts": p.restarts,
+                         "eps_source": p.eps_source,
                          "images": int(adv.top1.size), "error": 100 * error_rate(adv.top1),
                          "clean_error": 100 * error_rate(clean_outcome.top1[chosen])}
+        if p.autoattack:
+            aa = AutoAttackOnce(num_classes, p.eps, s.seed)
+            out = _timed(log, f"autoattack eps {p.eps * 255:g}/255", partial(predict, model, subset, s, None, aa))
+            report["autoattack"] = {"eps": p.eps, "images": int(out.top1.size), "impl": aa.describe(),
+                                    "error": 100 * error_rate(out.top1),
+                                    "clean_error": report["pgd"]["clean_error"],
+                                    "aa_minus_pgd_error": 100 * (error_rate(out.top1) - error_rate(adv.top1))}
     return report
+
+
+class AutoAttackOnce:
+    """``attack(model, x, y)`` for :func:`predict`: AutoAttack standard (``advmixup.autoattack_standard``,
+    official settings), built on first use, in float32, under a forked RNG (torchattacks re-seeds
+    the global generator), the model left in eval mode."""
+
+    def __init__(self, num_classes: int, eps: float, seed: int):
+        self.num_classes, self.eps, self.seed, self.attack = num_classes, eps, seed, None
+
+    def __call__(self, model, x, y):
+        from ..advmixup import autoattack_standard
+        if self.attack is None:
+            self.attack = autoattack_standard(model, self.eps, self.num_classes, self.seed)
+        devices = [x.device.index or 0] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            x_adv = self.attack(x.contiguous(), y)    # FAB .view()s gradients shaped like x
+        model.eval()
+        return x_adv
+
+    def describe(self) -> str:
+        from ..advmixup import _describe
+        return _describe(self.attack) if self.attack is not None else "not run (no images)"

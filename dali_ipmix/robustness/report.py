@@ -39,9 +39,17 @@ def summary_table(report: Dict) -> str:
         lines.append("corruptions: " + ", ".join(extra))
     p = report.get("pgd")
     if p:
+        if p.get("eps_source", "").startswith("default"):
+            lines.append(f"adversarial eps {p['eps'] * 255:g}/255 = the IPMix protocol default, NOT the 8/255 "
+                         f"of adversarial training (pass --eps 8/255 for that)")
         lines.append(f"PGD-Linf eps {p['eps'] * 255:g}/255, {p['steps']} steps of {p['alpha'] * 255:g}/255"
                      f"{', %d restarts' % p['restarts'] if p['restarts'] > 1 else ''}: error {p['error']:.2f} "
                      f"on {p['images']} images (clean error {p['clean_error']:.2f} on the same images)")
+    a = report.get("autoattack")
+    if a:
+        lines.append(f"AutoAttack eps {a['eps'] * 255:g}/255 ({a['impl']}): error {a['error']:.2f} on "
+                     f"{a['images']} images ({a['aa_minus_pgd_error']:+.2f} vs PGD; a large gap means PGD "
+                     f"was fooled)")
     return "\n".join(lines)
 
 
