@@ -115,7 +115,8 @@ def register(subparsers) -> None:
     add(g, "--batch-size", "-b", type=int, default=32, help="source images per batch")
     add(g, "--image-size", type=int, default=224, help="crop size (px)")
     add(g, "--warmup", type=int, default=3, help="untimed batches first (plus the prefetch queue)")
-    add(g, "--iters", type=int, default=10, help="timed batches")
+    add(g, "--iters", type=int, default=10,
+        help="timed batches (DataLoader rows: rounded up to whole rounds of their workers)")
     add(g, "--arch", default="resnet50", help="torchvision model of the train/synthetic rows")
     add(g, "--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
         help="mixed precision of the training step (auto: bf16 on GPU, off on CPU)")

@@ -1,9 +1,11 @@
 """One function per contender: build it, warm it up, time ``iters`` batches, free it.
 
-Each returns ``{"seconds", "setup_s"}``: ``seconds`` covers exactly ``iters`` batches of
-``batch_size`` source images after the warm-up, with CUDA synchronised before the clock stops;
-``setup_s`` is the time from the start of the contender to its first batch (pipeline build,
-worker start-up, kernel compilation, the model's first step).
+Each returns ``{"seconds", "iters", "cpu_s", "setup_s"}``: ``seconds`` covers exactly ``iters``
+batches of ``batch_size`` source images after the warm-up, with CUDA synchronised before the clock
+stops (``iters`` is ``--iters``, rounded up to whole rounds of the workers for a DataLoader, see
+:func:`whole_rounds`); ``cpu_s`` is the CPU time this process and its worker processes spent in
+that window; ``setup_s`` is the time from the start of the contender to its first batch (pipeline
+build, worker start-up, kernel compilation, the model's first step).
 The warm-up also drains the loader's prefetch queue (DALI ``prefetch_queue_depth``, the
 DataLoader's ``prefetch_factor * workers``), so batches made during set-up are never counted as
 if they had been made during the timed window.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -65,10 +67,36 @@ class Setup:
             torch.cuda.synchronize()
 
 
+def whole_rounds(iters: int, workers: int) -> int:
+    """``iters`` rounded up to a multiple of ``workers``: the batches a DataLoader row times.
+
+    A DataLoader hands batch i to worker ``i % workers``, and its workers make their batches side
+    by side, so batches arrive in bursts of up to ``workers``.  A window that is not a whole number
+    of rounds ends inside a burst whose batches were mostly made before the clock started: with
+    16 workers and 10 timed batches it read up to 4x too fast.  Over whole rounds the window runs
+    from one batch of a worker to a later batch of the same worker, which is its true pace."""
+    return -(-iters // workers) * workers
+
+
+def cpu_seconds() -> Dict[int, float]:
+    """CPU seconds (user + system) so far of this process and of each of its live descendants (the
+    DataLoader workers), by process id."""
+    import psutil
+    out = {}
+    for proc in [psutil.Process()] + psutil.Process().children(recursive=True):
+        try:
+            t = proc.cpu_times()
+            out[proc.pid] = t.user + t.system
+        except psutil.Error:          # a process that ended meanwhile
+            pass
+    return out
+
+
 def timed(setup: Setup, start: float, next_batch: Callable, consume: Callable,
-          extra_warmup: int = 0) -> dict:
-    """Time ``setup.iters`` batches after ``setup.warmup + extra_warmup`` untimed ones; ``start``:
-    when the contender began (``time.perf_counter()``), for ``setup_s``."""
+          extra_warmup: int = 0, iters: Optional[int] = None) -> dict:
+    """Time ``iters`` (default ``setup.iters``) batches after ``setup.warmup + extra_warmup``
+    untimed ones; ``start``: when the contender began (``time.perf_counter()``), for ``setup_s``."""
+    iters = setup.iters if iters is None else iters
     first = None
     for _ in range(setup.warmup + extra_warmup):
         consume(next_batch())
@@ -76,12 +104,16 @@ def timed(setup: Setup, start: float, next_batch: Callable, consume: Callable,
             setup.sync()
             first = time.perf_counter()
     setup.sync()
+    cpu_start = cpu_seconds()
     timed_start = time.perf_counter()
-    for _ in range(setup.iters):
+    for _ in range(iters):
         consume(next_batch())
     setup.sync()
     end = time.perf_counter()
-    return {"seconds": end - timed_start, "setup_s": (first or timed_start) - start}
+    cpu_end = cpu_seconds()
+    cpu = sum(t - cpu_start.get(pid, 0.0) for pid, t in cpu_end.items())
+    return {"seconds": end - timed_start, "iters": iters, "cpu_s": cpu,
+            "setup_s": (first or timed_start) - start}
 
 
 def endless(loader) -> Iterator:
@@ -188,8 +220,9 @@ def reference_pipeline(setup: Setup, threads: int, *, jsd: bool) -> dict:
     start = time.perf_counter()
     dataset = ReferenceDataset(setup.data, setup.cfg.replace(jsd=jsd), setup.resize)
     ahead = LOADER_PREFETCH * threads
+    iters = whole_rounds(setup.iters, threads)
     # Enough indices that the workers never run dry before the last timed batch.
-    needed = (setup.warmup + setup.iters + 2 * ahead + threads) * setup.batch_size
+    needed = (setup.warmup + iters + 2 * ahead + threads) * setup.batch_size
     generator = torch.Generator().manual_seed(setup.seed)
     loader = DataLoader(dataset, batch_size=setup.batch_size, num_workers=threads, drop_last=True,
                         sampler=RandomSampler(dataset, replacement=True, num_samples=needed,
@@ -203,7 +236,8 @@ def reference_pipeline(setup: Setup, threads: int, *, jsd: bool) -> dict:
         images.to(device, non_blocking=True)
         labels.to(device, non_blocking=True)
 
-    result = timed(setup, start, lambda: next(batches), to_device, extra_warmup=ahead)
+    result = timed(setup, start, lambda: next(batches), to_device, extra_warmup=ahead,
+                   iters=iters)
     del batches, loader
     return result
 
@@ -217,7 +251,8 @@ def official_pipeline(setup: Setup, threads: int, *, jsd: bool) -> dict:
     start = time.perf_counter()
     code = O.load(setup.official)
     ahead = LOADER_PREFETCH * threads
-    needed = (setup.warmup + setup.iters + 2 * ahead + threads) * setup.batch_size
+    iters = whole_rounds(setup.iters, threads)
+    needed = (setup.warmup + iters + 2 * ahead + threads) * setup.batch_size
     files = setup.data
     sampler = RandomSampler(range(len(files.train_files()[0])), replacement=True,
                             num_samples=needed, generator=torch.Generator().manual_seed(setup.seed))
@@ -234,7 +269,8 @@ def official_pipeline(setup: Setup, threads: int, *, jsd: bool) -> dict:
             t.to(device, non_blocking=True)
         labels.to(device, non_blocking=True)
 
-    result = timed(setup, start, lambda: next(batches), to_device, extra_warmup=ahead)
+    result = timed(setup, start, lambda: next(batches), to_device, extra_warmup=ahead,
+                   iters=iters)
     del batches, loader
     return result
 

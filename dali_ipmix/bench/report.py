@@ -60,6 +60,8 @@ COLUMNS = (  # header, row key, format
     ("images/s", "images_per_s", "{:.1f}"),
     ("x baseline", "vs_baseline", "{:.2f}"),
     ("x synthetic", "vs_synthetic", "{:.2f}"),
+    ("CPU cores", "cpu_cores", "{:.2f}"),
+    ("CPU ms/image", "cpu_ms_per_image", "{:.1f}"),
     ("host peak MiB", "host_rss_peak_mb", "{:.0f}"),
     ("device peak MiB", "device_torch_peak_mb", "{:.0f}"),
     ("set-up s", "setup_s", "{:.1f}"),
@@ -83,7 +85,9 @@ def table(rows: Sequence[dict]) -> str:
     errors = [f"{r['name']} (threads {r['threads']}): {r['error']}" for r in rows if r.get("error")]
     base = next((r["baseline_row"] for r in rows if r.get("baseline_row")), None)
     notes = ["threads: DALI threads (dali) or DataLoader worker processes (workers); '-': none",
-             f"x baseline: images/s over the {base or 'reference'} row with as many views"]
+             f"x baseline: images/s over the {base or 'reference'} row with as many views",
+             "CPU cores / CPU ms/image: CPU time of the process and its workers in the timed window, "
+             "per second / per source image"]
     return "\n".join(out + [f"error: {e}" for e in errors] + notes)
 
 
@@ -91,7 +95,8 @@ def caption(result: dict) -> str:
     s, m = result["settings"], result["machine"]
     where = m.get("gpu") or m.get("cpu_model") or "CPU"
     return (f"{s['device'].upper()} ({where}, {m['cpu_count']} CPUs), {s['image_size']} px, batch "
-            f"{s['batch_size']}, {s['warmup']} warm-up + {s['iters']} timed batches, backend "
+            f"{s['batch_size']}, {s['warmup']} warm-up + {s['iters']} timed batches (DataLoader rows: "
+            f"whole rounds of their workers), backend "
             f"{s['backend']}, model {s['arch']}; images/s = source images (a JSD sample is 3 views)")
 
 

@@ -181,15 +181,20 @@ def measure_row(row: Row, setup: K.Setup, threads: int) -> dict:
     finally:
         torch.set_num_threads(old_threads)
         _release(cuda)
-    seconds = timing.get("seconds")
+    seconds, iters, cpu = timing.get("seconds"), timing.get("iters", setup.iters), timing.get("cpu_s")
     return {
         "name": row.name, "contender": row.contender,
         "threads": threads if row.threads else None, "thread_kind": row.threads,
         "torch_threads": threads if not cuda else old_threads, "views": row.views,
         "batch_size": setup.batch_size,
-        "warmup": setup.warmup, "iters": setup.iters,
-        "images_per_s": setup.batch_size * setup.iters / seconds if seconds else None,
+        "warmup": setup.warmup, "iters": iters,
+        "images_per_s": setup.batch_size * iters / seconds if seconds else None,
         "seconds": seconds, "setup_s": timing.get("setup_s"),
+        # CPU time of the process and its workers over the timed window: cores kept busy, and
+        # CPU per image (unlike images/s, hardly moved by other work on a shared machine)
+        "cpu_s": cpu, "cpu_cores": cpu / seconds if cpu is not None and seconds else None,
+        "cpu_ms_per_image": 1e3 * cpu / (setup.batch_size * iters)
+        if cpu is not None and seconds else None,
         "wall_s": time.perf_counter() - began,      # the whole row: set-up, warm-up, timing, freeing
         "backend": setup.backend if row.backend == "setup" else row.backend,
         "impl": timing.get("impl"),
