@@ -9,26 +9,80 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 # ---------------------------------------------------------------------------------------------
-# Image-level operations.  The order is the official ``augmentations`` / ``augmentations_all``
-# order, so an op index means the same thing in every backend and in recorded parameter tapes.
-IMAGE_OPS: Tuple[str, ...] = (
-    "equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y",
-    "translate_x", "translate_y", "mirror", "invert",
-)
-ALL_OPS_EXTRA: Tuple[str, ...] = ("autocontrast", "color", "contrast", "brightness", "sharpness")
-ALL_IMAGE_OPS: Tuple[str, ...] = IMAGE_OPS + ALL_OPS_EXTRA
+# Image-level operations: one record per op, everything else is derived from the table.
 
-# Ops whose magnitude gets a random sign (official code: ``if np.random.uniform() > 0.5``).
-SIGNED_OPS = frozenset({"rotate", "shear_x", "shear_y", "translate_x", "translate_y"})
-# Ops that take no magnitude (the official code ignores the level).
-PARAMLESS_OPS = frozenset({"equalize", "mirror", "invert"})
-# Ops realised as one inverse affine warp (PIL AFFINE data: output -> input map).
-GEOMETRIC_OPS = frozenset({"rotate", "shear_x", "shear_y", "translate_x", "translate_y", "mirror"})
-# ImageEnhance blends: out = degenerate + factor * (image - degenerate).
-ENHANCE_OPS = frozenset({"color", "contrast", "brightness", "sharpness"})
+@dataclass(frozen=True)
+class ImageOp:
+    """One image op of the official ``IPMix_utils.py`` and how its level becomes the magnitude.
+
+    magnitude = offset + scale * param, param = level * maxval / 10 (``float_parameter``), or its
+    truncation when ``truncate`` (``int_parameter``); ``maxval`` is ``image_size / size_divisor``
+    when ``size_divisor`` is set (translate).  The level is ``sample_level(severity)``.
+    """
+    name: str
+    family: str                   # "point" (a lookup table per channel), "geometric" (one inverse
+    #                               affine warp, PIL's AFFINE convention), "enhance" (ImageEnhance)
+    scale: float = 0.0
+    maxval: float = 0.0
+    offset: float = 0.0
+    truncate: bool = False
+    size_divisor: int = 0
+    signed: bool = False          # a random sign (official: ``if np.random.uniform() > 0.5``)
+    identity: Optional[float] = None   # the magnitude that changes nothing; None: no magnitude
+    histogram: bool = False       # needs the image's histogram (equalize, autocontrast)
+    all_ops_only: bool = False    # only with --all-ops (``augmentations_all``)
+
+    def maxval_for(self, image_size: int) -> float:
+        return image_size / self.size_divisor if self.size_divisor else self.maxval
+
+
+# The official ``augmentations`` order, then the five ``augmentations_all`` adds: an op's index
+# means the same op in every backend and in recorded tapes, with or without --all-ops.
+OP_TABLE: Tuple[ImageOp, ...] = (
+    ImageOp("equalize", "point", histogram=True),
+    ImageOp("posterize", "point", scale=-1, maxval=4, offset=4, truncate=True, identity=8.0),   # bits
+    ImageOp("rotate", "geometric", scale=1, maxval=30, truncate=True, signed=True, identity=0.0),  # deg
+    ImageOp("solarize", "point", scale=-1, maxval=256, offset=256, truncate=True, identity=256.0),
+    ImageOp("shear_x", "geometric", scale=1, maxval=0.3, signed=True, identity=0.0),   # AFFINE coeff
+    ImageOp("shear_y", "geometric", scale=1, maxval=0.3, signed=True, identity=0.0),
+    ImageOp("translate_x", "geometric", scale=1, size_divisor=3, truncate=True, signed=True,
+            identity=0.0),                                                             # pixels
+    ImageOp("translate_y", "geometric", scale=1, size_divisor=3, truncate=True, signed=True,
+            identity=0.0),
+    ImageOp("mirror", "geometric"),
+    ImageOp("invert", "point"),
+    ImageOp("autocontrast", "point", scale=-1, maxval=10, offset=10, identity=0.0, histogram=True,
+            all_ops_only=True),                                                        # cutoff %
+    ImageOp("color", "enhance", scale=1, maxval=1.8, offset=0.1, identity=1.0, all_ops_only=True),
+    ImageOp("contrast", "enhance", scale=1, maxval=1.8, offset=0.1, identity=1.0, all_ops_only=True),
+    ImageOp("brightness", "enhance", scale=1, maxval=1.8, offset=0.1, identity=1.0,
+            all_ops_only=True),
+    ImageOp("sharpness", "enhance", scale=1, maxval=1.8, offset=0.1, identity=1.0,
+            all_ops_only=True),
+)
+OPS_BY_NAME = {op.name: op for op in OP_TABLE}
+
+IMAGE_OPS: Tuple[str, ...] = tuple(op.name for op in OP_TABLE if not op.all_ops_only)
+ALL_IMAGE_OPS: Tuple[str, ...] = tuple(op.name for op in OP_TABLE)
+ALL_OPS_EXTRA: Tuple[str, ...] = ALL_IMAGE_OPS[len(IMAGE_OPS):]
+assert ALL_IMAGE_OPS[:len(IMAGE_OPS)] == IMAGE_OPS, "the --all-ops extras come last"
+
+
+def _ops_where(test) -> frozenset:
+    return frozenset(op.name for op in OP_TABLE if test(op))
+
+
+SIGNED_OPS = _ops_where(lambda op: op.signed)
+PARAMLESS_OPS = _ops_where(lambda op: op.identity is None)
+POINT_OPS = _ops_where(lambda op: op.family == "point")
+GEOMETRIC_OPS = _ops_where(lambda op: op.family == "geometric")
+ENHANCE_OPS = _ops_where(lambda op: op.family == "enhance")
+HISTOGRAM_OPS = _ops_where(lambda op: op.histogram)
+# The magnitude of each op that leaves the image unchanged (inactive slots, "no-op" debugging).
+IDENTITY_MAGNITUDE = {op.name: op.identity for op in OP_TABLE if op.identity is not None}
 
 # P-level mixings, in the official ``mixings`` order.
 MIXING_OPS: Tuple[str, ...] = ("add", "multiply", "random_pixels", "random_elems")
@@ -40,51 +94,17 @@ KIND_IMG, KIND_P = 0, 1
 MULTIPLY_EPS = 1e-37
 
 
-def magnitude(op: str, level: float, image_size: int) -> float:
-    """The exact value the official code hands to PIL for ``op`` at level ``level`` (unsigned).
-
-    ``level`` is ``sample_level(severity) = U[0.1, severity)``; ``int_parameter`` truncates.
-    Works on Python floats and, elementwise, on NumPy arrays (used by the tape decoder).
-    """
-    return _MAGNITUDE[op](level, image_size)
-
-
-def _int_parameter(level, maxval):
-    # official: int(level * maxval / 10)  (truncation toward zero; level > 0)
-    return _floor(level * maxval / 10)
-
-
-def _floor(v):
+def magnitude(op: str, level, image_size: int):
+    """The exact value the official code hands to PIL for ``op`` at level ``level`` (unsigned):
+    ``offset + scale * (int|float)_parameter(level, maxval)``.  Works on Python floats (in double,
+    as the official code) and elementwise on NumPy arrays."""
     import numpy as np
-    return np.floor(v) if hasattr(v, "shape") else float(int(v))
+    rec = OPS_BY_NAME[op]
+    param = level * rec.maxval_for(image_size) / 10
+    if rec.truncate:                  # int(): truncation toward zero (levels are positive)
+        param = np.floor(param) if hasattr(param, "shape") else float(int(param))
+    return rec.offset + rec.scale * param
 
-
-_MAGNITUDE = {
-    "equalize": lambda L, S: 0.0 * L,
-    "mirror": lambda L, S: 0.0 * L,
-    "invert": lambda L, S: 0.0 * L,
-    "posterize": lambda L, S: 4 - _int_parameter(L, 4),           # bits kept
-    "rotate": lambda L, S: _int_parameter(L, 30),                 # degrees
-    "solarize": lambda L, S: 256 - _int_parameter(L, 256),        # threshold
-    "shear_x": lambda L, S: L * 0.3 / 10,                         # AFFINE coefficient
-    "shear_y": lambda L, S: L * 0.3 / 10,
-    "translate_x": lambda L, S: _int_parameter(L, S / 3),         # pixels
-    "translate_y": lambda L, S: _int_parameter(L, S / 3),
-    "autocontrast": lambda L, S: 10 - L,                          # cutoff percent
-    "color": lambda L, S: L * 1.8 / 10 + 0.1,                     # enhance factor
-    "contrast": lambda L, S: L * 1.8 / 10 + 0.1,
-    "brightness": lambda L, S: L * 1.8 / 10 + 0.1,
-    "sharpness": lambda L, S: L * 1.8 / 10 + 0.1,
-}
-assert set(_MAGNITUDE) == set(ALL_IMAGE_OPS)
-
-# The identity magnitude of each op: an op run with it leaves the image unchanged.  Used for
-# inactive tape slots and for "no-op" debugging runs.
-IDENTITY_MAGNITUDE = {
-    "posterize": 8.0, "rotate": 0.0, "solarize": 256.0, "shear_x": 0.0, "shear_y": 0.0,
-    "translate_x": 0.0, "translate_y": 0.0, "autocontrast": 0.0, "color": 1.0,
-    "contrast": 1.0, "brightness": 1.0, "sharpness": 1.0,
-}
 
 # Normalisation constants.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -48,12 +48,9 @@ from . import noise
 from . import tape as T
 from .tape import CF, SF, TapeLayout
 
-__all__ = ["image_ops", "mixings", "ipmix_views", "ipmix_views_from_uniforms", "fused_ipmix_node",
+__all__ = ["image_op", "mixing_op", "chain_step", "ipmix_views", "ipmix_views_from_uniforms", "fused_ipmix_node",
            "benchmark", "rotation_table", "default_impl", "IMPLS"]
 
-LUT_OPS = frozenset({"equalize", "posterize", "solarize", "invert", "autocontrast"})
-BLEND_OPS = frozenset(C.ENHANCE_OPS)            # color, contrast, brightness, sharpness
-HIST_OPS = frozenset({"equalize", "autocontrast"})
 
 _F32_1_13 = float(np.float32(1) / np.float32(13))     # Pillow divides the kernel in float32
 _F32_5_13 = float(np.float32(5) / np.float32(13))
@@ -280,9 +277,9 @@ def _point_ops(x, op, mag, ops, consts):
     lut = ident
     m3 = mag.reshape(B, 1, 1)
     o3 = op.reshape(B, 1, 1)
-    h = _histogram(x) if any(n in ops for n in HIST_OPS) else None
+    h = _histogram(x) if any(n in ops for n in C.HISTOGRAM_OPS) else None
     for i, name in enumerate(ops):
-        if name not in LUT_OPS:
+        if name not in C.POINT_OPS:
             continue
         if name == "posterize":
             # ImageOps.posterize(img, int(m)): i & ~(2^(8-bits) - 1)
@@ -357,19 +354,19 @@ def _blend_ops(x, op, mag, ops):
 
 def _image_ops(x, op, mag, ops, consts):
     out = x
-    if any(n in LUT_OPS for n in ops):
-        out = _where_apply(_op_mask(op, ops, LUT_OPS),
+    if any(n in C.POINT_OPS for n in ops):
+        out = _where_apply(_op_mask(op, ops, C.POINT_OPS),
                            lambda a, o, m: _point_ops(a, o, m, ops, consts), out, x, op, mag)
     if any(n in C.GEOMETRIC_OPS for n in ops):
         out = _where_apply(_op_mask(op, ops, C.GEOMETRIC_OPS),
                            lambda a, o, m: _geometric(a, o, m, ops, consts), out, x, op, mag)
-    if any(n in BLEND_OPS for n in ops):
-        out = _where_apply(_op_mask(op, ops, BLEND_OPS), lambda a, o, m: _blend_ops(a, o, m, ops),
+    if any(n in C.ENHANCE_OPS for n in ops):
+        out = _where_apply(_op_mask(op, ops, C.ENHANCE_OPS), lambda a, o, m: _blend_ops(a, o, m, ops),
                            out, x, op, mag)
     return out
 
 
-def image_ops(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor,
+def image_op(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor,
               ops: Sequence[str] = C.IMAGE_OPS, impl: str = "torch") -> torch.Tensor:
     """One image op per sample, as PIL computes it (``reference.image_op``).
 
@@ -379,7 +376,7 @@ def image_ops(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor,
     """
     ops = tuple(ops)
     if x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
-        raise ValueError(f"image_ops wants uint8 [B, H, W, 3], got {x.dtype} {tuple(x.shape)}")
+        raise ValueError(f"image_op wants uint8 [B, H, W, 3], got {x.dtype} {tuple(x.shape)}")
     op = torch.as_tensor(op, device=x.device).to(torch.long).reshape(-1)
     mag = torch.as_tensor(mag, device=x.device).to(torch.float32).reshape(-1)
     if _impl(impl) == "triton":
@@ -450,7 +447,7 @@ def _window_mask(window, H, W, device):
     return (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
 
 
-def mixings(x1: torch.Tensor, x2: torch.Tensor, mix: torch.Tensor, a: torch.Tensor,
+def mixing_op(x1: torch.Tensor, x2: torch.Tensor, mix: torch.Tensor, a: torch.Tensor,
             b: torch.Tensor, p: torch.Tensor, seed: torch.Tensor, window: torch.Tensor,
             overflow: str = "wrap", impl: str = "torch") -> torch.Tensor:
     """One P-level mixing per sample, as ``reference.mixing_op`` computes it.
@@ -494,8 +491,8 @@ def _mixings(x1, x2, mix, a, b, p, seed, window, overflow, consts):
 # ---------------------------------------------------------------------------------------------
 # The IPMix views.
 
-def _chain_step(cur, x, f, st, ops, self_mix_on, overflow, consts):
-    """One chain step for a batch (``reference.run_step``): st float32 [B, len(STEP_FIELDS)]."""
+def chain_step(cur, x, f, st, ops, self_mix_on, overflow, consts):
+    """One chain step for a batch (``reference.chain_step``): st float32 [B, len(STEP_FIELDS)]."""
     col = lambda n: st[:, SF[n]]  # noqa: E731
     act_img = col("active_img") > 0
     act_p = (col("active_p") > 0) & ~act_img
@@ -524,7 +521,7 @@ def _normalize_hwc(v01: torch.Tensor, mean: Sequence[float], std: Sequence[float
     return (v01 - m) / s
 
 
-def _finish(x, chains_out, weights, skip, cfg, A, out_dtype, channels_last_out):
+def finish(x, chains_out, weights, skip, cfg, A, out_dtype, channels_last_out):
     """Final mix of one batch of views: x uint8 [A*B, H, W, 3], chains_out list of k uint8,
     weights [A*B, k], skip [A*B] -> [B, V, 3, H, W] (or [B, V, H, W, 3])."""
     AB, H, W, Cc = x.shape
@@ -577,6 +574,20 @@ def _prepare(x, f, tapes, cfg):
     return x, f, tapes
 
 
+def chains(X, F, steps, cfg, consts):
+    """The k chain results (``reference.chains`` for a batch): X, F uint8 [N, H, W, 3], steps
+    [N, k, t, len(STEP_FIELDS)]; a list of k uint8 [N, H, W, 3]."""
+    ops = tuple(cfg.ops)
+    outs = []
+    for i in range(cfg.k):
+        cur = X
+        for j in range(cfg.t):
+            cur = chain_step(cur, X, F, steps[:, i, j].contiguous(), ops, cfg.self_mix,
+                             cfg.overflow, consts)
+        outs.append(cur)
+    return outs
+
+
 def _views_impl(x, f, tapes, cfg, out_dtype, channels_last_out, consts):
     A = cfg.n_aug
     B = x.shape[0]
@@ -585,15 +596,8 @@ def _views_impl(x, f, tapes, cfg, out_dtype, channels_last_out, consts):
     skip, chain_f, steps = lay.unpack(tp)
     X = x.repeat(A, 1, 1, 1) if A > 1 else x
     F = f.repeat(A, 1, 1, 1) if A > 1 else f
-    ops = tuple(cfg.ops)
-    outs = []
-    for i in range(cfg.k):
-        cur = X
-        for j in range(cfg.t):
-            cur = _chain_step(cur, X, F, steps[:, i, j].contiguous(), ops, cfg.self_mix,
-                              cfg.overflow, consts)
-        outs.append(cur)
-    return _finish(X, outs, chain_f[:, :, CF["weight"]], skip, cfg, A, out_dtype, channels_last_out)
+    return finish(X, chains(X, F, steps, cfg, consts), chain_f[:, :, CF["weight"]], skip, cfg, A,
+                  out_dtype, channels_last_out)
 
 
 def ipmix_views(x: torch.Tensor, f: torch.Tensor, tapes, cfg: C.IPMixConfig,

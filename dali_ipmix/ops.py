@@ -372,7 +372,7 @@ def chain_step(cur, x, f, step, cfg: C.IPMixConfig):
     return out
 
 
-def chain_results(x, f, tape_node, cfg: C.IPMixConfig):
+def chains(x, f, tape_node, cfg: C.IPMixConfig):
     """The k chain results (uint8 HWC DataNodes) of one tape (a CPU DataNode [L])."""
     layout = TapeLayout(cfg.k, cfg.t)
     steps0 = 1 + cfg.k * len(CF)
@@ -398,7 +398,7 @@ def normalize(image, cfg: C.IPMixConfig, dtype: str = "float"):
 def ipmix_view(x, f, tape_node, cfg: C.IPMixConfig):
     """One IPMix view: (1 - m) x + m sum_i w_i chain_i on [0, 1] floats, normalised once."""
     acc = None
-    for i, cur in enumerate(chain_results(x, f, tape_node, cfg)):
+    for i, cur in enumerate(chains(x, f, tape_node, cfg)):
         term = _f32(cur) * tape_node[1 + i * len(CF) + CF["weight"]]
         acc = term if acc is None else acc + term
     m = tape_node[0]

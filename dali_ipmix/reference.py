@@ -111,7 +111,7 @@ def normalize(img: np.ndarray, cfg: C.IPMixConfig) -> np.ndarray:
     return (x - mean) / std
 
 
-def run_step(cur: np.ndarray, x: np.ndarray, f: np.ndarray, step: np.ndarray, cfg: C.IPMixConfig):
+def chain_step(cur: np.ndarray, x: np.ndarray, f: np.ndarray, step: np.ndarray, cfg: C.IPMixConfig):
     """One chain step from its tape record (identity when inactive)."""
     ops = cfg.ops
     if step[SF["active_img"]]:
@@ -134,12 +134,12 @@ def chains(x: np.ndarray, f: np.ndarray, tape: np.ndarray, cfg: C.IPMixConfig):
     for i in range(cfg.k):
         cur = x
         for j in range(cfg.t):
-            cur = run_step(cur, x, f, steps[i, j], cfg)
+            cur = chain_step(cur, x, f, steps[i, j], cfg)
         out.append(cur)
     return out
 
 
-def ipmix(x: np.ndarray, f: np.ndarray, tape: np.ndarray, cfg: C.IPMixConfig) -> np.ndarray:
+def ipmix_view(x: np.ndarray, f: np.ndarray, tape: np.ndarray, cfg: C.IPMixConfig) -> np.ndarray:
     """One IPMix view (normalised CHW float32) of HWC uint8 ``x`` with mixing picture ``f``."""
     skip, chain_fields, _ = TapeLayout(cfg.k, cfg.t).unpack(tape)
     mix = np.zeros((3,) + x.shape[:2], np.float32)
@@ -152,5 +152,5 @@ def ipmix(x: np.ndarray, f: np.ndarray, tape: np.ndarray, cfg: C.IPMixConfig) ->
 def ipmix_views(x: np.ndarray, f: np.ndarray, tapes, cfg: C.IPMixConfig) -> np.ndarray:
     """All views of one sample: [clean, IPMix(tape 1), IPMix(tape 2)] with JSD, else one view."""
     views = [normalize(x, cfg)] if cfg.jsd else []
-    views += [ipmix(x, f, tp, cfg) for tp in tapes]
+    views += [ipmix_view(x, f, tp, cfg) for tp in tapes]
     return np.stack(views)

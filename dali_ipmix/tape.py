@@ -1,13 +1,17 @@
 """The parameter tape: every random draw of one IPMix view, as one flat float32 record per sample.
 
 DALI draws the raw uniforms (seeded and checkpointable, like any DALI random op); ``decode`` turns
-them into IPMix parameters following the official code's distributions (spec §1.3).  The same
-``decode`` runs on NumPy arrays (the reference sampler) and on DALI DataNodes (inside the graph):
-it is written once against a tiny array namespace, so the two cannot drift apart.
+them into IPMix parameters with the official code's distributions (``IPMix_utils.py`` and
+``imagenet.py``: the chain kind and depth, the op and level of every step, the patch window, get_ab's
+a and b, the mask threshold; README "One record drives every implementation").  ``decode`` is
+written once against a tiny array namespace and runs on NumPy arrays (the reference sampler) and
+on DALI DataNodes (the readable backend's graph); the fused backend's Triton decoder follows the
+same rules and is tested equal to it bit for bit.
 
-The record drives all three implementations: the readable DALI graph (``dali_ipmix.ops``), the
-fused torch kernel (``dali_ipmix.fused``) and the NumPy/PIL reference (``dali_ipmix.reference``).
-Its layout (``TapeLayout``) is ``[skip | chain fields (k x C) | step fields (k x t x S)]``.
+The record drives every implementation: the readable DALI graph (``dali_ipmix.ops``), the fused
+backend (``dali_ipmix.fused``, ``dali_ipmix.triton_kernels``) and the NumPy/PIL reference
+(``dali_ipmix.reference``).  Layout (``TapeLayout``): ``[skip | chain fields (k x C) | step
+fields (k x t x S)]``; raw uniforms per view: ``uniform_size``.
 """
 from __future__ import annotations
 
@@ -145,19 +149,12 @@ def _table(values):
 
 
 def _op_tables(cfg: C.IPMixConfig):
-    """Per-op coefficients so that ``mag = B + A * maybe_floor(level * M / 10)`` and the sign
-    flip are table look-ups (spec §2; ``int_parameter`` = floor for positive levels)."""
-    A, M, B, F, SIGN = [], [], [], [], []
-    for op in cfg.ops:
-        a, m, b, fl = {
-            "posterize": (-1, 4, 4, 1), "rotate": (1, 30, 0, 1), "solarize": (-1, 256, 256, 1),
-            "shear_x": (1, 0.3, 0, 0), "shear_y": (1, 0.3, 0, 0),
-            "translate_x": (1, cfg.image_size / 3, 0, 1), "translate_y": (1, cfg.image_size / 3, 0, 1),
-            "autocontrast": (-1, 10, 10, 0), "color": (1, 1.8, 0.1, 0), "contrast": (1, 1.8, 0.1, 0),
-            "brightness": (1, 1.8, 0.1, 0), "sharpness": (1, 1.8, 0.1, 0),
-        }.get(op, (0, 0, 0, 0))
-        A.append(a), M.append(m), B.append(b), F.append(fl), SIGN.append(op in C.SIGNED_OPS)
-    return tuple(_table(v) for v in (A, M, B, F, SIGN))
+    """The op table's level -> magnitude coefficients as arrays indexed by op, so that ``mag = B +
+    A * maybe_floor(level * M / 10)`` and the sign flip are table look-ups (``config.OP_TABLE``)."""
+    recs = [C.OPS_BY_NAME[op] for op in cfg.ops]
+    return tuple(_table(v) for v in (
+        [r.scale for r in recs], [r.maxval_for(cfg.image_size) for r in recs],
+        [r.offset for r in recs], [float(r.truncate) for r in recs], [float(r.signed) for r in recs]))
 
 
 def _randint(xp, u, lo, hi):

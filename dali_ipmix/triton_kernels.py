@@ -755,7 +755,7 @@ def views(x: torch.Tensor, f: torch.Tensor, tapes: torch.Tensor, cfg: C.IPMixCon
 
 
 # ---------------------------------------------------------------------------------------------
-# Single steps (fused.image_ops / fused.mixings with impl="triton"): one chain of one step.
+# Single steps (fused.image_op / fused.mixing_op with impl="triton"): one chain of one step.
 
 _ONE_STEP = C.IMAGENET.replace(k=1, t=1, jsd=False)
 

@@ -146,8 +146,8 @@ def test_preview_sheet_and_draws_replay(data, tmp_path):
             raw = np.asarray(view["tape"], np.float32)
             np.testing.assert_array_equal(raw, batch.tapes[b][a])
             rebuilt = preview.tape_from_draws(view["draws"], cfg)
-            replay = R.ipmix(crop, pic, rebuilt, cfg)
-            np.testing.assert_array_equal(replay, R.ipmix(crop, pic, raw, cfg))
+            replay = R.ipmix_view(crop, pic, rebuilt, cfg)
+            np.testing.assert_array_equal(replay, R.ipmix_view(crop, pic, raw, cfg))
             assert np.abs(replay - batch.views[b][a + 1]).mean() < 0.02
             depths = [c["depth"] for c in view["draws"]["chains"]]
             assert [len(c["steps"]) for c in view["draws"]["chains"]] == depths
@@ -175,7 +175,7 @@ def test_readable_draws_round_trip_numpy_tapes(photos64, partners64):
     tapes = T.sample(np.random.default_rng(3), cfg, 6)
     for x, f, tp in zip(photos64, partners64, tapes):
         draws = json.loads(json.dumps(preview.readable_draws(tp, cfg)))
-        np.testing.assert_array_equal(R.ipmix(x, f, preview.tape_from_draws(draws, cfg), cfg), R.ipmix(x, f, tp, cfg))
+        np.testing.assert_array_equal(R.ipmix_view(x, f, preview.tape_from_draws(draws, cfg), cfg), R.ipmix_view(x, f, tp, cfg))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def test_image_op_bit_exact_with_pil(name, photos64):
     # One op per sample with its own magnitude, all in one batched call.
     for mag in MAGNITUDES[name]:
         m = C.IDENTITY_MAGNITUDE.get(name, 0.0) if mag is None else mag
-        out = fused.image_ops(_batch(photos64), torch.full((6,), OPS.index(name)),
+        out = fused.image_op(_batch(photos64), torch.full((6,), OPS.index(name)),
                               torch.full((6,), float(m)), OPS).numpy()
         # tapes carry float32 magnitudes: PIL gets the same float32 value as a Python float
         m32 = None if mag is None else float(np.float32(mag))
@@ -35,7 +35,7 @@ def test_mixed_ops_in_one_batch(photos64):
     # a different op on every sample: per-sample dispatch must not leak between samples
     names = ["rotate", "equalize", "autocontrast", "sharpness", "posterize", "shear_y"]
     mags = [-8, 0, 7.2, 0.6, 3, 0.05]
-    out = fused.image_ops(_batch(photos64), torch.tensor([OPS.index(n) for n in names]),
+    out = fused.image_op(_batch(photos64), torch.tensor([OPS.index(n) for n in names]),
                           torch.tensor(mags, dtype=torch.float32), OPS).numpy()
     for i, (n, m) in enumerate(zip(names, mags)):
         assert _diff(out[i], R.image_op(photos64[i], n, float(np.float32(m)))).max() == 0, n
@@ -52,7 +52,7 @@ def test_mixings_match_formula(overflow, photos64, partners64):
         seed = rng.integers(0, 2 ** 24, B)
         win = np.array([[3, 5, 32, 16], [0, 0, 64, 64], [10, 10, 4, 50], [60, 0, 4, 64],
                         [0, 0, 8, 8], [20, 30, 44, 34]])
-        out = fused.mixings(_batch(photos64), _batch(partners64),
+        out = fused.mixing_op(_batch(photos64), _batch(partners64),
                             torch.full((B,), C.MIXING_OPS.index(mix_name)), torch.from_numpy(a),
                             torch.from_numpy(b), torch.from_numpy(p),
                             torch.from_numpy(seed.astype(np.float32)), torch.from_numpy(win),
@@ -79,8 +79,8 @@ def test_wrap_quirk_is_reproduced(photos64, partners64):
     x2 = np.full((1, 8, 8, 3), 240, np.uint8)
     args = (torch.zeros(1), torch.ones(1), torch.ones(1), torch.zeros(1), torch.zeros(1),
             torch.tensor([[0, 0, 8, 8]]))
-    wrap = fused.mixings(torch.from_numpy(x1), torch.from_numpy(x2), *args, "wrap").numpy()
-    clamp = fused.mixings(torch.from_numpy(x1), torch.from_numpy(x2), *args, "clamp").numpy()
+    wrap = fused.mixing_op(torch.from_numpy(x1), torch.from_numpy(x2), *args, "wrap").numpy()
+    clamp = fused.mixing_op(torch.from_numpy(x1), torch.from_numpy(x2), *args, "clamp").numpy()
     assert (clamp == 255).all()
     expected = R.to_uint8(np.float32(((250 / 255 * 2 - 1) + (240 / 255 * 2 - 1) + 1) / 2)[None])
     assert wrap[0, 0, 0, 0] == expected[0] and expected[0] < 255
@@ -92,7 +92,7 @@ def test_views_match_reference(cfg, photos64, partners64):
     size = cfg.image_size
     xs = [np.asarray(R.Image.fromarray(p).resize((size, size))) for p in photos64]
     fs = [np.asarray(R.Image.fromarray(p).resize((size, size))) for p in partners64]
-    A = 2 if cfg.jsd else 1
+    A = cfg.n_aug
     tapes = np.stack([T.sample(np.random.default_rng(11 + a), cfg, len(xs)) for a in range(A)], 1)
     out = fused.ipmix_views(_batch(xs), _batch(fs), torch.from_numpy(tapes), cfg).numpy()
     assert out.shape == (len(xs), cfg.views, 3, size, size)

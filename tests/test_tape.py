@@ -1,4 +1,4 @@
-"""The parameter tape: distributions match the official code's draws (spec §1.3, §2, §3), the DALI
+"""The parameter tape: distributions match the official code's draws (IPMix_utils.py, imagenet.py), the DALI
 decoder equals the NumPy decoder, and seeds behave."""
 import numpy as np
 import pytest
@@ -80,7 +80,7 @@ def test_op_choice_uniform_and_magnitudes_in_official_ranges(cfg):
         assert unsigned.min() >= lo - 1e-5 and unsigned.max() <= hi + 1e-5, name
         if name in ("posterize", "rotate", "solarize", "translate_x", "translate_y"):
             np.testing.assert_array_equal(unsigned, np.round(unsigned))   # int_parameter
-    if cfg is C.IMAGENET:   # spec §2 table, severity 1
+    if cfg is C.IMAGENET:   # severity 1: rotate by int(3 L) <= 2 degrees, posterize to 4 bits
         rot = np.abs(img[op == cfg.ops.index("rotate"), T.SF["mag"]])
         assert set(np.unique(rot)) == {0.0, 1.0, 2.0}
         assert set(np.unique(img[op == cfg.ops.index("posterize"), T.SF["mag"]])) == {4.0}

@@ -36,7 +36,7 @@ def _diff(a, b):
 def test_image_op_bit_exact_with_pil(name, photos64):
     for mag in MAGNITUDES[name]:
         m = C.IDENTITY_MAGNITUDE.get(name, 0.0) if mag is None else mag
-        out = fused.image_ops(_batch(photos64), torch.full((6,), OPS.index(name)),
+        out = fused.image_op(_batch(photos64), torch.full((6,), OPS.index(name)),
                               torch.full((6,), float(m)), OPS, impl="triton").numpy()
         m32 = None if mag is None else float(np.float32(mag))
         ref = np.stack([R.image_op(im, name, m32) for im in photos64])
@@ -50,7 +50,7 @@ def test_mixed_ops_and_unknown_index_in_one_batch(photos64):
     mags = [-8, 0, 3, 0.05, 0, 1]
     ops = C.IMAGE_OPS
     index = [ops.index(n) if n else len(ops) for n in names]
-    out = fused.image_ops(_batch(photos64), torch.tensor(index),
+    out = fused.image_op(_batch(photos64), torch.tensor(index),
                           torch.tensor(mags, dtype=torch.float32), ops, impl="triton").numpy()
     for i, (n, m) in enumerate(zip(names, mags)):
         ref = photos64[i] if n is None else R.image_op(photos64[i], n, float(np.float32(m)))
@@ -60,7 +60,7 @@ def test_mixed_ops_and_unknown_index_in_one_batch(photos64):
 @cpu
 def test_fractional_rotation_is_refused(photos64):
     with pytest.raises(ValueError, match="whole degrees"):
-        fused.image_ops(_batch(photos64), torch.full((6,), OPS.index("rotate")),
+        fused.image_op(_batch(photos64), torch.full((6,), OPS.index("rotate")),
                         torch.full((6,), 2.5), OPS, impl="triton")
 
 
@@ -76,7 +76,7 @@ def test_mixings_bit_exact(overflow, photos64, partners64):
         b = rng.uniform(-1, 3, B).astype(np.float32)
         p = rng.uniform(0, 1, B).astype(np.float32)
         seed = rng.integers(0, 2 ** 24, B)
-        out = fused.mixings(_batch(photos64), _batch(partners64),
+        out = fused.mixing_op(_batch(photos64), _batch(partners64),
                             torch.full((B,), C.MIXING_OPS.index(name)), torch.from_numpy(a),
                             torch.from_numpy(b), torch.from_numpy(p),
                             torch.from_numpy(seed.astype(np.float32)), torch.from_numpy(win),
@@ -198,7 +198,7 @@ def test_cuda_image_ops_and_decode(photos64):
     for name in OPS:
         for mag in MAGNITUDES[name]:
             m = C.IDENTITY_MAGNITUDE.get(name, 0.0) if mag is None else mag
-            out = fused.image_ops(_batch(photos64).cuda(), torch.full((6,), OPS.index(name)),
+            out = fused.image_op(_batch(photos64).cuda(), torch.full((6,), OPS.index(name)),
                                   torch.full((6,), float(m)), OPS, impl="triton").cpu().numpy()
             ref = np.stack([R.image_op(im, name, None if mag is None else float(np.float32(mag)))
                             for im in photos64])

@@ -209,7 +209,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
         rng = self.rng()
         x = np.asarray(self.source(_pil_load(self.paths[i])))
         f = np.asarray(self.mixing(_pil_load(self.pictures[rng.integers(len(self.pictures))])))
-        tapes = T.sample(rng, self.cfg, 2 if self.cfg.jsd else 1)
+        tapes = T.sample(rng, self.cfg, self.cfg.n_aug)
         return torch.from_numpy(R.ipmix_views(x, f, tapes, self.cfg)), self.labels[i]
 
 

@@ -150,7 +150,7 @@ class Preview:
 
 
 def aug_views(cfg: C.IPMixConfig) -> int:
-    return 2 if cfg.jsd else 1
+    return cfg.n_aug
 
 
 def run_batch(data_dir, mixing_dir, cfg: C.IPMixConfig, preset: str, *, n: int, seed: int,
@@ -167,7 +167,7 @@ def replay_diff(preview: Preview, b: int, a: int, tape: Optional[np.ndarray] = N
     """The reference's replay of view ``a`` of sample ``b`` against the pipeline's output."""
     cfg = preview.cfg
     tape = preview.tapes[b][a] if tape is None else tape
-    ref = R.ipmix(preview.crops[b], preview.pictures[b], tape, cfg)
+    ref = R.ipmix_view(preview.crops[b], preview.pictures[b], tape, cfg)
     got = preview.views[b][a + (1 if cfg.jsd else 0)]
     d = np.abs(got.astype(np.float32) - ref)
     return {"mean_abs": float(d.mean()), "max_abs": float(d.max())}

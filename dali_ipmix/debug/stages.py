@@ -58,10 +58,10 @@ def stages_pipeline(data_dir, mixing_dir, cfg: C.IPMixConfig, preset: str, *, n:
     with expose_chain_steps(recorded), _common.pipeline_options(**(pipeline_options or {})):
         pipe = _common.train_pipeline(data_dir, mixing_dir, cfg, preset, batch_size=n, device=device,
                                       backend="dali", seed=seed, extra_outputs=True)
-    expected = (2 if cfg.jsd else 1) * cfg.k * cfg.t
+    expected = cfg.n_aug * cfg.k * cfg.t
     if len(recorded) != expected:
         raise RuntimeError(f"recorded {len(recorded)} chain steps, expected {expected}: "
-                           f"ops.chain_results no longer calls ops.chain_step once per step")
+                           f"ops.chains no longer calls ops.chain_step once per step")
     # DALI 2.4 keeps the outputs given to set_outputs in _graph_out until build().
     pipe.set_outputs(*pipe._graph_out, *recorded)
     return pipe
@@ -86,7 +86,7 @@ def run_stages(data_dir, mixing_dir, out: Path, cfg: C.IPMixConfig, preset: str,
     outputs = [_common.samples(o) for o in pipe.run()]
     views, labels, crops, pics, tapes = outputs[:5]
     steps_out = outputs[5:]
-    A = 2 if cfg.jsd else 1
+    A = cfg.n_aug
     _, _, step_fields = TapeLayout(cfg.k, cfg.t).unpack(np.stack([np.asarray(t, np.float32) for t in tapes]))
     index = {"preset": preset, "backend": "dali", "device": device, "seed": seed, "batch": n,
              "data": str(data_dir), "mixing": str(mixing_dir), "config": _common.config_dict(cfg),
@@ -112,7 +112,7 @@ def run_stages(data_dir, mixing_dir, out: Path, cfg: C.IPMixConfig, preset: str,
                 for j in range(cfg.t):
                     got = steps_out[(a * cfg.k + i) * cfg.t + j][b]
                     record = step_fields[b, a, i, j]
-                    want = R.run_step(cur, x, f, record, cfg)
+                    want = R.chain_step(cur, x, f, record, cfg)
                     active = j < draws["chains"][i]["depth"]
                     what = step_text(draws["chains"][i]["steps"][j]) if active else "identity (past depth)"
                     name = re.sub(r"[^a-z_]+", "", what.split("(")[0].split()[0]) if active else "identity"
@@ -129,7 +129,7 @@ def run_stages(data_dir, mixing_dir, out: Path, cfg: C.IPMixConfig, preset: str,
                 chain["result"] = prev_file
                 view["chains"].append(chain)
             final = views[b][a + (1 if cfg.jsd else 0)]
-            ref = R.ipmix(x, f, tape, cfg)
+            ref = R.ipmix_view(x, f, tape, cfg)
             view["final"] = _save(_common.to_display(final, cfg), vdir / "final.png", out)
             d = np.abs(final.astype(np.float32) - ref)
             view["final_reference"] = {"mean_abs": float(d.mean()), "max_abs": float(d.max())}
