@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cli import UserError
+from .errors import UserError
 from .robustness.attacks import pgd_linf   # the project's one PGD (random start, restarts, worst kept)
 from .robustness.model import Normalized
 

@@ -33,7 +33,7 @@ from typing import Iterator, List, Tuple
 
 import numpy as np
 
-from .cli import UserError
+from .errors import UserError
 
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR100_DIR = "cifar-100-python"

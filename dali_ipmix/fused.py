@@ -36,7 +36,6 @@ where torch's ``pow`` may differ from NumPy's by 1 ulp (rare pixels).  On CUDA, 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from typing import Optional, Sequence, Tuple
 
@@ -45,6 +44,7 @@ import torch
 
 from . import config as C
 from . import noise
+from .exact_tables import image_tables
 from . import tape as T
 from .tape import CF, SF, TapeLayout
 
@@ -89,47 +89,15 @@ def _op_mask(op: torch.Tensor, ops: Tuple[str, ...], names) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Geometric ops: one PIL-style inverse affine warp.
 
-def _pil_rotate_matrix(angle: float, w: int, h: int):
-    """PIL ``Image.rotate(angle)`` (no expand/centre/translate) as an AFFINE data tuple, computed
-    with the same double operations as Pillow."""
-    angle = angle % 360.0
-    cx, cy = w / 2, h / 2
-    a = -math.radians(angle)
-    m = [round(math.cos(a), 15), round(math.sin(a), 15), 0.0,
-         round(-math.sin(a), 15), round(math.cos(a), 15), 0.0]
-    m[2], m[5] = (m[0] * -cx + m[1] * -cy + m[2], m[3] * -cx + m[4] * -cy + m[5])
-    m[2] += cx
-    m[5] += cy
-    return m
-
-
-_CONST_CACHE = {}
-_CONST_LOCK = threading.Lock()
-
-
 def rotation_table(height: int, width: int, device) -> torch.Tensor:
     """PIL's exact rotation matrices for the integer angles 0..359 on a ``width`` x ``height``
     image: float64 ``[360, 6]`` (cached per size and device)."""
-    return _consts(height, width, device)[0]
+    return image_tables(height, width, device).rot
 
 
 def _consts(height: int, width: int, device):
-    """Tables computed once in exact (NumPy/Python) arithmetic and passed into the kernels, so
-    that no compiled code has to divide (Inductor turns ``x / c`` into ``x * (1 / c)`` and
-    Triton's float division is approximate): (rotation matrices [360, 6] f64, k / 255 for
-    k = 0..255 [256] f32, 255 / span for span = 0..255 [256] f64)."""
-    device = torch.device(device)
-    key = (int(height), int(width), device.type, device.index)
-    with _CONST_LOCK:
-        c = _CONST_CACHE.get(key)
-        if c is None:
-            rows = [_pil_rotate_matrix(float(d), width, height) for d in range(360)]
-            rot = torch.tensor(rows, dtype=torch.float64, device=device)
-            inv255 = torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(255))
-            scale = torch.tensor([255.0] + [255.0 / k for k in range(1, 256)], dtype=torch.float64)
-            c = (rot, inv255.to(device), scale.to(device))
-            _CONST_CACHE[key] = c
-    return c
+    # (rotation matrices, k / 255, 255 / k): see dali_ipmix.exact_tables
+    return image_tables(height, width, device)
 
 
 def _affine_matrices(op, mag, ops, H, W, rot):

@@ -8,8 +8,9 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import List, Tuple
 
-from .cli import UserError
+from .errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TRAIN_READER = "Reader"
@@ -118,7 +119,6 @@ def listed_or_found(root, filelist=None, flag="--data"):
     whose numbering the file list uses."""
     files, labels, classes = class_folder_files(root, flag=flag)
     if filelist is not None:
-        from .verify import filelist_files
         files, labels = filelist_files(filelist, root=root)
         bad = next(((i, l) for i, l in enumerate(labels) if l >= len(classes)), None)
         if bad is not None:
@@ -129,10 +129,37 @@ def listed_or_found(root, filelist=None, flag="--data"):
     return files, labels, classes
 
 
+def filelist_files(path, root=None) -> Tuple[List[str], List[int]]:
+    """(files, labels) from a DALI file list, in the format of ``readers.class_folder_files``
+    (relative paths, int labels).  With ``root``, every listed file must exist under it."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"file list {path}: cannot read it ({e.__class__.__name__}); give a file "
+                        f"written by `dali-ipmix verify DIR --write-filelist FILE`") from None
+    files, labels = [], []
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.rstrip().rsplit(None, 1)
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise UserError(f"file list {path}, line {no}: expected 'relative/path label', got {line!r}")
+        files.append(parts[0].rstrip())
+        labels.append(int(parts[1]))
+    if not files:
+        raise UserError(f"file list {path}: no files listed")
+    if root is not None:
+        missing = next((f for f in files if not os.path.isfile(os.path.join(root, f))), None)
+        if missing is not None:
+            raise UserError(f"file list {path}: {missing} is not in {root}; write the list again with "
+                            f"`dali-ipmix verify {root} --write-filelist {path} --overwrite`")
+    return files, labels
+
+
 def picture_files(root, flag="--mixing", filelist=None):
     """All pictures under ``root`` (flat or nested), relative paths, sorted."""
     if filelist is not None:
-        from .verify import filelist_files
         return filelist_files(filelist, root=root)[0]
     root = Path(root)
     if not root.is_dir():

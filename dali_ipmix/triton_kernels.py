@@ -40,6 +40,7 @@ import triton.language as tl
 from . import config as C
 from . import noise
 from . import tape as T
+from .exact_tables import image_tables
 
 # ---------------------------------------------------------------------------------------------
 # Constants shared with the rest of the package (op indices, tape offsets), as Triton constexprs.
@@ -646,16 +647,6 @@ def _config_tables(cfg: C.IPMixConfig, device: torch.device):
         "sizes": _as_device(np.asarray(cfg.patch_sizes, np.float32), device)})
 
 
-def _image_tables(height: int, width: int, device: torch.device):
-    """Exact host-computed tables (cached per size and device): PIL's rotation matrices for whole
-    degrees, k / 255 in float32, 255.0 / k in float64."""
-    from .fused import rotation_table
-    return _cached(("img", height, width, device.type, device.index), lambda: {
-        "rot": rotation_table(height, width, "cpu").to(device),
-        "inv255": _as_device(np.arange(256, dtype=np.float32) / np.float32(255), device),
-        "scale": _as_device([255.0] + [255.0 / k for k in range(1, 256)], device, torch.float64)})
-
-
 def _launch(kernel, grid, *args, **kw):
     if INTERPRETED:
         kw.pop("num_warps", None)
@@ -705,7 +696,7 @@ def chains(x: torch.Tensor, f: torch.Tensor, tapes: torch.Tensor, cfg: C.IPMixCo
     Q = B * A * cfg.k
     if cfg.t == 0 or Q == 0:
         return None
-    tab = _image_tables(H, W, x.device)
+    tab = image_tables(H, W, x.device)
     bufs = [torch.empty((Q, H, W, 3), dtype=torch.uint8, device=x.device) for _ in range(min(2, cfg.t))]
     lut = torch.empty((Q, 3, 256), dtype=torch.int32, device=x.device)
     mean = torch.zeros((Q,), dtype=torch.int32, device=x.device)
@@ -714,10 +705,10 @@ def chains(x: torch.Tensor, f: torch.Tensor, tapes: torch.Tensor, cfg: C.IPMixCo
     for j in range(cfg.t):
         dst = bufs[j % 2]
         first = j == 0
-        _launch(_tables_kernel, (Q, 3), x, tapes, src, lut, mean, tab["scale"], j,
+        _launch(_tables_kernel, (Q, 3), x, tapes, src, lut, mean, tab.scale, j,
                 FIRST=first, BLOCK=BLOCK_SCAN, **common)
         _launch(_step_kernel, (Q, triton.cdiv(H * W, BLOCK_PIXELS)), x, f, tapes, src, dst, lut,
-                mean, tab["rot"], tab["inv255"], float(np.float32(C.MULTIPLY_EPS)), j,
+                mean, tab.rot, tab.inv255, float(np.float32(C.MULTIPLY_EPS)), j,
                 FIRST=first, CLAMP=cfg.overflow == "clamp", BP=BLOCK_PIXELS, num_warps=STEP_WARPS,
                 **common)
         src = dst
@@ -735,11 +726,11 @@ def finish(x: torch.Tensor, chain_out, tapes: torch.Tensor, cfg: C.IPMixConfig,
     shape = (B, V, H, W, 3) if channels_last_out else (B, V, 3, H, W)
     out = torch.empty(shape, dtype=kernel_dtype, device=x.device)
     if B:
-        tab = _image_tables(H, W, x.device)
+        tab = image_tables(H, W, x.device)
         mean = [float(np.float32(m)) for m in cfg.mean]
         std = [float(np.float32(s)) for s in cfg.std]
         _launch(_finish_kernel, (B * V, triton.cdiv(H * W, BLOCK_PIXELS)), x, tapes,
-                x if chain_out is None else chain_out, out, tab["inv255"], *mean, *std,
+                x if chain_out is None else chain_out, out, tab.inv255, *mean, *std,
                 A=A, K=cfg.k, L=L, V=V, H=H, W=W, CLEAN=1 if cfg.jsd else 0,
                 CHAINS_ARE_X=chain_out is None, CHANNELS_LAST=bool(channels_last_out),
                 BP=BLOCK_PIXELS)

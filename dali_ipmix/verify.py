@@ -9,7 +9,7 @@ therefore fully decoded here with Pillow, in parallel, and sorted into one probl
 the decoder on one file of each kind to keep these claims true.
 
 ``explain_pipeline_error`` turns the error DALI raises during ``pipe.run()`` about a bad file into a
-one-line ``UserError``; ``filelist_files`` reads a file list back as (files, labels) for the readers.
+one-line ``UserError``; ``readers.filelist_files`` reads a file list back as (files, labels).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-from .cli import UserError
+from .errors import UserError
 from .data._io import pool_map, resolve_jobs
 from .outputs import check_output_file, write_atomic
 from .readers import IMAGE_EXTENSIONS, class_folder_files, picture_files, special_kind
@@ -310,34 +310,6 @@ def write_filelist(path, files: Sequence[str], labels: Sequence[int], overwrite:
     interrupted run never leaves half a list."""
     path = check_output_file(path, "--write-filelist", overwrite)
     return write_atomic(path, "".join(f"{f} {int(l)}\n" for f, l in zip(files, labels)))
-
-
-def filelist_files(path, root=None) -> Tuple[List[str], List[int]]:
-    """(files, labels) from a DALI file list, in the format of ``readers.class_folder_files``
-    (relative paths, int labels).  With ``root``, every listed file must exist under it."""
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"file list {path}: cannot read it ({e.__class__.__name__}); give a file "
-                        f"written by `dali-ipmix verify DIR --write-filelist FILE`") from None
-    files, labels = [], []
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        parts = line.rstrip().rsplit(None, 1)
-        if len(parts) != 2 or not parts[1].isdigit():
-            raise UserError(f"file list {path}, line {no}: expected 'relative/path label', got {line!r}")
-        files.append(parts[0].rstrip())
-        labels.append(int(parts[1]))
-    if not files:
-        raise UserError(f"file list {path}: no files listed")
-    if root is not None:
-        missing = next((f for f in files if not os.path.isfile(os.path.join(root, f))), None)
-        if missing is not None:
-            raise UserError(f"file list {path}: {missing} is not in {root}; write the list again with "
-                            f"`dali-ipmix verify {root} --write-filelist {path} --overwrite`")
-    return files, labels
 
 
 # ---------------------------------------------------------------------------------------------------

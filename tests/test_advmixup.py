@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dali_ipmix import advmixup as A
 from dali_ipmix import cifar_data, models
-from dali_ipmix.cli import UserError
+from dali_ipmix.errors import UserError
 
 C = 4           # classes of the toy problems
 S = 16          # image size

@@ -17,7 +17,7 @@ from dali_ipmix.bench.contenders import ReferenceDataset
 from dali_ipmix.bench.data import bench_data
 from dali_ipmix.bench.memory import PeakMemory
 from dali_ipmix.bench.runner import ROW_NAMES, training_config
-from dali_ipmix.cli import UserError
+from dali_ipmix.errors import UserError
 
 TINY = dict(image_size=32, batch_size=4, warmup=1, iters=2, threads=[1], device="cpu",
             arch="resnet18", gen_images=8, gen_pictures=4, gen_size=40, gen_classes=2)

@@ -262,7 +262,7 @@ def _failing_render(fail_at, exc):
 
 def test_an_interrupted_run_leaves_no_partial_set(tmp_path, capsys, monkeypatch):
     from dali_ipmix import readers
-    from dali_ipmix.cli import UserError
+    from dali_ipmix.errors import UserError
     out = tmp_path / "set"
     monkeypatch.setattr(F, "render_fractal", _failing_render(2, KeyboardInterrupt()))
     try:

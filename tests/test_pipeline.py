@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from dali_ipmix import config as C, reference as R
-from dali_ipmix.cli import UserError
+from dali_ipmix.errors import UserError
 from pipelines import imagenet
 
 CFG = C.IMAGENET.replace(k=2, t=2, image_size=64, patch_sizes=(4, 8, 16, 32, 64))

@@ -13,7 +13,8 @@ import torch.nn as nn
 from PIL import Image
 
 from conftest import photo_crops
-from dali_ipmix.cli import UserError, main
+from dali_ipmix.cli import main
+from dali_ipmix.errors import UserError
 from dali_ipmix.robustness import metrics as M
 from dali_ipmix.robustness.attacks import pgd_linf
 from dali_ipmix.robustness.evaluate import EvalSettings, PGDSettings, evaluate

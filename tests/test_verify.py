@@ -11,7 +11,9 @@ from PIL import Image
 
 from conftest import photo_crops
 from dali_ipmix import verify as V
-from dali_ipmix.cli import UserError, main
+from dali_ipmix.cli import main
+from dali_ipmix.errors import UserError
+from dali_ipmix import readers
 from dali_ipmix.readers import class_folder_files
 
 SIZE = 48
@@ -165,7 +167,7 @@ def test_filelist_holds_the_usable_files_and_feeds_a_dali_reader(dataset, report
         assert rel in printed
     files, labels, _ = class_folder_files(dataset)
     label_of = dict(zip(files, labels))
-    got_files, got_labels = V.filelist_files(out, root=dataset)
+    got_files, got_labels = readers.filelist_files(out, root=dataset)
     warnings_listed = {p for p, (_, k) in BAD.items() if p not in FATAL and p in label_of}
     assert set(got_files) == set(GOOD) | warnings_listed
     assert got_labels == [label_of[f] for f in got_files]
@@ -192,7 +194,7 @@ def test_filelist_feeds_the_train_reader(dataset, tmp_path):
     from nvidia.dali import pipeline_def
     from dali_ipmix import readers
     out = V.write_filelist(tmp_path / "list.txt", *V.scan(dataset, jobs=1).good())
-    files, labels = V.filelist_files(out, root=dataset)
+    files, labels = readers.filelist_files(out, root=dataset)
 
     @pipeline_def(batch_size=len(files), num_threads=1, device_id=None)
     def train():
@@ -271,12 +273,12 @@ def test_filelist_errors_name_file_and_line(dataset, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text("c0/a.jpg 0\nc0/progressive.jpg\n")
     with pytest.raises(UserError, match=r"line 2"):
-        V.filelist_files(bad)
+        readers.filelist_files(bad)
     gone = tmp_path / "gone.txt"
     gone.write_text("c0/a.jpg 0\nc9/missing.jpg 3\n")
-    assert V.filelist_files(gone) == (["c0/a.jpg", "c9/missing.jpg"], [0, 3])
+    assert readers.filelist_files(gone) == (["c0/a.jpg", "c9/missing.jpg"], [0, 3])
     with pytest.raises(UserError, match="c9/missing.jpg"):
-        V.filelist_files(gone, root=dataset)
+        readers.filelist_files(gone, root=dataset)
 
 
 # ---------------------------------------------------------------------------------------------------

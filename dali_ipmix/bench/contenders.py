@@ -55,7 +55,8 @@ class Setup:
     @property
     def resize(self) -> int:
         """Shorter side of the mixing picture before its random crop: Resize(256) for 224."""
-        return max(self.cfg.image_size, round(self.cfg.image_size * 256 / 224))
+        from pipelines import resize_for
+        return resize_for(self.cfg.image_size, "imagenet")
 
     @cached_property
     def torch_device(self) -> torch.device:
@@ -136,15 +137,14 @@ def touch(batch) -> None:
 
 def dali_loader(setup: Setup, threads: int, cfg: C.IPMixConfig, backend: str,
                 channels_last: bool = False, draws: Optional[str] = None):
+    import pipelines
     from dali_ipmix.loader import DaliLoader
-    from pipelines.imagenet import train_pipeline
-    pipe = train_pipeline(setup.data.train_dir, setup.data.mixing_dir, cfg=cfg,
-                          batch_size=setup.batch_size, num_threads=threads, device=setup.device,
-                          backend=backend, seed=setup.seed, resize=setup.resize,
-                          hw_decoder_load=setup.hw_decoder_load, prefetch_queue_depth=DALI_PREFETCH,
-                          filelist=setup.data.train_filelist,
-                          mixing_filelist=setup.data.mixing_filelist, draws=draws,
-                          dtype=setup.loader_dtype)
+    pipe = pipelines.train_pipeline(
+        "imagenet", setup.data.train_dir, setup.data.mixing_dir, cfg=cfg,
+        batch_size=setup.batch_size, num_threads=threads, device=setup.device, backend=backend,
+        seed=setup.seed, hw_decoder_load=setup.hw_decoder_load, prefetch_queue_depth=DALI_PREFETCH,
+        filelist=setup.data.train_filelist, mixing_filelist=setup.data.mixing_filelist,
+        draws=draws, dtype=setup.loader_dtype)
     # "fill": a set smaller than a batch still gives full batches (wrapping into the next epoch).
     return DaliLoader(pipe, last_batch="fill", device=setup.torch_device, channels_last=channels_last,
                       extra_outputs=("draws",) if draws else ())

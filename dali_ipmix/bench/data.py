@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from dali_ipmix.data._io import smooth_noise, write_jpeg
+from dali_ipmix.errors import UserError
 from dali_ipmix.readers import class_folder_files, listed_or_found, picture_files
 
 GRAIN_SIGMA = 10.0         # grey levels of per-pixel noise: photo-like JPEG sizes (~0.4 bytes/pixel at quality 90)
@@ -89,7 +90,6 @@ def bench_data(workdir: Path, *, data_dir=None, mixing_dir=None, images: int = 2
                pictures: int = 64, size: int = 256, classes: int = 4, seed: int = 0,
                data_filelist=None, mixing_filelist=None) -> BenchData:
     """The folders to read: ``data_dir`` / ``mixing_dir`` where given, else generated in ``workdir``."""
-    from dali_ipmix.cli import UserError
     for flag, value in (("--gen-images", images), ("--gen-pictures", pictures),
                         ("--gen-size", size), ("--gen-classes", classes)):
         if value < 1:

@@ -9,6 +9,8 @@ import platform
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from dali_ipmix.errors import UserError
+
 # views per source image -> the row the ratios are taken against: the official code when it was
 # measured, else the package's reference DataLoader
 BASELINES = ({1: "official", 3: "official-jsd"}, {1: "reference", 3: "reference-jsd"})
@@ -147,7 +149,6 @@ def machine_info(device: str) -> Dict[str, object]:
 def check_out_dir(out, overwrite: bool) -> Path:
     """Refuse (before any measurement) to replace a previous run's files without ``--overwrite``,
     and a folder that cannot be created or written into."""
-    from dali_ipmix.errors import UserError
     from dali_ipmix.outputs import check_output_folder
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -246,7 +246,8 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
         raise UserError("--amp fp16 needs --device gpu; use --amp bf16 or off on CPU")
     cfg = training_config(image_size)
     check_folders(data, mixing)
-    gen_size = gen_size or max(image_size, round(image_size * 256 / 224))
+    from pipelines import resize_for
+    gen_size = gen_size or resize_for(image_size, "imagenet")
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     load_start = _load_average()
     if load_start and load_start[0] > BUSY_LOAD:

@@ -15,6 +15,8 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple, TypeVar,
 import numpy as np
 from PIL import Image
 
+from dali_ipmix.errors import UserError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -31,7 +33,6 @@ def prepare_out_dir(path: Union[str, os.PathLike], overwrite: bool, owned: Seque
     itself writes, e.g. ``("ifs", "orbit")``) are removed; anything else in the folder is left in
     place, so a mistyped ``--out`` never wipes unrelated data.
     """
-    from dali_ipmix.cli import UserError  # the CLI module is light; imported here to avoid a cycle
     from dali_ipmix.outputs import check_output_folder
 
     out = Path(path)

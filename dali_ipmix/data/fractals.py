@@ -25,6 +25,7 @@ from PIL import Image
 
 from dali_ipmix.data._io import (contact_sheet, pool_map, prepare_out_dir, resolve_jobs, smooth_noise,
                                  staged, write_jpeg)
+from dali_ipmix.errors import UserError
 
 # --- run layout ---------------------------------------------------------------------------------
 KINDS = ("ifs", "orbit")  # sub-folders of the output folder, in generation order
@@ -452,7 +453,6 @@ def _write_one(index: int, out_dir: str, count: int, size: int, seed: int, ifs_r
 
 
 def _check_args(count: int, size: int, seed: int, ifs_ratio: float) -> None:
-    from dali_ipmix.cli import UserError
 
     if count < 0:
         raise UserError(f"--count must be >= 0, got {count}")

@@ -14,12 +14,11 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import config as C
-from ..cli import UserError
+from ..errors import UserError
 
 DEVICES = ("cpu", "gpu")
 # The mixing pictures of the ImageNet graph are resized to 256 before the 224 crop; other crop
 # sizes keep that ratio.
-IMAGENET_RESIZE_RATIO = 256 / 224
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,14 +135,10 @@ def num_threads() -> int:
 def train_pipeline(data_dir, mixing_dir, cfg: C.IPMixConfig, preset: str, *, batch_size: int,
                    device: str, backend: str, seed: int, extra_outputs: bool = False):
     """The preset's training pipeline (not yet built), exactly as training builds it."""
-    common = dict(cfg=cfg, batch_size=batch_size, num_threads=num_threads(), device=device,
-                  backend=backend, seed=seed, extra_outputs=extra_outputs)
-    if preset == "cifar":
-        from pipelines import cifar
-        return cifar.train_pipeline(data_dir, mixing_dir, **common)
-    from pipelines import imagenet
-    return imagenet.train_pipeline(data_dir, mixing_dir, resize=round(cfg.image_size * IMAGENET_RESIZE_RATIO),
-                                   **common)
+    import pipelines
+    return pipelines.train_pipeline(preset, data_dir, mixing_dir, cfg=cfg, batch_size=batch_size,
+                                    num_threads=num_threads(), device=device, backend=backend,
+                                    seed=seed, extra_outputs=extra_outputs)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ import time
 from collections import defaultdict
 from typing import Dict, List
 
+from ..errors import UserError
+
 UNSET = 1 << 62        # DALI reports 2^63 as the "max" of outputs that never held data
 
 
@@ -71,10 +73,9 @@ def run_with_stats(pipe, *, iters: int, batch_size: int, device: str, type_of=No
     """Run ``iters`` batches (after one warm-up) of a pipeline built with the statistics options;
     returns the report."""
     if iters < 1:
-        from ..cli import UserError
         raise UserError("--iters must be >= 1")
     if type_of is None:
-        from .graph import op_nodes
+        from ._ops import op_nodes
         type_of = {n.name: n.type for n in op_nodes(pipe)}
     pipe.build()
     pipe.run()

@@ -25,13 +25,13 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import config as C
-from ..cli import UserError
+from ..errors import UserError
 from . import _common
+from ._ops import OpNode, defined_ops, op_nodes
 
 BACKENDS = ("fused", "dali", "none")
 FORMATS = ("svg", "png")
@@ -44,66 +44,7 @@ DEVICE_COLORS = {"cpu": "#dbe9f6", "gpu": "#d9f2d0", "mixed": "#fde2c4"}
 
 
 # ---------------------------------------------------------------------------------------------
-# The operator graph.
-
-@dataclass(frozen=True)
-class OpNode:
-    name: str                         # DALI's instance name (unique in the pipeline)
-    type: str                         # schema, e.g. "decoders.ImageRandomCrop", "conditional.Split"
-    call: str                         # the Python call, e.g. "fn.decoders.image_random_crop", "math.sub"
-    device: str                       # cpu | gpu | mixed
-    inputs: Tuple[Tuple[str, bool], ...]   # (producing operator, is an argument input)
-    origin: Tuple[Tuple[str, str], ...]    # (function, file) of the creating call stack, outermost first
-    detail: str = ""                  # e.g. the arithmetic expression
-
-
-_SPEC_LINE = re.compile(r"^\s*(\w+): (.*)$", re.M)
-
-
-def _spec_fields(spec_text: str) -> Dict[str, str]:
-    return {m.group(1): m.group(2).strip() for m in _SPEC_LINE.finditer(spec_text)}
-
-
-def _spec_list(value: str) -> List[str]:
-    # OpSpec prints lists as "[a, b, c, ]"
-    return [v.strip() for v in value.strip("[]").split(",") if v.strip()]
-
-
-# DALI's batch-level Python operator is registered for jax_function; the fused backend uses it too
-_SCHEMA_ALIASES = {"_JaxFunction": "BatchPythonFunction"}
-
-
-def _type_name(schema: str) -> str:
-    return _SCHEMA_ALIASES.get(schema) or schema.lstrip("_").replace("__", ".")
-
-
-def defined_ops(pipe) -> list:
-    """The DALI operator instances of a pipeline, inputs first.  Only the Python side of the
-    graph is needed, so a GPU pipeline can be inspected on a machine without a GPU."""
-    if getattr(pipe, "_ops", None) is None:
-        pipe._build_graph()
-    return list(pipe._ops)
-
-
-def op_nodes(pipe) -> List[OpNode]:
-    nodes = []
-    for op in defined_ops(pipe):
-        fields = _spec_fields(str(op.spec))
-        regular = op.spec.NumRegularInput()
-        inputs = tuple((edge.source.name, i >= regular) for i, edge in enumerate(op.inputs))
-        names = _spec_list(fields.get("_origin_stack_name", "[]"))
-        files = _spec_list(fields.get("_origin_stack_filename", "[]"))
-        if len(files) != len(names):      # a comma in a path: keep the names alone
-            files = [""] * len(names)
-        schema = getattr(op._op, "schema_name", type(op._op).__name__)
-        module = fields.get("_module", "nvidia.dali.fn").replace("nvidia.dali.", "")
-        call = f"{module}.{fields.get('_display_name', schema)}"
-        nodes.append(OpNode(name=op.name, type=_type_name(schema), call=call,
-                            device=fields.get("device", getattr(op._op, "device", "cpu")), inputs=inputs,
-                            origin=tuple(zip(names, files)),
-                            detail=fields.get("expression_desc", "")))
-    return nodes
-
+# The operator graph (operator records: ``_ops``).
 
 def output_ops(pipe) -> List[str]:
     """The operator producing each pipeline output, in output order."""
@@ -564,7 +505,8 @@ def _run(args) -> int:
                     render_timeout=args.render_timeout, max_render_nodes=args.max_render_nodes,
                     build=build)
         if args.stats:
-            report = run_with_stats(pipe, iters=args.iters, batch_size=args.batch_size, device=args.device)
+            report = run_with_stats(pipe, iters=args.iters, batch_size=args.batch_size,
+                                    device=args.device)
             (out / "memory.txt").write_text(report + "\n")
             print(report)
             print(f"wrote {out / 'memory.txt'}")

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from .. import config as C
 from .. import reference as R
-from ..cli import UserError
+from ..errors import UserError
 from ..outputs import write_atomic
 from ..progress import Progress
 from ..tape import CF, SF, TapeLayout

@@ -21,7 +21,7 @@ from PIL import Image
 from .. import config as C
 from .. import ops
 from .. import reference as R
-from ..cli import UserError
+from ..errors import UserError
 from ..tape import SF, TapeLayout
 from . import _common
 from .preview import readable_draws, step_text

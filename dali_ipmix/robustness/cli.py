@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Optional
 
-from ..cli import UserError
+from ..errors import UserError
 from ..outputs import check_output_file, write_atomic
 from .attacks import PGD_EPS, PGD_STEPS
 from .metrics import ECE_BINS, RMS_BIN_SIZE
@@ -128,7 +128,8 @@ def settings_from_args(args, loaded):
     cfg = C.preset(preset_name)
     size = _positive(args.image_size, "--image-size", 8) or recorded.get("image_size") or cfg.image_size
     cifar = preset_name == "cifar"
-    resize = _positive(args.resize, "--resize", 8) or (size if cifar else max(size, round(size * 256 / 224)))
+    from pipelines import resize_for
+    resize = _positive(args.resize, "--resize", 8) or resize_for(size, "cifar" if cifar else "imagenet")
     if resize < size:
         raise UserError(f"--resize {resize} is smaller than the crop --image-size {size}")
     for flag, value in (("--batch-size", args.batch_size), ("--max-images", args.max_images),

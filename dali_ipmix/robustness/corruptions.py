@@ -21,7 +21,7 @@ import functools
 
 import numpy as np
 
-from ..cli import UserError
+from ..errors import UserError
 from .tables import CORRUPTIONS, SEVERITIES
 
 PACKAGE = "imagecorruptions-imaug==1.1.5"

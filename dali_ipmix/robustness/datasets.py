@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from .. import readers
-from ..cli import UserError
+from ..errors import UserError
 from . import corruptions
 from .tables import CORRUPTIONS, SEVERITIES
 

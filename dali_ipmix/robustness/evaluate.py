@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 from . import corruptions as corr
 from . import datasets as D
 from .attacks import PGD_ALPHA, PGD_EPS, PGD_STEPS, pgd_linf

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..cli import UserError
+from ..errors import UserError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")   # DistributedDataParallel / torch.compile
 GUESS_SECONDS = 5.0                            # time spent guessing a bare state_dict's arch
