@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dali_ipmix import advmixup as A
-from dali_ipmix import cifar_data, models
+from dali_ipmix import models
+from dali_ipmix.data import cifar as cifar_data
 from dali_ipmix.errors import UserError
 
 C = 4           # classes of the toy problems

@@ -147,11 +147,11 @@ def _predict(model, dataset, s, mask, attack, label) -> Outcome:
 
 class CleanData:
     """The clean validation set: a class folder, or a CIFAR python release (its test split, read
-    by :func:`dali_ipmix.cifar_data.load_cifar`) as the official CIFAR evaluation uses."""
+    by :func:`dali_ipmix.data.cifar.load_cifar`) as the official CIFAR evaluation uses."""
 
     def __init__(self, s: EvalSettings):
         from .. import readers
-        from ..cifar_data import find_pickle_dir, load_cifar
+        from ..data.cifar import find_pickle_dir, load_cifar
         self.s, self.arrays = s, None
         if find_pickle_dir(s.data) is not None:
             images, labels, self.classes = load_cifar(s.data, "test")

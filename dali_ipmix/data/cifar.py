@@ -16,7 +16,7 @@ The pickles are read with an unpickler that only accepts the NumPy array globals
 contains, so a foreign pickle cannot run code.  Problems are reported as one-line
 ``UserError`` naming the folder or file.
 
-Command line: ``python -m dali_ipmix.cifar_data --root DIR --out OUT`` writes
+Command line: ``python -m dali_ipmix.data.cifar --root DIR --out OUT`` writes
 ``OUT/train/<class>/*.png`` and ``OUT/val/<class>/*.png`` (the test split); with
 ``--val-holdout N``, ``OUT/val/`` holds N training images instead and the test split goes to
 ``OUT/test/``, so that choosing a checkpoint on val/ leaves the test set unseen.
@@ -33,7 +33,7 @@ from typing import Iterator, List, Tuple
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR100_DIR = "cifar-100-python"
@@ -187,7 +187,7 @@ def array_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, de
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dali_ipmix.cifar_data",
+    p = argparse.ArgumentParser(prog="python -m dali_ipmix.data.cifar",
                                 description="Write a local CIFAR release as PNG class folders "
                                 "(OUT/train/<class>/, OUT/val/<class>/) for pipelines/cifar.py.")
     p.add_argument("--root", required=True, help="folder holding cifar-10-batches-py/ or cifar-100-python/")
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         if not args.val_holdout:
             splits = (("train", train), ("val", test))
         else:
-            from .robustness.datasets import subset_indices
+            from ..robustness.datasets import subset_indices
             n = len(train[1])
             if not 0 < args.val_holdout < n:
                 raise UserError(f"--val-holdout {args.val_holdout}: must be between 1 and {n - 1} "
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
                                 overwrite=args.overwrite)
             print(f"{name}: {len(images)} images, {len(classes)} classes -> {os.path.join(args.out, name)}")
     except UserError as e:
-        print(f"cifar_data: error: {e}", file=sys.stderr)
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
 
