@@ -3,8 +3,9 @@
 
 A step is everything the trainer does per batch: loss (with the attack), backward, SGD step.
 Random [0, 1] images stand in for the pipeline's output (the data side is not measured).
-The last column is the spec's estimate (advmixup.md §4, in units of one forward F: plain 3F,
-JSD 9F, K attack steps 2K F + 3F, PGD-AT term K' more attack steps + a doubled training batch).
+The last column is the estimate of docs/adversarial.md "Cost per training step" (in units of one
+forward F: plain 3F, JSD 9F, K attack steps 2K F + 3F, PGD-AT term K' more attack steps + a doubled
+training batch).
 
     python scripts/bench_advmixup.py                      # tiny_cnn, 32 px, batch 32
     python scripts/bench_advmixup.py --arch preactresnet18 --steps 3 --modes plain mixup_pgd-k1
@@ -21,7 +22,7 @@ from dali_ipmix import advmixup as A
 from dali_ipmix.losses import ipmix_loss
 from dali_ipmix.models import get_model
 
-# name -> (adv flags or None for plain training, views, spec estimate in units of a plain step)
+# name -> (adv flags or None for plain training, views, estimate in units of a plain step)
 MODES = {
     "plain": (None, 1, 1.0),
     "plain-jsd": (None, 3, 3.0),
@@ -82,7 +83,7 @@ def main(argv=None):
     model.train()
     print(f"{args.arch}, {args.size} px, batch {args.batch}, {torch.get_num_threads()} thread(s), "
           f"median of {args.steps} steps after {args.warmup} warm-up")
-    print("| mode | ms / step | x plain | spec estimate |")
+    print("| mode | ms / step | x plain | estimate |")
     print("| --- | ---: | ---: | ---: |")
     base = None
     for name in (["plain"] if "plain" not in args.modes else []) + args.modes:

@@ -1,4 +1,5 @@
-"""Procedural IPMix mixing set: IFS fractals and escape-time orbit-trap fractals (spec section 5).
+"""Procedural IPMix mixing set: IFS fractals and escape-time orbit-trap fractals, generated in place
+of the downloaded fractal set the official code mixes with (`dali-ipmix fractals`, README "More tools").
 
 IFS fractals follow Anderson & Farrell, "Improving Fractal Pre-training" (catalys1/fractal-pretraining,
 ``fractals/ifs.py``): a random contractive system whose singular values obey the "sigma-factor"

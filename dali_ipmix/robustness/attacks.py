@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-# The paper's CIFAR protocol (spec section 4): epsilon, step size, steps.
+# The IPMix / PixMix CIFAR protocol (the docstring above; docs/evaluation.md): epsilon, step size, steps.
 PGD_EPS = 2 / 255
 PGD_ALPHA = 0.5 / 255
 PGD_STEPS = 20
