@@ -294,12 +294,10 @@ def test_adversarial_modes_train_on_one_view_unless_asked():
     import train
     for extra, jsd in (((), False), (("--adv-jsd",), True)):
         args = train.get_args_parser().parse_args(["--adv-mixup", "aom", *extra])
-        train.init_distributed(args)
         train.apply_defaults(args)
         cfg = train.build_config(args)
         assert (cfg.jsd, cfg.views) == (jsd, 3 if jsd else 1)
     plain = train.get_args_parser().parse_args([])
-    train.init_distributed(plain)
     train.apply_defaults(plain)
     assert train.build_config(plain).jsd                   # IPMix alone keeps the official triple
     with pytest.raises(UserError, match="--no-jsd and --adv-jsd"):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import train
 from conftest import FullDisk
+from dali_ipmix.training import checkpoint, metrics, schedule
 from dali_ipmix.losses import ipmix_loss, jsd_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +54,7 @@ def _params(path):
 
 
 def _latest(out):
-    return train.find_checkpoints(out)[-1][1]
+    return checkpoint.find_checkpoints(out)[-1][1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +79,7 @@ def test_jsd_loss_matches_direct_computation():
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
-    lam = train.make_lr_lambda(total_steps=100, warmup_steps=10, min_factor=0.01)
+    lam = schedule.make_lr_lambda(total_steps=100, warmup_steps=10, min_factor=0.01)
     assert lam(0) == pytest.approx(0.1) and lam(9) == pytest.approx(1.0)
     assert lam(10) == pytest.approx(1.0) and lam(100) == pytest.approx(0.01)
     values = [lam(s) for s in range(10, 101)]
@@ -89,7 +90,7 @@ def test_piecewise_schedule_is_rice_et_al():
     # locuslab/robust_overfitting train_cifar.py: lr_schedule(epoch + (i + 1) / n) before step i
     epochs, n = 8, 5
     rice = lambda t: 0.1 if t / epochs < 0.5 else 0.01 if t / epochs < 0.75 else 0.001   # noqa: E731
-    lam = train.make_lr_lambda(epochs * n, 0, 1e-4, "piecewise")
+    lam = schedule.make_lr_lambda(epochs * n, 0, 1e-4, "piecewise")
     for epoch in range(epochs):
         for i in range(n):
             assert 0.1 * lam(epoch * n + i) == pytest.approx(rice(epoch + (i + 1) / n)), (epoch, i)
@@ -98,7 +99,6 @@ def test_piecewise_schedule_is_rice_et_al():
 def test_cifar_adv_preset_defaults_and_overrides():
     def resolved(*argv):
         args = train.get_args_parser().parse_args(["--data-path", "d", "--mixing-set", "m", *argv])
-        train.init_distributed(args)
         train.apply_defaults(args)
         return args
     a = resolved("--preset", "cifar-adv")
@@ -179,12 +179,12 @@ def test_failed_checkpoint_write_keeps_previous(dataset, tmp_path, monkeypatch, 
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *a, **kw)
 
-    monkeypatch.setattr(train.torch, "save", failing_save)
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
     assert train.main(_args(dataset, out, "--max-steps", "2", "--ckpt-every", "1"),
                       model_factory=tiny_factory) == 0
     err = capsys.readouterr().err
     assert "No space left on device" in err and "checkpoint_00000001.pth kept" in err
-    assert [s for s, _ in train.find_checkpoints(out)] == [1]
+    assert [s for s, _ in checkpoint.find_checkpoints(out)] == [1]
     assert not glob.glob(str(out / ".tmp-*"))
     ckpt = torch.load(out / "checkpoint_00000001.pth", weights_only=False)
     assert ckpt["step"] == 1 and "model" in ckpt
@@ -209,7 +209,7 @@ def test_sigterm_checkpoints_and_resumes_to_same_weights(dataset, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "stopped by SIGTERM" in out and "--resume auto" in out
-    stopped_at = train.find_checkpoints(b)[-1][0]
+    stopped_at = checkpoint.find_checkpoints(b)[-1][0]
     assert 2 <= stopped_at < int(total)
     resumed = subprocess.run(cmd + _args(dataset, b, "--max-steps", total, "--epochs", "3",
                                          "--resume", "auto"),
@@ -302,7 +302,7 @@ def test_bad_input_one_line_error(case, dataset, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("train.py: error:"), err
     import re
     assert re.search(expect, err), err
-    assert not train.find_checkpoints(out) if out.exists() else True
+    assert not checkpoint.find_checkpoints(out) if out.exists() else True
     assert time.time() - t0 < 30
 
 
@@ -374,7 +374,7 @@ def test_cifar_adv_schedule_per_epoch_robust_check_and_best_robust(dataset, tmp_
     summary = json.load(open(out / "summary.json"))
     assert summary["best_robust"]["epoch"] == best_epoch
     # a folder holding only best_robust.pth is another run's result too
-    for _, path in train.find_checkpoints(out):
+    for _, path in checkpoint.find_checkpoints(out):
         os.unlink(path)
     assert train.main(argv) == 2
     assert "best_robust.pth" in capsys.readouterr().err
@@ -436,7 +436,7 @@ def test_overwrite_deletes_the_previous_runs_files(dataset, tmp_path, capsys):
     assert train.main(_args(dataset, out, "--max-steps", "1", "--keep-ckpts", "1", "--overwrite"),
                       model_factory=tiny_factory) == 0
     # pruning kept this run's checkpoint, so --resume auto continues this run
-    assert [s for s, _ in train.find_checkpoints(out)] == [1]
+    assert [s for s, _ in checkpoint.find_checkpoints(out)] == [1]
     assert [r["step"] for r in _records(out, "step")] == [1] and not _records(out, "epoch")
     assert json.load(open(out / "summary.json"))["steps"] == 1
     assert (out / "notes.txt").read_text() == "mine"
@@ -457,7 +457,8 @@ def test_metrics_of_an_earlier_run_need_a_decision(dataset, tmp_path, capsys):
 
 def test_a_full_disk_warns_and_later_writes_catch_up(dataset, tmp_path, monkeypatch, capsys):
     disk = FullDisk()
-    monkeypatch.setattr(train, "os", disk)
+    monkeypatch.setattr(checkpoint, "os", disk)
+    monkeypatch.setattr(metrics, "os", disk)
 
     def factory(n):
         net, calls = tiny_factory(n), [0]
@@ -476,7 +477,7 @@ def test_a_full_disk_warns_and_later_writes_catch_up(dataset, tmp_path, monkeypa
     captured = capsys.readouterr()
     assert "writing checkpoint" in captured.err and "No space left on device" in captured.err
     assert "checkpoint_00000001.pth kept" in captured.err
-    assert [s for s, _ in train.find_checkpoints(out)] == [1, 4]
+    assert [s for s, _ in checkpoint.find_checkpoints(out)] == [1, 4]
     assert not glob.glob(str(out / ".tmp-*"))
     # every metrics record arrives once, in order, as whole lines, once space returns
     assert [r["step"] for r in _records(out, "step")] == [1, 2, 3, 4]

@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from dali_ipmix.training.precision import AMP_MODES
+
 DEFAULT_CONTENDERS = "official,reference,dali-plain,dali-ipmix,kernel,train,synthetic"
 
 
@@ -118,7 +120,7 @@ def register(subparsers) -> None:
     add(g, "--iters", type=int, default=10,
         help="timed batches (DataLoader rows: rounded up to whole rounds of their workers)")
     add(g, "--arch", default="resnet50", help="torchvision model of the train/synthetic rows")
-    add(g, "--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+    add(g, "--amp", choices=AMP_MODES, default="auto",
         help="mixed precision of the training step (auto: bf16 on GPU, off on CPU)")
     add(g, "--channels-last", action="store_true", help="channels_last model and images")
     add(g, "--seed", type=int, default=0)

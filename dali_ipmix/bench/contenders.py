@@ -299,18 +299,12 @@ def kernel_alone(setup: Setup, threads: int, *, jsd: bool) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Training rows: train (pipeline + step) and synthetic (step alone).
 
-def autocast(setup: Setup):
-    if setup.amp in ("bf16", "fp16"):
-        return torch.autocast(setup.torch_device.type,
-                              dtype=torch.bfloat16 if setup.amp == "bf16" else torch.float16)
-    return torch.autocast(setup.torch_device.type, enabled=False)
-
-
 def train_step(setup: Setup, views: int) -> Callable:
     """``step((images [B*views, 3, S, S], labels [B]))``: forward, IPMix loss, backward, SGD, as in
     train.py (model from torchvision, random init)."""
     import torchvision
     from dali_ipmix.losses import ipmix_loss
+    from dali_ipmix.training.precision import autocast
     torch.manual_seed(setup.seed)
     model = torchvision.models.get_model(setup.arch, weights=None,
                                          num_classes=setup.data.classes).to(setup.torch_device)
@@ -325,7 +319,7 @@ def train_step(setup: Setup, views: int) -> Callable:
 
     def step(batch) -> None:
         images, labels = batch
-        with autocast(setup):
+        with autocast(setup.amp, setup.torch_device.type):
             logits = model(images)
         loss, _ = ipmix_loss(logits, labels, views)
         optimizer.zero_grad(set_to_none=True)

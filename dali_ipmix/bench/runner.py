@@ -19,9 +19,9 @@ from dali_ipmix.bench.data import bench_data, check_folders
 from dali_ipmix.bench.memory import PeakMemory
 from dali_ipmix.bench.report import add_ratios, machine_info
 from dali_ipmix.errors import UserError
+from dali_ipmix.training.precision import AMP_MODES, resolve_amp
 
 BACKENDS = ("fused", "dali")       # IPMix backends worth timing ("none" is the dali-plain row)
-AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -241,9 +241,7 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
     if not workers or min(workers) < 1:
         raise UserError(f"--workers must be a list of integers >= 1, e.g. 2,16; got {workers}")
     device = resolve_device(device)
-    amp = ("bf16" if device == "gpu" else "off") if amp == "auto" else amp
-    if amp == "fp16" and device != "gpu":
-        raise UserError("--amp fp16 needs --device gpu; use --amp bf16 or off on CPU")
+    amp = resolve_amp(amp, gpu=device == "gpu")
     cfg = training_config(image_size)
     check_folders(data, mixing)
     from pipelines import resize_for

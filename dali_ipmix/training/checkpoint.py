@@ -1,0 +1,236 @@
+"""What a run keeps in its output folder, and how: checkpoints written atomically (a failed write
+leaves the previous one) and pruned by step, loaded and checked for ``--resume``; the folder's
+lock against a second run; an earlier run's files, which need ``--resume auto`` or ``--overwrite``
+(README "Training": Checkpoints; README "Faults"; docs/reliability.md)."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+# What a run writes into its output folder (previous_run_files lists an earlier run's).
+CKPT_PATTERN = re.compile(r"^checkpoint_(\d+)\.pth$")
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+TENSORBOARD_DIR = "tensorboard"
+BEST_ROBUST = "best_robust.pth"
+LOCK_FILE = ".train.lock"
+
+
+def find_checkpoints(folder):
+    """[(step, path)] sorted by step."""
+    out = []
+    for path in glob.glob(os.path.join(str(folder), "checkpoint_*.pth")):
+        m = CKPT_PATTERN.match(os.path.basename(path))
+        if m:
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+class _KeepWriteError:
+    """A file whose failed write is remembered: torch.save swallows the OSError of a full disk and
+    raises ``RuntimeError: unexpected pos`` instead, which must not pass for a bug."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def atomic_torch_save(obj, path):
+    """Write to a temp file in the same folder, fsync, then rename over ``path``; a failed write
+    raises OSError (disk full, quota, permissions) and leaves no temp file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            sink = _KeepWriteError(f)
+            try:
+                torch.save(obj, sink)
+            except RuntimeError:
+                if sink.error is None:
+                    raise
+                raise sink.error from None
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        try:  # make the rename itself durable
+            dfd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_checkpoint(ckpt: dict, folder, step: int, keep: int, failed):
+    """Save ``checkpoint_<step>.pth`` and delete all but the newest ``keep``; returns its path, or
+    None when the write failed (warned and remembered in ``failed``, a metrics.FailedWrites; the
+    run goes on)."""
+    path = os.path.join(folder, f"checkpoint_{step:08d}.pth")
+    try:
+        atomic_torch_save(ckpt, path)
+    except OSError as e:
+        # disk full, permissions, quota: the run goes on, older checkpoints stay as they are
+        kept = find_checkpoints(folder)
+        print(f"train.py: warning: writing checkpoint {path} failed ({e.strerror or e}); "
+              f"{'previous checkpoint ' + kept[-1][1] if kept else 'no earlier checkpoint'} kept; "
+              f"the next checkpoint tries again", file=sys.stderr, flush=True)
+        failed.add(os.path.basename(path), e)
+        return None
+    for _, old in find_checkpoints(folder)[:-max(1, keep)]:
+        try:
+            os.unlink(old)
+        except OSError:
+            pass
+    return path
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, device: torch.device):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder
+
+def prepare_output_dir(args, run):
+    """Choose (``runs/<arch>-<time>`` by default), create and lock ``--output-dir``; refuse an
+    earlier run's files unless ``--resume`` or ``--overwrite``; turn ``--resume auto`` into the
+    newest checkpoint.  Rank 0 only; ``run`` is the RunState (lock, files to delete)."""
+    if args.output_dir is None:
+        if args.resume not in (None, "auto"):
+            args.output_dir = os.path.dirname(os.path.abspath(args.resume))
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            args.output_dir = os.path.join("runs", f"{'demo-' if run.demo else ''}{args.arch}-{stamp}")
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as e:
+        raise UserError(f"--output-dir {out} is not writable ({e.strerror or e})") from None
+    run.output_lock = lock_output_dir(out)
+    existing = find_checkpoints(out)
+    run.previous_run = previous_run_files(out) if args.resume is None else []
+    if run.previous_run and not args.overwrite:
+        what = (f"{len(existing)} checkpoint(s)" if existing else
+                ", ".join(os.path.basename(p) for p in run.previous_run))
+        raise UserError(f"--output-dir {out} already holds {what} of another run; pass --resume auto "
+                        f"to continue it, --overwrite to start afresh (deletes that run's files), "
+                        f"or another --output-dir")
+    if args.resume == "auto":
+        if not existing:
+            raise UserError(f"--resume auto: no checkpoint_*.pth in {out}")
+        args.resume = existing[-1][1]
+
+
+def lock_output_dir(out):
+    """Hold an exclusive lock on ``out`` while this run lives, so a second run into the same folder
+    is refused instead of interleaving checkpoints and metrics.  flock: the kernel drops the lock
+    when the process ends, however it ends, so a crashed run leaves no stale lock.  Returns the
+    open lock file to keep (None where the file system has no locks)."""
+    import fcntl
+    import socket
+    f = open(os.path.join(str(out), LOCK_FILE), "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read(200).strip() or "pid unknown"
+        f.close()
+        raise UserError(f"--output-dir {out} is in use by another train.py run ({holder}); wait for "
+                        f"it to end (or stop it), or choose another --output-dir") from None
+    except OSError as e:
+        f.close()
+        print(f"train.py: warning: cannot lock --output-dir {out} ({e.strerror or e}); a second run "
+              f"into it would not be refused", file=sys.stderr, flush=True)
+        return None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+def previous_run_files(out):
+    """What an earlier run wrote into ``out`` (checkpoints, their temp files, metrics, summary,
+    TensorBoard events, the best robust checkpoint): the files ``--overwrite`` deletes and whose
+    presence needs a decision."""
+    names = [p for _, p in find_checkpoints(out)]
+    names += glob.glob(os.path.join(str(out), ".tmp-checkpoint_*"))
+    names += [os.path.join(str(out), n) for n in (METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR,
+                                                  BEST_ROBUST)
+              if os.path.lexists(os.path.join(str(out), n))]
+    return names
+
+
+def delete_previous_run(paths, folder, log):
+    """--overwrite: remove the earlier run's files, after every check passed and the lock is held,
+    so that pruning, ``--resume auto`` and metrics.jsonl only ever see this run."""
+    for path in paths:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    if paths:
+        log(f"--overwrite: deleted the previous run's files in {folder}: "
+            f"{', '.join(sorted(os.path.basename(p) for p in paths))}")
+
+
+def load_resume_checkpoint(args, num_classes: int):
+    """The ``--resume`` checkpoint (None without one), refused with one line when it is not a
+    train.py checkpoint or does not fit this run (architecture, classes, batch size)."""
+    if args.resume is None:
+        return None
+    if not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such file")
+    try:
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"--resume {args.resume}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        raise UserError(f"--resume {args.resume}: not a train.py checkpoint (no model/arch entries)")
+    if ckpt["arch"] != args.arch:
+        raise UserError(f"--resume {args.resume}: checkpoint of --arch {ckpt['arch']}, but this run "
+                        f"uses --arch {args.arch}; pass --arch {ckpt['arch']}")
+    recorded = ckpt.get("args", {})
+    if recorded.get("num_classes", num_classes) != num_classes:
+        raise UserError(f"--resume {args.resume}: checkpoint of a {recorded['num_classes']}-class model, "
+                        f"but {args.train_dir} has {num_classes} classes; resume with the data it "
+                        f"was trained on, or start a new run")
+    if recorded.get("batch_size", args.batch_size) != args.batch_size:
+        raise UserError(f"--resume {args.resume}: checkpoint trained with --batch-size "
+                        f"{recorded['batch_size']}, this run has {args.batch_size}; pass --batch-size "
+                        f"{recorded['batch_size']} (the schedule's length and the data position depend on it)")
+    return ckpt
