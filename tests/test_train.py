@@ -41,6 +41,20 @@ def tiny_factory(num_classes):
     return TinyNet(num_classes)
 
 
+def slow_tiny_factory(num_classes):
+    """tiny_factory whose training steps take 0.2 s: a signal sent from outside once step 2 is in
+    metrics.jsonl arrives long before the run's last step (unslowed, the run can end first)."""
+    net = tiny_factory(num_classes)
+    forward = net.forward
+
+    def slow(x):
+        if net.training:
+            time.sleep(0.2)
+        return forward(x)
+    net.forward = slow
+    return net
+
+
 def _args(dataset, out, *extra):
     return ["--data-path", str(dataset), "--mixing-set", str(dataset / "mixing"),
             "--output-dir", str(out), "--image-size", "32", "--batch-size", "4", "--workers", "1",
@@ -193,7 +207,7 @@ def test_failed_checkpoint_write_keeps_previous(dataset, tmp_path, monkeypatch, 
 def test_sigterm_checkpoints_and_resumes_to_same_weights(dataset, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     script = ("import sys, train, test_train; "
-              "sys.exit(train.main(sys.argv[1:], model_factory=test_train.tiny_factory))")
+              "sys.exit(train.main(sys.argv[1:], model_factory=test_train.slow_tiny_factory))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     cmd = [sys.executable, "-c", script]
     total = "6"
