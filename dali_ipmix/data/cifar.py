@@ -1,4 +1,5 @@
-"""CIFAR-10/100 from a folder the user already has; nothing is ever downloaded.
+"""CIFAR-10/100 from a folder the user already has; nothing is ever downloaded (README
+"Adversarial training on CIFAR-10", docs/adversarial.md "CIFAR").
 
 Accepted layouts of ``root`` (checked in this order):
 

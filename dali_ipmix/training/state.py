@@ -1,6 +1,7 @@
 """``RunState``: what a train.py run derives from its flags and finds on its way -- ranks and
 devices, the data's size, the output folder's lock, the models, where training stands, the writes
-that failed -- kept apart from ``args``, which holds the flags (their defaults filled in)."""
+that failed -- kept apart from ``args``, which holds the flags (their defaults filled in)
+(docs/architecture.md "Who owns which fact")."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
