@@ -1,12 +1,14 @@
 """Classification models by name: the project's own CIFAR-sized networks, then torchvision's.
 
-torchvision has no CIFAR-style networks (3x3 stem, no max-pool), so the two that adversarial
-training papers use are defined here:
+torchvision has no CIFAR-style networks (3x3 stem, no max-pool), so these are defined here (the
+first two are the ones adversarial training papers use):
 
 * ``preactresnet18`` -- PreAct ResNet-18 (He et al., "Identity Mappings in Deep Residual
   Networks"), the model of Rice et al.'s robust-overfitting reference code (~11.2 M parameters);
 * ``wrn34_10`` -- WideResNet-34-10 (Zagoruyko & Komodakis), the larger standard option (~46 M);
-* ``tiny_cnn`` -- a 4-layer CNN for tests, benchmarks and smoke runs on a CPU.
+* ``tiny_cnn`` -- a 4-layer CNN for tests, benchmarks and smoke runs on a CPU;
+* ``resnet9`` -- D. Page's fast CIFAR ResNet-9; ``resnet9_w16``, a quarter as wide, is the built-in
+  demo's model.
 
 ``get_model(arch, num_classes)`` returns one of these, or else
 ``torchvision.models.get_model(arch, weights=None, num_classes=num_classes)``.  None of the models
@@ -87,10 +89,48 @@ def tiny_cnn(num_classes: int = 10, width: int = 16) -> nn.Module:
                          nn.Linear(4 * width, num_classes))
 
 
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn(channels, channels), _conv_bn(channels, channels))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ResNet9(nn.Module):
+    """The fast CIFAR ResNet-9 of D. Page's DAWNBench entry ("How to train your ResNet"): conv
+    (w), then conv (2w) + max-pool + residual pair, conv (4w) + max-pool, conv (8w) + max-pool +
+    residual pair, global max-pool, linear, logits scaled by 1/8.  Max-pooling and the scaled
+    logits let it learn from few steps; ``width=64`` is the original, 16 trains on a CPU."""
+
+    def __init__(self, num_classes: int = 10, width: int = 64, logit_scale: float = 0.125):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _conv_bn(3, w),
+            _conv_bn(w, 2 * w), nn.MaxPool2d(2), _Residual(2 * w),
+            _conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
+            _conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), _Residual(8 * w),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8 * w, num_classes)
+        self.logit_scale = logit_scale
+
+    def forward(self, x):
+        return self.fc(self.features(x)) * self.logit_scale
+
+
 ARCHS: Dict[str, Callable[[int], nn.Module]] = {
     "preactresnet18": lambda num_classes: preact_resnet((2, 2, 2, 2), num_classes),
     "wrn34_10": lambda num_classes: wide_resnet(34, 10, num_classes),
     "tiny_cnn": lambda num_classes: tiny_cnn(num_classes),
+    "resnet9": lambda num_classes: ResNet9(num_classes),
+    # the built-in demo's model (train.py without data flags): widths 16-128
+    "resnet9_w16": lambda num_classes: ResNet9(num_classes, width=16),
 }
 
 

@@ -160,3 +160,19 @@ def test_cli_rejects_too_many_classes(tmp_path, capsys):
                "--train-per-class", "1", "--val-per-class", "1", "--seed", "0"])
     assert rc == 2 and "--classes" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_demo_style_ten_plain_silhouettes_on_small_pictures(tmp_path, capsys):
+    demo = S.STYLES["demo"]
+    names = S.class_names(10, "demo")
+    assert demo.max_classes == 10 and len({n.split("_")[1] for n in names}) == 10
+    assert all(n.endswith("-plain") for n in names) and "hexagon" not in " ".join(names)
+    rc = main(["synth", "--out", str(tmp_path / "d"), "--style", "demo", "--classes", "10",
+               "--train-per-class", "1", "--val-per-class", "1", "--seed", "0", "--jobs", "1"])
+    assert rc == 0 and sorted(os.listdir(tmp_path / "d" / "val")) == names
+    sizes = np.array([Image.open(tmp_path / "d" / "train" / n / "00000.jpg").size for n in names])
+    assert sizes.min() >= demo.sides[0] and sizes.max() <= demo.sides[1]
+    capsys.readouterr()
+    rc = main(["synth", "--out", str(tmp_path / "x"), "--style", "demo", "--classes", "11",
+               "--train-per-class", "1", "--val-per-class", "1", "--seed", "0"])
+    assert rc == 2 and "--classes" in capsys.readouterr().err

@@ -4,7 +4,10 @@ Each class is one silhouette (circle, triangle, star, ...) filled with one textu
 dots, checker), drawn at a random position, scale and rotation over a random textured background.
 Colours are drawn independently of the class, so a model has to use shape and texture.  Pictures
 have random sizes (300-500 px a side, so random aspect ratios) and photo-like JPEG sizes (grain and
-multi-scale noise, not flat fills).  Picture (seed, split, class, index) draws every random number
+multi-scale noise, not flat fills).  That is the ``photo`` style; the ``demo`` style (the built-in
+demo of ``train.py``, which trains at 32 px) draws ten one-colour silhouettes that stay distinct at
+that resolution, large, within 45 degrees of upright, on calmer backgrounds and small pictures
+(96-128 px a side: quick to draw and to decode).  Picture (seed, split, class, index) draws every random number
 from ``np.random.default_rng([seed, split, class, index])``: reproducible for any number of workers.
 """
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import functools
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -38,11 +42,39 @@ MIN_FG_BG_DISTANCE = 90.0       # RGB distance between object and background col
 PREVIEW_TILES = 40
 
 
+@dataclass(frozen=True)
+class Style:
+    """Which (shape, texture) pair each class is, and how big pictures and objects are."""
+    shapes: Tuple[str, ...]
+    textures: Tuple[str, ...]
+    sides: Tuple[int, int]           # width and height, drawn independently (inclusive)
+    radius: Tuple[float, float]      # object radius as a share of the shorter side
+    turn: float = 180.0              # objects turn by up to +-turn degrees from upright
+    background: float = 1.0          # strength of the background's colour blend and mottling
+    distance: float = MIN_FG_BG_DISTANCE  # least RGB distance of the object's colour from the background's
+
+    @property
+    def max_classes(self) -> int:    # class k is (shapes[k % S], textures[k % T]): distinct up to lcm(S, T)
+        return math.lcm(len(self.shapes), len(self.textures))
+
+    def pair(self, class_index: int) -> Tuple[str, str]:
+        return self.shapes[class_index % len(self.shapes)], self.textures[class_index % len(self.textures)]
+
+
+STYLES = {
+    "photo": Style(SHAPES, TEXTURES, SIDE_RANGE, OBJECT_RADIUS),
+    # ten silhouettes told apart at 32 px (the hexagon, too close to the circle there, is left out),
+    # one colour each (stripes, dots and checkers alias at that size), filling most of the picture
+    "demo": Style(("circle", "triangle", "square", "star", "ring", "cross", "crescent", "arrow", "heart",
+                   "tee"), ("plain",), (96, 128), (0.30, 0.45), turn=45.0, background=0.4, distance=120.0),
+}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Classes
-def class_names(classes: int) -> List[str]:
+def class_names(classes: int, style: str = "photo") -> List[str]:
     """Folder names ``c000_circle-plain`` ..., sorted in class order."""
-    return [f"c{k:03d}_{SHAPES[k % len(SHAPES)]}-{TEXTURES[k % len(TEXTURES)]}" for k in range(classes)]
+    return ["c{:03d}_{}-{}".format(k, *STYLES[style].pair(k)) for k in range(classes)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,21 +166,23 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0.0, 255.0, 3)
 
 
-def textured_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """float32 (H, W, 3) in [0, 255]: two random colours blended by multi-scale noise, plus fine detail."""
+def textured_background(rng: np.random.Generator, height: int, width: int, strength: float = 1.0) -> np.ndarray:
+    """float32 (H, W, 3) in [0, 255]: two random colours blended by multi-scale noise, plus fine detail;
+    ``strength`` scales how far the blend and the mottling stray from the first colour."""
     n = smooth_noise(rng, height, width, channels=3, octaves=BACKGROUND_OCTAVES, persistence=0.6)
     c0, c1 = _random_colour(rng), _random_colour(rng)
-    rgb = c0 + (c1 - c0) * n[..., :1]
-    rgb += 50.0 * (n[..., 1:] - 0.5).mean(axis=-1, keepdims=True)  # luminance mottling
+    rgb = c0 + strength * (c1 - c0) * n[..., :1]
+    rgb += strength * 50.0 * (n[..., 1:] - 0.5).mean(axis=-1, keepdims=True)  # luminance mottling
     return rgb.astype(np.float32)
 
 
-def _object_colours(rng: np.random.Generator, background: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _object_colours(rng: np.random.Generator, background: np.ndarray,
+                    distance: float = MIN_FG_BG_DISTANCE) -> Tuple[np.ndarray, np.ndarray]:
     """Two colours for the object, the first far enough from the background's mean colour to be seen."""
     mean = background[::8, ::8].reshape(-1, 3).mean(axis=0)  # a subsample is plenty for a mean colour
     first = _random_colour(rng)
     for _ in range(32):
-        if np.linalg.norm(first - mean) >= MIN_FG_BG_DISTANCE:
+        if np.linalg.norm(first - mean) >= distance:
             break
         first = _random_colour(rng)
     second = _random_colour(rng)
@@ -159,17 +193,17 @@ def _object_colours(rng: np.random.Generator, background: np.ndarray) -> Tuple[n
     return first, second
 
 
-def render_synth(rng: np.random.Generator, class_index: int) -> np.ndarray:
-    """One picture of class ``class_index``: uint8 (H, W, 3) with H, W in SIDE_RANGE."""
-    shape = SHAPES[class_index % len(SHAPES)]
-    texture = TEXTURES[class_index % len(TEXTURES)]
-    width, height = (int(v) for v in rng.integers(SIDE_RANGE[0], SIDE_RANGE[1] + 1, 2))
-    radius = rng.uniform(*OBJECT_RADIUS) * min(width, height)
+def render_synth(rng: np.random.Generator, class_index: int, style: str = "photo") -> np.ndarray:
+    """One picture of class ``class_index``: uint8 (H, W, 3) with H, W in the style's ``sides``."""
+    st = STYLES[style]
+    shape, texture = st.pair(class_index)
+    width, height = (int(v) for v in rng.integers(st.sides[0], st.sides[1] + 1, 2))
+    radius = rng.uniform(*st.radius) * min(width, height)
     centre = (rng.uniform(radius, width - radius), rng.uniform(radius, height - radius))
-    angle = rng.uniform(0.0, 2.0 * np.pi)
+    angle = rng.uniform(0.0, 2.0 * np.pi) if st.turn >= 180.0 else np.radians(rng.uniform(-st.turn, st.turn))
 
-    background = textured_background(rng, height, width)
-    first, second = _object_colours(rng, background)
+    background = textured_background(rng, height, width, st.background)
+    first, second = _object_colours(rng, background, st.distance)
     weight = texture_pattern(texture, height, width, centre, radius, angle, rng)[..., None]
     if texture == "plain":  # a shading ramp of one colour, not a second colour
         second = first * 0.55
@@ -186,18 +220,20 @@ def synth_rng(seed: int, split: str, class_index: int, index: int) -> np.random.
     return np.random.default_rng([seed, SPLITS.index(split), class_index, index])
 
 
-def _write_one(task: Tuple[str, int, int], out_dir: str, classes: int, seed: int) -> str:
+def _write_one(task: Tuple[str, int, int], out_dir: str, classes: int, seed: int, style: str = "photo") -> str:
     split, class_index, index = task
-    path = Path(out_dir) / split / class_names(classes)[class_index] / f"{index:05d}.jpg"
-    write_jpeg(path, render_synth(synth_rng(seed, split, class_index, index), class_index))
+    path = Path(out_dir) / split / class_names(classes, style)[class_index] / f"{index:05d}.jpg"
+    write_jpeg(path, render_synth(synth_rng(seed, split, class_index, index), class_index, style))
     return str(path)
 
 
-def _check_args(classes: int, train_per_class: int, val_per_class: int, seed: int) -> None:
+def _check_args(classes: int, train_per_class: int, val_per_class: int, seed: int, style: str = "photo") -> None:
     from dali_ipmix.cli import UserError
 
-    if not 1 <= classes <= MAX_CLASSES:
-        raise UserError(f"--classes must lie in [1, {MAX_CLASSES}], got {classes}")
+    if style not in STYLES:
+        raise UserError(f"--style must be one of {', '.join(STYLES)}, got {style!r}")
+    if not 1 <= classes <= STYLES[style].max_classes:
+        raise UserError(f"--classes must lie in [1, {STYLES[style].max_classes}] (style {style}), got {classes}")
     if train_per_class < 0 or val_per_class < 0:
         raise UserError("--train-per-class and --val-per-class must be >= 0")
     if seed < 0:
@@ -205,21 +241,23 @@ def _check_args(classes: int, train_per_class: int, val_per_class: int, seed: in
 
 
 def generate_synth(out_dir, classes: int = 10, train_per_class: int = 100, val_per_class: int = 20,
-                   seed: int = 0, overwrite: bool = False, preview=None, jobs: Optional[int] = None) -> List[str]:
+                   seed: int = 0, overwrite: bool = False, preview=None, jobs: Optional[int] = None,
+                   style: str = "photo") -> List[str]:
     """Write the labelled set in class-folder layout; returns the written paths (train first).
 
     ``overwrite`` removes only the ``train`` and ``val`` sub-folders of a non-empty ``out_dir``.
     ``preview``: optional PNG contact sheet (a few training pictures of every class).
+    ``style``: a key of ``STYLES`` (``photo``: the ImageNet-like default; ``demo``: see the module).
     """
-    _check_args(classes, train_per_class, val_per_class, seed)
+    _check_args(classes, train_per_class, val_per_class, seed, style)
     out = prepare_out_dir(out_dir, overwrite, owned=SPLITS)
-    names = class_names(classes)
+    names = class_names(classes, style)
     tasks = []
     for split, per_class in zip(SPLITS, (train_per_class, val_per_class)):
         for k, name in enumerate(names):
             (out / split / name).mkdir(parents=True, exist_ok=True)
             tasks += [(split, k, i) for i in range(per_class)]
-    work = functools.partial(_write_one, out_dir=str(out), classes=classes, seed=seed)
+    work = functools.partial(_write_one, out_dir=str(out), classes=classes, seed=seed, style=style)
     paths = pool_map(work, tasks, jobs, progress="synth")
     if preview and paths:
         contact_sheet(_preview_picks(paths, names), preview, cols=min(classes, 10), tile=128)
@@ -248,7 +286,7 @@ def _run(args: argparse.Namespace) -> int:
         check_output_file(args.preview, "--preview", args.overwrite, make_folder=True)
     paths = generate_synth(args.out, classes=args.classes, train_per_class=args.train_per_class,
                            val_per_class=args.val_per_class, seed=args.seed, overwrite=args.overwrite,
-                           preview=args.preview, jobs=args.jobs)
+                           preview=args.preview, jobs=args.jobs, style=args.style)
     took = time.perf_counter() - start
     print(f"synth: {len(paths)} images ({args.classes} classes x {args.train_per_class} train + "
           f"{args.val_per_class} val) in {took:.1f} s ({len(paths) / max(took, 1e-9):.1f} img/s, "
@@ -262,10 +300,14 @@ def register(subparsers) -> None:
         description="Write OUT/train/<class>/*.jpg and OUT/val/<class>/*.jpg: each class is a shape x texture "
                     "drawn at random position/scale/rotation/colour over a textured background.")
     p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --overwrite)")
-    p.add_argument("--classes", type=int, default=10, help=f"number of classes, 1..{MAX_CLASSES} (default %(default)s)")
+    p.add_argument("--classes", type=int, default=10, help=f"number of classes, 1..{MAX_CLASSES} "
+                   f"(style demo: 1..{STYLES['demo'].max_classes}; default %(default)s)")
     p.add_argument("--train-per-class", type=int, default=100, help="training pictures per class (default %(default)s)")
     p.add_argument("--val-per-class", type=int, default=20, help="validation pictures per class (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--style", choices=sorted(STYLES), default="photo",
+                   help="photo: 300-500 px pictures, 44 shape x texture classes; demo: the built-in demo's "
+                   "96-128 px pictures of 10 plain silhouettes (default %(default)s)")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per CPU)")
     p.add_argument("--overwrite", action="store_true",
                    help="reuse a non-empty --out, replacing its train/ and val/ sub-folders (other files stay)")

@@ -193,7 +193,7 @@ def best_robust(history):
     return max(checked, key=lambda h: h["robust_pgd"]) if checked else None
 
 
-def print_summary(args, state, views, progress, setup_time, total):
+def print_summary(args, state, views, progress, setup_time, total, extra_lines=()):
     """The end of a run: accuracy, throughput, time, robust numbers, where the results are and
     which writes failed, printed and written to summary.json (rank 0)."""
     img_s = progress.images / progress.seconds if progress.seconds else 0.0
@@ -220,6 +220,7 @@ def print_summary(args, state, views, progress, setup_time, total):
           + f"  ({r['images']} images)" for r in robust_evals],
         f"  checkpoint: {state.last_checkpoint}" if state.last_checkpoint else "  checkpoint: none",
         f"  metrics: {os.path.join(args.output_dir, METRICS_FILE)}",
+        *extra_lines,
     ]
     summary = {"arch": args.arch, "steps": state.step, "best_top1": state.best_top1, "last": last,
                "img_per_s": img_s, "seconds": total, "robust": robust_evals, "best_robust": best}

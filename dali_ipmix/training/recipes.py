@@ -12,8 +12,8 @@ from ..errors import UserError
 RECIPE_DEFAULTS = dict(arch="resnet50", image_size=None, epochs=180, batch_size=128, lr=0.01,
                        warmup_epochs=0, print_freq=50, ckpt_every=1000, crop_scale=0.08,
                        lr_schedule="cosine", nesterov="on")
-DEMO_DEFAULTS = dict(arch="resnet18", image_size=32, epochs=8, batch_size=32, lr=0.02,
-                     warmup_epochs=1, print_freq=10, ckpt_every=0, crop_scale=0.35,
+DEMO_DEFAULTS = dict(arch="resnet9_w16", image_size=32, epochs=8, batch_size=32, lr=0.02,
+                     warmup_epochs=1, print_freq=20, ckpt_every=0, crop_scale=0.6,
                      lr_schedule="cosine", nesterov="on")
 # --preset cifar-adv: the IPMix cifar preset, --adv-mixup aom, and the CIFAR-10 adversarial-training
 # schedule of Rice et al. 2020 (locuslab/robust_overfitting train_cifar.py): PreActResNet-18, batch

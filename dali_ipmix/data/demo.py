@@ -18,12 +18,13 @@ from typing import Optional, Tuple
 
 # Small on purpose: generation plus a short training run fit in a few minutes on 2 CPU cores.
 DEMO_PARAMS = {
-    "version": 1,
+    "version": 2,
     "classes": 10,
-    "train_per_class": 100,
-    "val_per_class": 20,
+    "train_per_class": 200,
+    "val_per_class": 50,
     "fractals": 64,
     "fractal_size": 128,
+    "style": "demo",
     "seed": 0,
 }
 MARKER = "COMPLETE.json"
@@ -49,7 +50,8 @@ def ensure_demo_data(cache_dir=None, *, log=print, jobs: Optional[int] = None,
 
     params = dict(DEMO_PARAMS, **overrides)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    folder = cache / "v{version}-c{classes}-n{train_per_class}-{val_per_class}-f{fractals}x{fractal_size}-s{seed}".format(**params)
+    folder = cache / ("v{version}-{style}-c{classes}-n{train_per_class}-{val_per_class}-f{fractals}x{fractal_size}"
+                      "-s{seed}").format(**params)
     train, val, mixing = folder / "synth" / "train", folder / "synth" / "val", folder / "fractals"
     if _complete(folder, params):
         return train, val, mixing
@@ -60,7 +62,8 @@ def ensure_demo_data(cache_dir=None, *, log=print, jobs: Optional[int] = None,
         log(f"demo data: generating {params['classes']} classes x ({params['train_per_class']} train + "
             f"{params['val_per_class']} val) synthetic pictures and {params['fractals']} fractals into {folder} ...")
         generate_synth(tmp / "synth", classes=params["classes"], train_per_class=params["train_per_class"],
-                       val_per_class=params["val_per_class"], seed=params["seed"], jobs=jobs)
+                       val_per_class=params["val_per_class"], seed=params["seed"], jobs=jobs,
+                       style=params["style"])
         generate_fractals(tmp / "fractals", params["fractals"], size=params["fractal_size"],
                           seed=params["seed"], jobs=jobs)
         (tmp / MARKER).write_text(json.dumps(params))
