@@ -213,66 +213,61 @@ class ReferenceDataset(torch.utils.data.Dataset):
         return torch.from_numpy(R.ipmix_views(x, f, tapes, self.cfg)), self.labels[i]
 
 
-def reference_pipeline(setup: Setup, threads: int, *, jsd: bool) -> dict:
-    """``threads`` DataLoader worker processes running :class:`ReferenceDataset`; on GPU the batch
-    is copied to the device from pinned memory, as the official training loop does."""
-    from torch.utils.data import DataLoader, RandomSampler
-    start = time.perf_counter()
-    dataset = ReferenceDataset(setup.data, setup.cfg.replace(jsd=jsd), setup.resize)
+def _loader_sampler(setup: Setup, threads: int, n_files: int):
+    """(sampler, timed batches, batches prefetched) for a DataLoader of ``threads`` workers: shuffled
+    with replacement and long enough that the workers never run dry before the last timed batch,
+    so small sets do not end the measurement early."""
+    from torch.utils.data import RandomSampler
     ahead = LOADER_PREFETCH * threads
     iters = whole_rounds(setup.iters, threads)
-    # Enough indices that the workers never run dry before the last timed batch.
     needed = (setup.warmup + iters + 2 * ahead + threads) * setup.batch_size
-    generator = torch.Generator().manual_seed(setup.seed)
-    loader = DataLoader(dataset, batch_size=setup.batch_size, num_workers=threads, drop_last=True,
-                        sampler=RandomSampler(dataset, replacement=True, num_samples=needed,
-                                              generator=generator),
-                        prefetch_factor=LOADER_PREFETCH, pin_memory=setup.device == "gpu")
+    sampler = RandomSampler(range(n_files), replacement=True, num_samples=needed,
+                            generator=torch.Generator().manual_seed(setup.seed))
+    return sampler, iters, ahead
+
+
+def _time_loader(setup: Setup, start: float, loader, iters: int, ahead: int) -> dict:
+    """Times ``loader``'s batches; on GPU each batch (its images: one tensor or a list of views,
+    and its labels) is copied to the device from pinned memory, as a training loop does."""
     batches = iter(loader)
     device = setup.torch_device
 
     def to_device(batch):
         images, labels = batch
-        images.to(device, non_blocking=True)
+        for t in (images if isinstance(images, (list, tuple)) else [images]):
+            t.to(device, non_blocking=True)
         labels.to(device, non_blocking=True)
 
-    result = timed(setup, start, lambda: next(batches), to_device, extra_warmup=ahead,
-                   iters=iters)
+    result = timed(setup, start, lambda: next(batches), to_device, extra_warmup=ahead, iters=iters)
     del batches, loader
     return result
+
+
+def reference_pipeline(setup: Setup, threads: int, *, jsd: bool) -> dict:
+    """``threads`` DataLoader worker processes running :class:`ReferenceDataset`."""
+    from torch.utils.data import DataLoader
+    start = time.perf_counter()
+    dataset = ReferenceDataset(setup.data, setup.cfg.replace(jsd=jsd), setup.resize)
+    sampler, iters, ahead = _loader_sampler(setup, threads, len(dataset))
+    loader = DataLoader(dataset, batch_size=setup.batch_size, num_workers=threads, drop_last=True,
+                        sampler=sampler, prefetch_factor=LOADER_PREFETCH,
+                        pin_memory=setup.device == "gpu")
+    return _time_loader(setup, start, loader, iters, ahead)
 
 
 def official_pipeline(setup: Setup, threads: int, *, jsd: bool) -> dict:
     """The official code's own DataLoader (``--official`` checkout) with ``threads`` workers, on
-    the same files; on GPU the batch is copied to the device from pinned memory, as its training
-    loop does.  Shuffled with replacement, so that small sets never run dry."""
-    from torch.utils.data import RandomSampler
+    the same files."""
     from dali_ipmix.bench import official as O
     start = time.perf_counter()
     code = O.load(setup.official)
-    ahead = LOADER_PREFETCH * threads
-    iters = whole_rounds(setup.iters, threads)
-    needed = (setup.warmup + iters + 2 * ahead + threads) * setup.batch_size
     files = setup.data
-    sampler = RandomSampler(range(len(files.train_files()[0])), replacement=True,
-                            num_samples=needed, generator=torch.Generator().manual_seed(setup.seed))
+    sampler, iters, ahead = _loader_sampler(setup, threads, len(files.train_files()[0]))
     loader = O.loader(code, files.train_dir, files.mixing_dir, jsd=jsd,
                       batch_size=setup.batch_size, workers=threads,
                       pin_memory=setup.device == "gpu", sampler=sampler,
                       prefetch_factor=LOADER_PREFETCH, mixing_files=files.mixing_files())
-    batches = iter(loader)
-    device = setup.torch_device
-
-    def to_device(batch):
-        images, labels = batch
-        for t in (images if jsd else [images]):
-            t.to(device, non_blocking=True)
-        labels.to(device, non_blocking=True)
-
-    result = timed(setup, start, lambda: next(batches), to_device, extra_warmup=ahead,
-                   iters=iters)
-    del batches, loader
-    return result
+    return _time_loader(setup, start, loader, iters, ahead)
 
 
 def kernel_alone(setup: Setup, threads: int, *, jsd: bool) -> dict:
