@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from dali_ipmix.data._io import contact_sheet, pool_map, prepare_out_dir, resolve_jobs, smooth_noise, write_jpeg
+from dali_ipmix.errors import UserError
 
 SPLITS = ("train", "val")  # sub-folders of the output folder; the index is the split's rng stream id
 SHAPES = ("circle", "triangle", "square", "star", "ring", "cross", "hexagon", "crescent", "arrow",
@@ -228,8 +229,6 @@ def _write_one(task: Tuple[str, int, int], out_dir: str, classes: int, seed: int
 
 
 def _check_args(classes: int, train_per_class: int, val_per_class: int, seed: int, style: str = "photo") -> None:
-    from dali_ipmix.cli import UserError
-
     if style not in STYLES:
         raise UserError(f"--style must be one of {', '.join(STYLES)}, got {style!r}")
     if not 1 <= classes <= STYLES[style].max_classes:
