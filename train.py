@@ -639,6 +639,10 @@ def train(args, state, model_factory, t_start) -> int:
     training, start = build_training(args, state, cfg, ckpt, model_factory)
     writer = metrics.MetricsWriter(args.output_dir, enabled=state.is_main,
                                    tensorboard=not args.no_tensorboard, failed=state.failed_writes)
+    if ckpt is not None:
+        # records of steps after this checkpoint may already be in the file (a crash after it):
+        # they are written again from here, and the later record of a step is the one that counts
+        writer.write({"kind": "resume", "step": state.step, "checkpoint": str(args.resume)}, state.step)
     total_steps = args.epochs * training.steps_per_epoch
     end_step = min(args.max_steps, total_steps) if args.max_steps else total_steps
     state.log(f"train.py: {'DEMO ' if state.demo else ''}arch {args.arch}, {state.num_classes} classes, "

@@ -170,6 +170,12 @@ def test_resume_equals_uninterrupted(dataset, tmp_path):
                       if r["kind"] == "step"}
     la, lb = loss(a), loss(b)
     assert [la[s] for s in (1, 2, 3, 4)] == pytest.approx([lb[s] for s in (1, 2, 3, 4)], abs=1e-5)
+    # the resumed run marks where it continued, between the steps of its two parts
+    records = [json.loads(line) for line in open(b / "metrics.jsonl")]
+    marks = [i for i, r in enumerate(records) if r["kind"] == "resume"]
+    assert len(marks) == 1 and records[marks[0]]["step"] == 2
+    assert int(checkpoint.CKPT_PATTERN.match(os.path.basename(records[marks[0]]["checkpoint"])).group(1)) == 2
+    assert {r["step"] for r in records[marks[0]:] if r["kind"] == "step"} == {3, 4}
 
 
 def test_existing_checkpoints_are_not_overwritten(dataset, tmp_path, capsys):
