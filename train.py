@@ -272,18 +272,29 @@ def prepare_run(args, state):
     if state.distributed:
         args.output_dir, args.resume = distributed.broadcast([args.output_dir, args.resume],
                                                              state.world_size)
-        if not state.is_main:
-            ckpt = checkpoint.load_resume_checkpoint(args, state.num_classes)
+        error = None
+        if not state.is_main:   # e.g. the file is not on this node's file system
+            try:
+                ckpt = checkpoint.load_resume_checkpoint(args, state.num_classes)
+            except UserError as e:
+                error = e
+        distributed.raise_together(error, state.world_size)
     return ckpt
 
 
 def find_demo_data(args, state):
     """Generated once into the cache by rank 0; every rank reads the same folders."""
-    paths = [None, None, None]
+    paths, error = [None, None, None], None
     if state.is_main:
         from dali_ipmix.data.demo import ensure_demo_data
-        paths = [str(p) for p in ensure_demo_data(args.demo_cache, log=state.log)]
-    args.train_dir, args.val_dir, args.mixing_set = distributed.broadcast(paths, state.world_size)
+        try:
+            paths = [str(p) for p in ensure_demo_data(args.demo_cache, log=state.log)]
+        except (UserError, OSError) as e:   # sent with the paths: the other ranks wait in this broadcast
+            error = str(e) if isinstance(e, UserError) else f"demo data: {e}"
+    *paths, error = distributed.broadcast([*paths, error], state.world_size)
+    if error:
+        raise UserError(error)
+    args.train_dir, args.val_dir, args.mixing_set = paths
     check_data(args, state)
 
 

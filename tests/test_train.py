@@ -284,6 +284,58 @@ def test_two_gloo_ranks_hold_identical_weights(dataset, tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["dali_state"]) == 2
 
 
+def _two_ranks(script, *argv, timeout=120):
+    """Runs ``script`` as rank 0 and 1 of a gloo group on this machine; (return codes, outputs)."""
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+        procs.append(subprocess.Popen([sys.executable, "-c", script, *argv], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [p.returncode for p in procs], outs
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step_and_names_it():
+    # SIGINT reaches rank 1 only, after step 2: both ranks stop after the same later step and
+    # both report SIGINT (the shell's exit code 130), not a SIGTERM they never saw
+    script = ("import os, signal, torch.distributed as dist\n"
+              "from dali_ipmix.training.distributed import StopRequest\n"
+              "dist.init_process_group('gloo')\n"
+              "stop = StopRequest(True)\n"
+              "for step in range(1, 50):\n"
+              "    if step == 2 and dist.get_rank() == 1:\n"
+              "        os.kill(os.getpid(), signal.SIGINT)\n"
+              "    if stop.should_stop():\n"
+              "        break\n"
+              "stop.close()\n"
+              "print('stopped', step, stop.name(), flush=True)\n"
+              "dist.destroy_process_group()\n")
+    codes, outs = _two_ranks(script)
+    assert codes == [0, 0], outs
+    last = [o.strip().splitlines()[-1] for o in outs]
+    assert last[0] == last[1] == "stopped 3 SIGINT", outs
+
+
+def test_a_demo_cache_that_cannot_be_made_fails_every_rank_in_one_line(tmp_path):
+    # rank 0 makes the demo data; its error must reach rank 1, which waits for the paths
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    script = "import sys, train\nsys.exit(train.main(sys.argv[1:]))\n"
+    codes, outs = _two_ranks(script, "--demo-cache", str(blocker / "cache"),
+                             "--output-dir", str(tmp_path / "run"))
+    assert codes == [2, 2], outs
+    for out in outs:
+        error = [line for line in out.splitlines() if line.startswith("train.py: error:")]
+        assert len(error) == 1 and "--demo-cache" in error[0] and "Traceback" not in out, out
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line, before any work
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Optional, Tuple
 
+from dali_ipmix.errors import UserError
+
 # Small on purpose: generation plus a short training run fit in a few minutes on 2 CPU cores.
 DEMO_PARAMS = {
     "version": 2,
@@ -55,8 +57,12 @@ def ensure_demo_data(cache_dir=None, *, log=print, jobs: Optional[int] = None,
     train, val, mixing = folder / "synth" / "train", folder / "synth" / "val", folder / "fractals"
     if _complete(folder, params):
         return train, val, mixing
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    except OSError as e:
+        raise UserError(f"demo data cache {cache}: cannot create a folder there ({e.strerror or e}); "
+                        f"give --demo-cache DIR (or set DALI_IPMIX_CACHE) to a writable folder") from None
     try:
         start = time.perf_counter()
         log(f"demo data: generating {params['classes']} classes x ({params['train_per_class']} train + "

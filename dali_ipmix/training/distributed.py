@@ -108,17 +108,17 @@ class StopRequest:
     def should_stop(self) -> bool:
         if self._group is None:
             return self.signum is not None
-        stop = False
+        reduced = 0    # the largest signal number any rank had after the previous step
         if self._pending is not None:
             work, flag = self._pending
             work.wait()
-            stop = bool(flag.item())
+            reduced = int(flag.item())
         flag = torch.tensor([0 if self.signum is None else int(self.signum)], dtype=torch.int32)
         self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group,
                                          async_op=True), flag)
-        if stop and self.signum is None:
-            self.signum = int(flag.item()) or signal.SIGTERM
-        return stop
+        if reduced and self.signum is None:
+            self.signum = reduced     # a rank the signal did not reach reports the others' signal
+        return bool(reduced)
 
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else "signal"
