@@ -3,8 +3,8 @@
 
 In the style of torchvision's references/classification/train.py: one file, explicit flags, the
 stages in the order they run (``main`` -> ``run`` -> ``train``: ``prepare_run``, ``load_data``,
-``build_training``, then per epoch ``train_one_epoch`` and ``end_epoch`` with ``evaluate``, and
-``print_summary``); the plumbing -- checkpoints, metrics, ranks, the lr schedule -- lives in
+``build_training``, then ``fit``: per epoch ``train_one_epoch`` and ``end_epoch`` with
+``evaluate``; at the end ``training.metrics.print_summary``); the plumbing -- checkpoints, metrics, ranks, the lr schedule -- lives in
 ``dali_ipmix/training/`` (README "Training", docs/architecture.md).
 
 The official IPMix ImageNet recipe (hzlsaber/IPMix imagenet.py) is the default: torchvision
@@ -23,8 +23,9 @@ Without data flags (``python train.py``) a small built-in demo runs instead: a s
 (``$DALI_IPMIX_CACHE`` or ``~/.cache/dali_ipmix/demo``), then a small model (a ResNet-9 of width
 16 at 32 px unless overridden) trains for 8 epochs with the recipe's IPMix + JSD, reaching 96-99 %
 validation top-1 in about 1.5 minutes on 2 CPU cores (BENCHMARKS.md), and leaves a sheet of one
-augmented batch and a plot of the curves in the output folder (``dali_ipmix/training/demo_outputs.py``).  It shows the whole path
-(generation -> DALI IPMix -> training -> validation -> checkpoints), not the ImageNet recipe.
+augmented batch and a plot of the curves in the output folder
+(``dali_ipmix/training/demo_outputs.py``).  It shows the whole path (generation -> DALI IPMix ->
+training -> validation -> checkpoints), not the ImageNet recipe.
 
 ``--batch-size`` is per process (rank); the global batch is batch-size x world size.
 Each rank runs its own DALI pipeline on its own shard (shard_id=rank) with its own seed.
@@ -313,7 +314,8 @@ def resolve_data(args, state):
 
 
 def check_data(args, state, train_flag="--data-path train"):
-    """Count files and compare the batch with a shard; raises UserError."""
+    """Count the files (into ``state.num_classes``, ``num_train``, ``num_val``) and compare the
+    batch with a shard; raises UserError."""
     from dali_ipmix import readers
     files, _, classes = readers.listed_or_found(args.train_dir, args.train_filelist, flag=train_flag)
     vfiles, _, vclasses = readers.listed_or_found(args.val_dir, args.val_filelist, flag="--val-dir")
@@ -364,7 +366,7 @@ def load_data(args, state, cfg, dali_checkpoint=None):
 @dataclass
 class Training:
     """What the loop steps, built by ``build_training``."""
-    model: nn.Module                # what a step calls: state.model, maybe in DDP / torch.compile
+    model: nn.Module                # what a step calls: state.model_without_ddp, maybe in DDP / torch.compile
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -376,8 +378,9 @@ class Training:
 
 
 def create_model(args, state, cfg, model_factory=None):
-    """``state.net`` and ``state.model``: in the adversarial modes the model takes [0, 1] pixels and
-    starts with the normalisation layer, and checkpoints hold ``net`` alone."""
+    """(net, model, input): the bare network (what checkpoints hold) and the model the run calls --
+    in the adversarial modes it takes [0, 1] pixels and starts with the normalisation layer --
+    and what that model takes, recorded for `dali-ipmix eval`."""
     torch.manual_seed(args.seed)
     net = (model_factory(state.num_classes) if model_factory is not None
            else models.get_model(args.arch, state.num_classes)).to(state.torch_device)
@@ -387,17 +390,16 @@ def create_model(args, state, cfg, model_factory=None):
     model = advmixup.with_normalization(net, cfg.mean, cfg.std).to(state.torch_device) if pixels else net
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    state.net, state.model = net, model
-    state.input = {"pixels_0_1": pixels, "mean": list(cfg.mean), "std": list(cfg.std)}
+    return net, model, {"pixels_0_1": pixels, "mean": list(cfg.mean), "std": list(cfg.std)}
 
 
 def build_training(args, state, cfg, ckpt, model_factory=None):
     """Model, optimiser, loaders (at the checkpoint's data position) and schedule, resumed from
     ``ckpt``.  Returns the Training and where to start: (epoch, steps of it already done)."""
-    create_model(args, state, cfg, model_factory)
+    state.net, state.model_without_ddp, state.input = create_model(args, state, cfg, model_factory)
     global_batch = args.batch_size * state.world_size
     lr = schedule.peak_lr(args.lr, global_batch, args.lr_scale_batch)
-    optimizer = torch.optim.SGD(state.model.parameters(), lr=lr, momentum=args.momentum,
+    optimizer = torch.optim.SGD(state.model_without_ddp.parameters(), lr=lr, momentum=args.momentum,
                                 nesterov=args.nesterov == "on", weight_decay=args.wd)
     scaler = torch.amp.GradScaler(state.torch_device.type, enabled=args.amp == "fp16")
     dali_state = None
@@ -412,9 +414,10 @@ def build_training(args, state, cfg, ckpt, model_factory=None):
     scheduler = schedule.lr_scheduler(
         optimizer, peak=lr, global_batch=global_batch, epochs=args.epochs,
         steps_per_epoch=steps_per_epoch, warmup_epochs=args.warmup_epochs, schedule=args.lr_schedule)
-    training = Training(state.model, optimizer, scheduler, scaler, train_loader, val_loader,
-                 steps_per_epoch, lr, cfg.views)
-    start = (resume(args, state, training, ckpt, replayable=dali_state is not None) if ckpt
+    training = Training(model=state.model_without_ddp, optimizer=optimizer, scheduler=scheduler,
+                        scaler=scaler, train_loader=train_loader, val_loader=val_loader,
+                        steps_per_epoch=steps_per_epoch, lr=lr, views=cfg.views)
+    start = (restore(args, state, training, ckpt, replayable=dali_state is not None) if ckpt
              else (0, 0))
     if state.distributed:
         device_ids = [state.torch_device.index] if state.torch_device.type == "cuda" else None
@@ -424,7 +427,7 @@ def build_training(args, state, cfg, ckpt, model_factory=None):
     return training, start
 
 
-def resume(args, state, training, ckpt, replayable: bool):
+def restore(args, state, training, ckpt, replayable: bool):
     """Load every state of ``ckpt``; returns (epoch, steps of it done) to continue from."""
     state.net.load_state_dict(ckpt["model"])
     training.optimizer.load_state_dict(ckpt["optimizer"])
@@ -480,9 +483,9 @@ def training_loss(args, state, training, images, labels, epoch):
     if args.adv_mixup != "off":
         # the attack runs on the unwrapped model (no DDP all-reduce of attack gradients)
         loss, info = advmixup.adv_mixup_loss(
-            state.model, training.model, images, labels, state.num_classes, args, seed=args.seed,
-            epoch=epoch, step=state.step, rank=state.rank, autocast_ctx=lambda: precision.autocast(args.amp, state.torch_device.type),
-            views=training.views)
+            state.model_without_ddp, training.model, images, labels, state.num_classes, args,
+            seed=args.seed, epoch=epoch, step=state.step, rank=state.rank, views=training.views,
+            autocast_ctx=lambda: precision.autocast(args.amp, state.torch_device.type))
         return loss, info["correct"]
     with precision.autocast(args.amp, state.torch_device.type):
         logits = training.model(images)
@@ -560,7 +563,7 @@ def evaluate(args, state, model, loader):
 def end_epoch(args, state, training, epoch, writer):
     """Validation (and the robust check) of ``epoch``, its record, the epoch's checkpoint."""
     t0 = time.perf_counter()
-    res = evaluate(args, state, state.model, training.val_loader)  # unwrapped: no DDP collectives
+    res = evaluate(args, state, state.model_without_ddp, training.val_loader)  # unwrapped: no DDP collectives
     state.best_top1 = max(state.best_top1, res["val_top1"])
     rec = {"kind": "epoch", "epoch": epoch + 1, "step": state.step, **res,
            "best_top1": state.best_top1, "val_seconds": time.perf_counter() - t0}

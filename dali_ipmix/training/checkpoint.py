@@ -124,16 +124,16 @@ def restore_rng(state: dict, device: torch.device):
 # ---------------------------------------------------------------------------------------------
 # The output folder
 
-def prepare_output_dir(args, run):
+def prepare_output_dir(args, state):
     """Choose (``runs/<arch>-<time>`` by default), create and lock ``--output-dir``; refuse an
     earlier run's files unless ``--resume`` or ``--overwrite``; turn ``--resume auto`` into the
-    newest checkpoint.  Rank 0 only; ``run`` is the RunState (lock, files to delete)."""
+    newest checkpoint.  Rank 0 only; ``state`` is the RunState (lock, files to delete)."""
     if args.output_dir is None:
         if args.resume not in (None, "auto"):
             args.output_dir = os.path.dirname(os.path.abspath(args.resume))
         else:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            args.output_dir = os.path.join("runs", f"{'demo-' if run.demo else ''}{args.arch}-{stamp}")
+            args.output_dir = os.path.join("runs", f"{'demo-' if state.demo else ''}{args.arch}-{stamp}")
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -141,12 +141,12 @@ def prepare_output_dir(args, run):
         probe.close()
     except OSError as e:
         raise UserError(f"--output-dir {out} is not writable ({e.strerror or e})") from None
-    run.output_lock = lock_output_dir(out)
+    state.output_lock = lock_output_dir(out)
     existing = find_checkpoints(out)
-    run.previous_run = previous_run_files(out) if args.resume is None else []
-    if run.previous_run and not args.overwrite:
+    state.previous_run = previous_run_files(out) if args.resume is None else []
+    if state.previous_run and not args.overwrite:
         what = (f"{len(existing)} checkpoint(s)" if existing else
-                ", ".join(os.path.basename(p) for p in run.previous_run))
+                ", ".join(os.path.basename(p) for p in state.previous_run))
         raise UserError(f"--output-dir {out} already holds {what} of another run; pass --resume auto "
                         f"to continue it, --overwrite to start afresh (deletes that run's files), "
                         f"or another --output-dir")
@@ -197,7 +197,7 @@ def previous_run_files(out):
 
 def delete_previous_run(paths, folder, log):
     """--overwrite: remove the earlier run's files, after every check passed and the lock is held,
-    so that pruning, ``--resume auto`` and metrics.jsonl only ever see this run."""
+    so that pruning, ``--resume auto`` and metrics.jsonl only ever see this state."""
     for path in paths:
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)

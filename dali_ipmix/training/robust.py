@@ -14,47 +14,47 @@ from .distributed import all_reduce_sum
 from .metrics import best_robust
 
 
-def robust_check(args, run, loader, epoch: int) -> dict:
+def robust_check(args, state, loader, epoch: int) -> dict:
     """The per-epoch PGD check (--adv-eval-every) after ``epoch`` (counted from 1); writes
     best_robust.pth when it improves.  Returns the fields for the epoch record."""
     t0 = time.perf_counter()
-    res = robust_evaluate(args, run, loader, steps=advmixup.SELECT_STEPS, images=args.adv_val_images,
+    res = robust_evaluate(args, state, loader, steps=advmixup.SELECT_STEPS, images=args.adv_val_images,
                           what=f"epoch {epoch}/{args.epochs}: PGD-{advmixup.SELECT_STEPS} check")
-    best = best_robust(run.history)
+    best = best_robust(state.history)
     out = {"robust_clean": res["clean"], "robust_pgd": res["pgd"], "robust_images": res["images"],
            "robust_seconds": time.perf_counter() - t0}
     if best is not None and res["pgd"] <= best["robust_pgd"]:
         out["best_robust_pgd"] = best["robust_pgd"]
         return out
     out["best_robust_pgd"] = res["pgd"]
-    if run.is_main:
+    if state.is_main:
         path = os.path.join(args.output_dir, BEST_ROBUST)
         try:   # what `dali-ipmix eval` loads: weights, arch, args, input kind
-            atomic_torch_save({"model": run.net.state_dict(), "arch": args.arch, "epoch": epoch,
-                               "step": run.step, "robust": out, "args": run.recorded_args(args),
-                               "input": run.input}, path)
+            atomic_torch_save({"model": state.net.state_dict(), "arch": args.arch, "epoch": epoch,
+                               "step": state.step, "robust": out, "args": state.recorded_args(args),
+                               "input": state.input}, path)
         except OSError as e:
             print(f"train.py: warning: writing {path} failed ({e.strerror or e})", file=sys.stderr,
                   flush=True)
         else:
-            run.log(f"  most robust so far -> {path}")
+            state.log(f"  most robust so far -> {path}")
     return out
 
 
-def robust_evaluate(args, run, loader, *, steps, restarts=1, autoattack=False, images=0,
+def robust_evaluate(args, state, loader, *, steps, restarts=1, autoattack=False, images=0,
                     what="robust eval") -> dict:
     """Clean / PGD (/ AutoAttack) accuracy on ``images`` validation images (0 = all) spread evenly
     over the list, in float32: input gradients under bf16/fp16 autocast can underflow and weaken
     the attack.  Each rank takes its share of its shard; counts are summed over ranks."""
-    r, w, n = run.rank, run.world_size, run.num_val
+    r, w, n = state.rank, state.world_size, state.num_val
     shard = n * (r + 1) // w - n * r // w           # the validation reader's shard of this rank
     keep = images * (r + 1) // w - images * r // w if images else 0
     res = advmixup.robust_eval(
-        run.model, advmixup.spread_batches(loader, shard, keep), args.adv_eval_eps,
+        state.model_without_ddp, advmixup.spread_batches(loader, shard, keep), args.adv_eval_eps,
         args.adv_eval_step_size, steps, restarts=restarts, autoattack=autoattack,
-        seed=args.seed + run.rank)
+        seed=args.seed + state.rank)
     keys = [k for k in res if k.startswith("n_")] + ["images"]
-    sums = dict(zip(keys, all_reduce_sum([res[k] for k in keys], run.torch_device)))
+    sums = dict(zip(keys, all_reduce_sum([res[k] for k in keys], state.torch_device)))
     total = max(sums["images"], 1)
     for k in keys[:-1]:
         res[k[2:]] = 100.0 * sums[k] / total
@@ -62,7 +62,7 @@ def robust_evaluate(args, run, loader, *, steps, restarts=1, autoattack=False, i
     res["clean_minus_pgd"] = res["clean"] - res["pgd"]
     if res.get("autoattack") is not None:
         res["pgd_minus_aa"] = res["pgd"] - res["autoattack"]
-    run.log(f"{what} ({res['images']} images, eps {res['eps'] * 255:.3g}/255, float32): clean "
+    state.log(f"{what} ({res['images']} images, eps {res['eps'] * 255:.3g}/255, float32): clean "
             f"{res['clean']:.2f}%  PGD-{steps} {res['pgd']:.2f}%" + (f"  AutoAttack {res['autoattack']:.2f}%"
                                                                    if res.get("autoattack") is not None else ""))
     return res

@@ -1,6 +1,7 @@
 """``RunState``: what a train.py run derives from its flags and finds on its way -- ranks and
 devices, the data's size, the output folder's lock, the models, where training stands, the writes
-that failed -- kept apart from ``args``, which holds the flags (their defaults filled in)
+that failed -- kept apart from ``args``, which holds the flags as resolved (defaults filled in, the
+demo's data folders, ``--preset cifar-adv`` split into ``preset`` and ``recipe``)
 (docs/architecture.md "Who owns which fact")."""
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ class RunState:
     output_lock: Optional[IO] = None    # held while the run lives (checkpoint.lock_output_dir)
     previous_run: List[str] = field(default_factory=list)   # what --overwrite deletes
     net: Optional[nn.Module] = None     # the bare network: what checkpoints hold
-    # ``net``, behind the normalisation layer in the adversarial modes: evaluation and attacks call
-    # it (no DDP collectives); the training step calls its DDP / compiled wrapper
-    model: Optional[nn.Module] = None
-    input: dict = field(default_factory=dict)    # what ``model`` takes, for `dali-ipmix eval`
+    # ``net``, behind the normalisation layer in the adversarial modes (torchvision's name):
+    # evaluation and attacks call it (no DDP collectives); the training step calls its DDP /
+    # compiled wrapper
+    model_without_ddp: Optional[nn.Module] = None
+    input: dict = field(default_factory=dict)    # what that model takes, for `dali-ipmix eval`
     step: int = 0                       # optimizer steps done
     best_top1: float = 0.0
     history: list = field(default_factory=list)  # epoch and robust records, kept in checkpoints
