@@ -3,11 +3,12 @@ leaves nothing half-written: a result that took minutes must not die on a path t
 it, and a file the user already has is replaced only with ``--overwrite``."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Iterator, Union
 
 from .errors import UserError
 
@@ -55,18 +56,39 @@ def check_output_folder(folder: PathLike, flag: str) -> Path:
     return folder
 
 
-def write_atomic(path: PathLike, data: Union[str, bytes]) -> Path:
-    """Write into a temporary file beside ``path``, then rename it over ``path``; on failure the
-    temporary file is removed and the error raised (an old ``path`` stays as it was)."""
+@contextlib.contextmanager
+def atomic_file(path: PathLike, *, durable: bool = False) -> Iterator[BinaryIO]:
+    """A binary file that becomes ``path`` when the block ends without an error: written as a
+    temporary file beside it (``.tmp-<name>.<pid>-<random>``) and renamed over ``path``; on any
+    failure the temporary file is removed and the error raised (an old ``path`` stays as it was).
+    ``durable``: the data and the rename are fsynced (checkpoints outlive a power cut)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the umask applies, as for open()
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+    if durable:
+        try:
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except OSError:
+            pass   # not every file system can fsync a folder; the data itself is on disk
+
+
+def write_atomic(path: PathLike, data: Union[str, bytes]) -> Path:
+    """``data`` into ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)

@@ -146,3 +146,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def shorten_autoattack(monkeypatch, steps: int, queries: int):
+    """``advmixup.autoattack_standard`` builds the same four attacks with fewer iterations (the
+    three gradient attacks ``steps``, Square ``queries``): a CPU-time budget for tests."""
+    from dali_ipmix import advmixup
+    standard = advmixup.autoattack_standard
+
+    def shortened(*a, **kw):
+        attack = standard(*a, **kw)
+        for sub in attack.attacks[:3]:
+            sub.steps = steps
+        attack.attacks[3].n_queries = queries
+        return attack
+    monkeypatch.setattr(advmixup, "autoattack_standard", shortened)

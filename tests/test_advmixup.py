@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import shorten_autoattack
 from dali_ipmix import advmixup as A
 from dali_ipmix import models
 from dali_ipmix.data import cifar as cifar_data
@@ -426,15 +427,7 @@ def test_autoattack_official_settings_and_runs(trained, monkeypatch):
     assert not square.rescale_schedule and all(a.eps == 8 / 255 for a in aa.attacks)
     assert A.autoattack_standard(trained, 8 / 255, num_classes=100).attacks[1].n_target_classes == 9
 
-    standard = A.autoattack_standard
-
-    def shortened(*a, **kw):     # the same four attacks with fewer iterations: a CPU-time budget
-        attack = standard(*a, **kw)
-        for sub in attack.attacks[:3]:
-            sub.steps = 10
-        attack.attacks[3].n_queries = 50
-        return attack
-    monkeypatch.setattr(A, "autoattack_standard", shortened)
+    shorten_autoattack(monkeypatch, steps=10, queries=50)
     x, y = _toy(8, 11)
     data = [(x.contiguous(memory_format=torch.channels_last), y)]     # as train.py --channels-last feeds it
     res = A.robust_eval(trained, data, 8 / 255, 2 / 255, 10, restarts=2, autoattack=True)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import photo_crops
+from conftest import photo_crops, shorten_autoattack
 from dali_ipmix.cli import main
 from dali_ipmix.errors import UserError
 from dali_ipmix.robustness import metrics as M
@@ -411,7 +411,7 @@ def test_generated_corruptions_are_writable_arrays(name):
 
 def test_cli_eps_is_announced_and_autoattack_on_an_adversarially_trained_checkpoint(tiny_run, capsys,
                                                                                       monkeypatch):
-    from dali_ipmix import advmixup, models
+    from dali_ipmix import models
     tmp, ckpt = tiny_run
     base = ["--data", str(tmp / "val"), "--workers", "0", "--no-corruptions", "--pgd-steps", "2"]
     assert ">= 4 classes" in _one_line_error(capsys, ["eval", str(ckpt), *base, "--autoattack", "-q"])
@@ -427,16 +427,8 @@ def test_cli_eps_is_announced_and_autoattack_on_an_adversarially_trained_checkpo
     assert "eps 2/255 = the IPMix protocol default, NOT the 8/255" in captured.out
     assert "adversarially trained at eps 8/255: pass --eps 8/255" in captured.err
 
-    standard = advmixup.autoattack_standard
-
-    def shortened(*a, **kw):     # the same four attacks with fewer iterations: a CPU-time budget
-        attack = standard(*a, **kw)
-        for sub in attack.attacks[:3]:
-            sub.steps = 5
-        attack.attacks[3].n_queries = 20
-        return attack
     pytest.importorskip("torchattacks")
-    monkeypatch.setattr(advmixup, "autoattack_standard", shortened)
+    shorten_autoattack(monkeypatch, steps=5, queries=20)
     out = tmp / "aa.json"
     assert main(["eval", "--autoattack", "--eps", "8/255", str(adv), *base, "-q", "--json", str(out)]) == 0
     table = capsys.readouterr().out

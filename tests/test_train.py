@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import train
 from conftest import FullDisk
+from dali_ipmix import outputs
 from dali_ipmix.training import checkpoint, metrics, schedule
 from dali_ipmix.losses import ipmix_loss, jsd_loss
 
@@ -251,39 +252,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_gloo_ranks_hold_identical_weights(dataset, tmp_path):
-    script = ("import sys, torch, train, test_train\n"
-              "models = []\n"
-              "def factory(n):\n"
-              "    models.append(test_train.tiny_factory(n)); return models[-1]\n"
-              "rc = train.main(sys.argv[2:], model_factory=factory)\n"
-              "torch.save(models[0].state_dict(), sys.argv[1])\n"
-              "sys.exit(rc)\n")
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-        # 12 images / 2 ranks = 6 per shard: batch 2 gives 3 steps per epoch on each rank
-        args = _args(dataset, tmp_path / "run", "--max-steps", "4", "--batch-size", "2")
-        procs.append(subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"r{rank}.pt"),
-                                       *args], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    w0, w1 = (torch.load(tmp_path / f"r{r}.pt") for r in range(2))
-    for k in w0:
-        if "running" not in k and "num_batches" not in k:
-            torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=0, msg=k)
-    init = tiny_factory(3).state_dict()      # and they did train (moved from the initial weights)
-    assert any(not torch.equal(w0[k], init[k]) for k in w0 if "running" not in k)
-    # only rank 0 writes; the progress is printed once
-    assert "summary:" in outs[0] and "summary:" not in outs[1]
-    ckpt = torch.load(_latest(tmp_path / "run"), weights_only=False)
-    assert ckpt["world_size"] == 2 and len(ckpt["dali_state"]) == 2
-
-
 def _two_ranks(script, *argv, timeout=120):
     """Runs ``script`` as rank 0 and 1 of a gloo group on this machine; (return codes, outputs)."""
     port = _free_port()
@@ -300,6 +268,30 @@ def _two_ranks(script, *argv, timeout=120):
         for p in procs:
             p.kill()
     return [p.returncode for p in procs], outs
+
+
+def test_two_gloo_ranks_hold_identical_weights(dataset, tmp_path):
+    script = ("import os, sys, torch, train, test_train\n"
+              "models = []\n"
+              "def factory(n):\n"
+              "    models.append(test_train.tiny_factory(n)); return models[-1]\n"
+              "rc = train.main(sys.argv[2:], model_factory=factory)\n"
+              "torch.save(models[0].state_dict(), sys.argv[1] + os.environ['RANK'] + '.pt')\n"
+              "sys.exit(rc)\n")
+    # 12 images / 2 ranks = 6 per shard: batch 2 gives 3 steps per epoch on each rank
+    args = _args(dataset, tmp_path / "run", "--max-steps", "4", "--batch-size", "2")
+    codes, outs = _two_ranks(script, str(tmp_path / "r"), *args, timeout=240)
+    assert codes == [0, 0], outs
+    w0, w1 = (torch.load(tmp_path / f"r{r}.pt") for r in range(2))
+    for k in w0:
+        if "running" not in k and "num_batches" not in k:
+            torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=0, msg=k)
+    init = tiny_factory(3).state_dict()      # and they did train (moved from the initial weights)
+    assert any(not torch.equal(w0[k], init[k]) for k in w0 if "running" not in k)
+    # only rank 0 writes; the progress is printed once
+    assert "summary:" in outs[0] and "summary:" not in outs[1]
+    ckpt = torch.load(_latest(tmp_path / "run"), weights_only=False)
+    assert ckpt["world_size"] == 2 and len(ckpt["dali_state"]) == 2
 
 
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step_and_names_it():
@@ -529,8 +521,8 @@ def test_metrics_of_an_earlier_run_need_a_decision(dataset, tmp_path, capsys):
 
 def test_a_full_disk_warns_and_later_writes_catch_up(dataset, tmp_path, monkeypatch, capsys):
     disk = FullDisk()
-    monkeypatch.setattr(checkpoint, "os", disk)
-    monkeypatch.setattr(metrics, "os", disk)
+    monkeypatch.setattr(outputs, "os", disk)     # checkpoints and summary.json
+    monkeypatch.setattr(metrics, "os", disk)     # metrics.jsonl
 
     def factory(n):
         net, calls = tiny_factory(n), [0]

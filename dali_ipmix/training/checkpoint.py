@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..outputs import atomic_file
 
 # What a run writes into its output folder (previous_run_files lists an earlier run's).
 CKPT_PATTERN = re.compile(r"^checkpoint_(\d+)\.pth$")
@@ -55,34 +56,16 @@ class _KeepWriteError:
 
 
 def atomic_torch_save(obj, path):
-    """Write to a temp file in the same folder, fsync, then rename over ``path``; a failed write
-    raises OSError (disk full, quota, permissions) and leaves no temp file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sink = _KeepWriteError(f)
-            try:
-                torch.save(obj, sink)
-            except RuntimeError:
-                if sink.error is None:
-                    raise
-                raise sink.error from None
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        try:  # make the rename itself durable
-            dfd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save through ``outputs.atomic_file`` (durable): a failed write raises OSError (disk
+    full, quota, permissions) and leaves no temporary file."""
+    with atomic_file(path, durable=True) as f:
+        sink = _KeepWriteError(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is None:
+                raise
+            raise sink.error from None
 
 
 def write_checkpoint(ckpt: dict, folder, step: int, keep: int, failed):
