@@ -5,6 +5,7 @@ demo's data folders, ``--preset cifar-adv`` split into ``preset`` and ``recipe``
 (docs/architecture.md "Who owns which fact")."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import IO, List, Optional
 
@@ -60,7 +61,8 @@ class RunState:
 
     def recorded_args(self, args) -> dict:
         """The "args" entry of a checkpoint: the flags and the run's facts that are plain values."""
-        flags = {k: v for k, v in vars(args).items() if isinstance(v, _SCALARS)}
+        flags = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in vars(args).items()
+                 if isinstance(v, (*_SCALARS, os.PathLike))}   # data sources: their location
         return {**flags, **{k: getattr(self, k) for k in self.RECORDED}}
 
     def release(self):
