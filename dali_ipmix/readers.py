@@ -208,6 +208,8 @@ def _source(data, files, flag, labelled=True):
     """``data`` as a ``sources.DataSource``: as is, or a folder with the given (files, labels),
     or a location listed now."""
     from . import sources
+    if isinstance(data, sources.DataSource):
+        return data
     if files is None:
         return sources.open_source(data, flag=flag, labelled=labelled)
     files, labels = files if labelled else (files, ())

@@ -51,7 +51,8 @@ class DataSource:
     Format details: ``root``/``files``/``labels`` (folders: DALI's ``file_root`` and the files
     relative to it), ``shards``/``indices`` (webdataset: tar files and their index files, local
     paths or ``s3://`` URIs); ``picture_size``: (width, height) of the first picture when known
-    (sizes the GPU decoder cache of a mixing set)."""
+    (sizes the GPU decoder cache of a mixing set); ``filelist``: the verified file list that
+    narrowed it."""
     location: str
     format: str
     flag: str
@@ -63,14 +64,19 @@ class DataSource:
     shards: Sequence[str] = ()
     indices: Sequence[str] = ()
     picture_size: Optional[Tuple[int, int]] = None
+    filelist: Optional[str] = None
 
     def __str__(self) -> str:
         return self.location
 
     def __fspath__(self) -> str:
-        if self.on_s3:
-            raise TypeError(f"{self.location} is no local path")
+        # the location, so that a source stands wherever a data folder did (messages, recorded
+        # flags); an s3:// location read as a local path names nothing on disk
         return self.location
+
+    def __truediv__(self, rel) -> Path:
+        """A file of a local folder source (``source / "class0/x.jpg"``), as with a Path."""
+        return Path(self.location) / rel
 
     @property
     def on_s3(self) -> bool:
@@ -113,11 +119,15 @@ class Format:
 
 def open_source(data, *, flag: str = "--data", filelist=None, labelled: bool = True) -> DataSource:
     """The ``DataSource`` of ``data`` (a path, an ``s3://`` URI or a ``DataSource``, returned as
-    is): listed once, checked; a missing, empty or inconsistent location is a one-line
-    ``UserError``.  ``labelled``: a class-labelled set (training, validation) rather than a
-    mixing set; ``filelist``: a verified file list narrowing a class-folder set."""
+    is when it was opened with the same ``filelist``): listed once, checked; a missing, empty or
+    inconsistent location is a one-line ``UserError``.  ``labelled``: a class-labelled set
+    (training, validation) rather than a mixing set; ``filelist``: a verified file list
+    narrowing a class-folder set."""
+    filelist = None if filelist is None else str(filelist)
     if isinstance(data, DataSource):
-        return data
+        if data.filelist == filelist:
+            return data
+        data = data.location
     location = str(data)
     listing = s3.list_prefix(_base(location), flag) if s3.is_s3(location) else None
     for fmt in FORMATS.values():
@@ -153,7 +163,7 @@ def _folders_open(location, listing, *, flag, filelist, labelled) -> DataSource:
         else:
             files, labels, classes = readers.picture_files(location, flag=flag, filelist=filelist), (), ()
         return DataSource(location, "folders", flag, tuple(classes), len(files), root=location,
-                          files=files, labels=labels)
+                          files=files, labels=labels, filelist=filelist)
     files, labels, classes = _s3_folder_listing(listing, labelled)
     if filelist is not None:     # the list's files, which must all be in the bucket
         listed, listed_labels = readers.filelist_files(filelist)
@@ -168,7 +178,7 @@ def _folders_open(location, listing, *, flag, filelist, labelled) -> DataSource:
     if not files:
         raise UserError(f"{flag} {location}: no pictures ({', '.join(readers.IMAGE_EXTENSIONS)})")
     return DataSource(location, "folders", flag, classes, len(files), root=listing.uri,
-                      files=files, labels=labels)
+                      files=files, labels=labels, filelist=filelist)
 
 
 def _folders_reader(src: DataSource, *, name, shard_id, num_shards, shuffle, seed, labelled):
@@ -343,26 +353,45 @@ def local_folders(items) -> List[str]:
 
 # DALI's webdataset reader names a sample "<shard.tar>:<offset>:<member>" in its errors
 _MEMBER = re.compile(r"(?P<shard>[^\s'\"]+\.tar):(?P<offset>\d+):(?P<member>[^\s'\"]+)")
-_TAR_ERRORS = re.compile(r"webdataset|\.tar\b|index file|Unexpected end|tar archive", re.I)
 
 
-def explain_shard_error(exc: BaseException, sources: Sequence) -> Optional[UserError]:
-    """A one-line ``UserError`` for a DALI error about a shard (a corrupt or truncated member),
-    naming the shard, the member and the command that finds every bad member; None when the
-    error is about something else or no source is a shard set."""
-    shard_sets = [s for s in sources if isinstance(s, DataSource) and s.format == "webdataset"]
+def explain_shard_error(exc: BaseException, data: Sequence, search_limit: int = 0) -> Optional[UserError]:
+    """A one-line ``UserError`` for a DALI error about a shard member (corrupt, truncated),
+    naming the shard, the member and the command that lists every bad member; None when the
+    error is not about a shard set's member.  DALI names the member when the data ends early
+    ("shard.tar:offset:member"); for undecodable bytes it does not, and local shard sets of at
+    most ``search_limit`` samples are then checked (``shard.scan_shards``) to name it."""
+    from .verify import _UNNAMED
+    shard_sets = [s for s in data if isinstance(s, DataSource) and s.format == "webdataset"]
     if not shard_sets:
         return None
     text = str(exc)
+    hint = "write the shards again with `dali-ipmix shard ... --overwrite` (bad pictures are left out)"
     m = _MEMBER.search(text)
-    if m is None and not _TAR_ERRORS.search(text):
+    if m is not None:
+        owner = next((s for s in shard_sets if m.group("shard") in s.shards), shard_sets[0])
+        return UserError(f"{m.group('shard')}, member {m.group('member')}: reading stopped on this "
+                         f"member (DALI: {_first_error_line(text)}); list every bad member with "
+                         f"`dali-ipmix verify {owner.root}`, then {hint}")
+    unnamed = _UNNAMED.search(text)
+    if unnamed is None:
         return None
-    owner = next((s for s in shard_sets if m and m.group("shard") in s.shards), shard_sets[0])
-    where = (f"{m.group('shard')}, member {m.group('member')}" if m else
-             f"a shard of {owner.location}")
-    first = next((line.strip() for line in text.splitlines()
-                  if re.search(r"fail|error|unexpected|corrupt|truncat", line, re.I)
-                  and "Traceback" not in line), text.strip().splitlines()[-1] if text.strip() else "")
-    return UserError(f"{where}: reading stopped on a bad member (DALI: {first[:160]}); list every bad "
-                     f"member with `dali-ipmix verify {owner.root}`, then write the shards again "
-                     f"with `dali-ipmix shard` (bad pictures are left out)")
+    from .shard import scan_shards
+    for s in shard_sets:
+        if not s.on_s3 and s.size <= search_limit:
+            problems = scan_shards(s.root)
+            if problems:
+                return UserError(f"{s.root}/{problems[0]}: reading stopped on this member (found by "
+                                 f"checking the shards after DALI's '{unnamed.group(0)}'); list every "
+                                 f"bad member with `dali-ipmix verify {s.root}`, then {hint}")
+    if any(not isinstance(s, DataSource) or s.format != "webdataset" for s in data if s is not None):
+        return None          # it may be a class folder's file: verify.explain_pipeline_error's turn
+    commands = " and ".join(f"`dali-ipmix verify {s.root}`" for s in shard_sets)
+    return UserError(f"DALI could not decode a shard member and does not say which ({unnamed.group(0)}); "
+                     f"list every bad member with {commands}, then {hint}")
+
+
+def _first_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    pick = next((line for line in lines if _MEMBER.search(line)), lines[-1] if lines else "")
+    return pick[:200]

@@ -1,0 +1,350 @@
+"""Data sources: tar shards (``dali-ipmix shard``, ``fn.readers.webdataset``), class folders and
+shards on a real S3-compatible server (``moto_server`` on 127.0.0.1), listing once, and the
+errors of each."""
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from nvidia.dali import fn, pipeline_def
+
+import train
+from dali_ipmix import config as C
+from dali_ipmix import readers, s3, shard, sources
+from dali_ipmix.errors import UserError
+from dali_ipmix.loader import DaliLoader
+from pipelines import imagenet
+from test_train import _args, tiny_factory
+
+CFG = C.IMAGENET.replace(k=2, t=2, image_size=32, patch_sizes=(4, 8, 16))
+
+
+@pytest.fixture(scope="module")
+def shards(dataset, tmp_path_factory):
+    """dataset/train as 2 shards, dataset/val as 1, dataset/mixing as 1 (a mixing set)."""
+    out = tmp_path_factory.mktemp("shards")
+    shard.convert(dataset / "train", out / "train", count=2, jobs=1, log=lambda *a: None)
+    shard.convert(dataset / "val", out / "val", count=1, jobs=1, log=lambda *a: None)
+    shard.convert(dataset / "mixing", out / "mixing", mixing=True, count=1, jobs=1,
+                  log=lambda *a: None)
+    return out
+
+
+def _samples(data, batch=12):
+    """{(label, sha of the decoded 32-px picture)} of the whole validation graph over ``data``."""
+    pipe = imagenet.val_pipeline(data, cfg=CFG, batch_size=batch, num_threads=1, device="cpu",
+                                 resize=36)
+    pipe.build()
+    images, labels = pipe.run()
+    return sorted((int(np.asarray(l)[0]), hashlib.sha1(np.asarray(i).tobytes()).hexdigest())
+                  for i, l in zip(images, labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# The converter and the shard reader
+
+def test_shards_hold_the_folders_pictures_and_labels(dataset, shards):
+    from wds2idx import IndexCreator          # DALI's own index tool, from its wheel
+    manifest = json.loads((shards / "train" / "manifest.json").read_text())
+    assert manifest["samples"] == 12 and manifest["classes"] == ["class0", "class1", "class2"]
+    assert manifest["class_counts"] == [4, 4, 4] and [s["samples"] for s in manifest["shards"]] == [6, 6]
+    for s in manifest["shards"]:
+        tar = shards / "train" / s["tar"]
+        assert hashlib.sha256(tar.read_bytes()).hexdigest() == s["sha256"]
+        IndexCreator(str(tar), str(shards / "ref.idx"), verbose=False).create_index()
+        assert (shards / "ref.idx").read_text() == (shards / "train" / s["index"]).read_text()
+    # shuffled across classes: the first shard is not one class
+    with tarfile.open(shards / "train" / "shard-000000.tar") as t:
+        labels = [int(t.extractfile(m).read()) for m in t if m.name.endswith(".cls")]
+    assert len(set(labels)) > 1
+    src = sources.open_source(shards / "train")
+    assert (src.format, src.size, src.classes) == ("webdataset", 12, ("class0", "class1", "class2"))
+    assert _samples(shards / "train") == _samples(dataset / "train")
+
+
+def test_two_ranks_over_shards_read_every_sample_once_per_epoch(shards):
+    src = sources.open_source(shards / "train")
+    seen = []
+    for rank in range(2):
+        @pipeline_def(batch_size=3, num_threads=1, device_id=None, seed=rank)
+        def graph():
+            data, label = src.reader(name="Reader", shard_id=rank, num_shards=2, shuffle=True)
+            return fn.get_property(data, key="source_info"), label
+        pipe = graph()
+        pipe.build()
+        assert pipe.reader_meta("Reader")["epoch_size_padded"] == 12
+        names = []
+        for _ in range(2):                     # 6 samples per rank: one epoch
+            info, _ = pipe.run()
+            names += [bytes(np.asarray(i)).decode() for i in info]
+        seen.append(names)
+    assert len(set(seen[0])) == 6 and len(set(seen[1])) == 6
+    assert not set(seen[0]) & set(seen[1]) and len(set(seen[0]) | set(seen[1])) == 12
+
+
+def _batches(pipe, n):
+    loader = DaliLoader(pipe, last_batch="drop")
+    out = []
+    for images, labels in loader:
+        out.append((images.clone(), labels.clone()))
+        if len(out) == n:
+            return out, loader
+
+
+def test_resume_mid_epoch_over_shards_gives_the_same_batches(shards):
+    def build(checkpoint=None):
+        return imagenet.train_pipeline(shards / "train", shards / "mixing", cfg=CFG, batch_size=2,
+                                       num_threads=1, device="cpu", seed=3, resize=36,
+                                       enable_checkpointing=True, checkpoint=checkpoint)
+    whole, _ = _batches(build(), 4)
+    first, loader = _batches(build(), 2)
+    state = loader.checkpoint()
+    rest, _ = _batches(build(state), 2)
+    for (a, la), (b, lb) in zip(whole, first + rest):
+        assert a.equal(b) and la.equal(lb)
+
+
+def test_converter_leaves_out_bad_pictures_and_never_half_writes(dataset, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "train"
+    shutil.copytree(dataset / "train", data)
+    (data / "class1" / "zz.jpg").write_bytes((data / "class1" / "001.jpg").read_bytes()[:500])
+    out = tmp_path / "out"
+    manifest = shard.convert(data, out, count=3, jobs=1)
+    assert manifest["samples"] == 12 and manifest["left_out"][0]["path"] == "class1/zz.jpg"
+    assert "class1/zz.jpg" in capsys.readouterr().out
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match="not empty; pass --overwrite"):
+        shard.convert(data, out, count=2, jobs=1)
+    real, calls = shard.write_shard, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(shard, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shard.convert(data, out, count=2, seed=1, jobs=1, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before     # the old set, untouched
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_filelist_reads_only_the_listed_files_without_walking_the_folders(dataset, tmp_path, monkeypatch):
+    listed = tmp_path / "good.txt"
+    listed.write_text("class0/000.jpg 0\nclass2/002.jpg 2\n")
+
+    def walk(*a, **kw):
+        raise AssertionError("the class folders were walked")
+    monkeypatch.setattr(readers, "_image_files", walk)
+    src = sources.open_source(dataset / "train", filelist=listed)
+    assert (src.files, src.labels, len(src.classes)) == (["class0/000.jpg", "class2/002.jpg"], [0, 2], 3)
+
+
+def test_a_training_run_lists_its_data_once(dataset, shards, tmp_path, monkeypatch):
+    calls = []
+    for name in ("class_folder_files", "picture_files"):
+        real = getattr(readers, name)
+        monkeypatch.setattr(readers, name, lambda *a, _real=real, _name=name, **kw:
+                            calls.append(_name) or _real(*a, **kw))
+    manifests = []
+    real_manifest = sources.read_manifest
+    monkeypatch.setattr(sources, "read_manifest", lambda *a, **kw: manifests.append(a[0]) or
+                        real_manifest(*a, **kw))
+    argv = _args(dataset, tmp_path / "run", "--max-steps", "1", "--epochs", "1")
+    argv[argv.index("--data-path"):argv.index("--data-path") + 2] = [
+        "--train-dir", str(shards / "train"), "--val-dir", str(dataset / "val")]
+    assert train.main(argv, model_factory=tiny_factory) == 0
+    assert sorted(calls) == ["class_folder_files", "picture_files"]     # val folders, mixing set
+    assert manifests == [str(shards / "train")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors of a shard set
+
+def _copy(shards, tmp_path, name="train"):
+    return shutil.copytree(shards / name, tmp_path / name)
+
+
+def test_a_shard_without_its_index_says_how_to_make_it(shards, tmp_path):
+    data = _copy(shards, tmp_path)
+    (data / "shard-000001.idx").unlink()
+    with pytest.raises(UserError, match=r"shard-000001.tar has no index file .*wds2idx"):
+        sources.open_source(data)
+
+
+def test_a_manifest_whose_counts_do_not_match_is_refused(shards, tmp_path):
+    data = _copy(shards, tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["shards"][0]["samples"] += 1
+    manifest["samples"] += 1
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"shard-000000.idx: indexes 6 samples but manifest.json says 7"):
+        sources.open_source(data)
+    manifest["shards"][0]["samples"] -= 1
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="the shards hold 12 samples but the manifest says 13"):
+        sources.open_source(data)
+
+
+def test_a_corrupt_member_mid_run_names_shard_member_and_verify(shards, tmp_path, capsys):
+    from dali_ipmix.cli import main
+    data = _copy(shards, tmp_path)
+    index = (data / "shard-000001.idx").read_text().splitlines()
+    ext, offset, size, member = index[2].split()[:4]          # the second sample's picture
+    with open(data / "shard-000001.tar", "r+b") as f:
+        f.seek(int(offset))
+        f.write(b"\x00garbage" * (int(size) // 8))
+    src = sources.open_source(data)
+    with pytest.raises(RuntimeError) as e:
+        _samples(src)
+    assert sources.explain_shard_error(e.value, [src], search_limit=0) is not None   # unnamed
+    err = sources.explain_shard_error(e.value, [src], search_limit=1000)
+    assert err is not None and f"{data}/shard-000001.tar, {member}: not_image" in str(err)
+    assert f"dali-ipmix verify {data}" in str(err)
+    assert main(["verify", str(data)]) == 1
+    assert f"shard-000001.tar, {member}: not_image" in capsys.readouterr().out
+
+
+def test_a_truncated_member_mid_run_is_named_by_dali(shards, tmp_path):
+    data = _copy(shards, tmp_path)
+    index = (data / "shard-000000.idx").read_text().splitlines()
+    _, offset, size, member = index[1].split()[:4]           # the first sample's picture
+    with open(data / "shard-000000.tar", "r+b") as f:        # the picture ends half-way
+        f.seek(int(offset) + int(size) // 2)
+        f.write(bytes(int(size) - int(size) // 2))
+    src = sources.open_source(data)
+    with pytest.raises(RuntimeError) as e:
+        _samples(src)
+    err = str(sources.explain_shard_error(e.value, [src]))
+    assert f"{data}/shard-000000.tar, member {member}" in err and f"dali-ipmix verify {data}" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# A real S3-compatible server on 127.0.0.1
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_server(**env):
+    """``moto_server`` as a process on a free loopback port (its endpoint URL); stopped however
+    the block ends, so no test leaves a server behind."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, **env))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start")
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def s3_server(dataset, shards):
+    """A moto server holding bucket ``data``: train/ val/ mixing/ class folders and
+    shards/{train,val,mixing}."""
+    pytest.importorskip("moto")
+    import boto3
+    with moto_server() as endpoint:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              aws_access_key_id="test", aws_secret_access_key="test")
+        client.create_bucket(Bucket="data")
+        for local, prefix in ((dataset, ""), (shards, "shards/")):
+            for folder, _, names in os.walk(local):
+                for name in names:
+                    path = os.path.join(folder, name)
+                    client.upload_file(path, "data", prefix + os.path.relpath(path, local))
+        yield endpoint
+
+
+@pytest.fixture
+def aws(s3_server, monkeypatch):
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    return s3_server
+
+
+def test_s3_folders_and_shards_read_like_the_local_folders(dataset, aws):
+    folders = sources.open_source("s3://data/train")
+    local = sources.open_source(dataset / "train")
+    assert (folders.files, folders.labels, folders.classes) == (local.files, local.labels, local.classes)
+    mixing = sources.open_source("s3://data/mixing", labelled=False)
+    assert mixing.files == readers.picture_files(dataset / "mixing")
+    shards = sources.open_source("s3://data/shards/train/")
+    assert (shards.format, shards.size, shards.classes) == ("webdataset", 12, local.classes)
+    pattern = sources.open_source("s3://data/shards/train/shard-{000001..000001}.tar")
+    assert pattern.size == 6 and pattern.shards == ["s3://data/shards/train/shard-000001.tar"]
+    expected = _samples(dataset / "train")
+    assert _samples(folders) == expected and _samples(shards) == expected
+
+
+def test_training_from_s3_lists_each_prefix_once(aws, tmp_path, monkeypatch, dataset):
+    listed = []
+    real = s3.list_prefix
+    monkeypatch.setattr(s3, "list_prefix", lambda uri, *a: listed.append(uri) or real(uri, *a))
+    argv = _args(dataset, tmp_path / "run", "--max-steps", "2", "--epochs", "1")
+    argv[argv.index("--data-path"):argv.index("--data-path") + 2] = ["--data-path", "s3://data/shards"]
+    argv[argv.index("--mixing-set") + 1] = "s3://data/mixing"
+    assert train.main(argv, model_factory=tiny_factory) == 0
+    assert sorted(listed) == ["s3://data/mixing", "s3://data/shards/train", "s3://data/shards/val"]
+
+
+@pytest.mark.parametrize("case", ["no_bucket", "no_prefix", "no_credentials", "denied", "unreachable"])
+def test_s3_errors_are_one_line_before_any_work(case, aws, monkeypatch, dataset, tmp_path, capsys):
+    uri, expect = {
+        "no_bucket": ("s3://nosuch/train", "bucket nosuch does not exist"),
+        "no_prefix": ("s3://data/nosuch", "no objects under prefix nosuch/ in bucket data"),
+        "no_credentials": ("s3://data/train", "no AWS credentials found"),
+        "denied": ("s3://data/train", "access denied"),
+        "unreachable": ("s3://data/train", "cannot reach http://127.0.0.1:"),
+    }[case]
+    if case == "no_credentials":
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    if case == "unreachable":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    out = tmp_path / "run"
+    argv = _args(dataset, out, "--max-steps", "1")
+    argv[argv.index("--data-path"):argv.index("--data-path") + 2] = [
+        "--train-dir", uri, "--val-dir", str(dataset / "val")]
+    with contextlib.ExitStack() as stack:
+        if case == "denied":      # a server that checks keys (IAM): "test" is no user's key
+            monkeypatch.setenv("AWS_ENDPOINT_URL",
+                               stack.enter_context(moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0")))
+        start = time.monotonic()
+        assert train.main(argv, model_factory=tiny_factory) == 2
+        assert time.monotonic() - start < 60
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err and uri in err, err
+    assert not out.exists()
