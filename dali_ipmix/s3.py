@@ -10,8 +10,13 @@ data source, so DALI's readers get an explicit file list and never list the buck
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
@@ -128,3 +133,52 @@ def read_object(uri: str, flag: str = "--data", byte_range: str = None) -> bytes
         return _client().get_object(Bucket=bucket, Key=key, **kw)["Body"].read()
     except Exception as e:
         raise _explain(e, flag, uri) from None
+
+
+@contextlib.contextmanager
+def loopback_server(**env):
+    """A real S3-compatible server (``moto_server``, from the test extra) as a process on a free
+    port of 127.0.0.1; yields its endpoint URL and stops it however the block ends (tests,
+    benchmarks).  ``env``: extra environment of the server (e.g. ``INITIAL_NO_AUTH_ACTION_COUNT="0"``:
+    check keys)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, **env))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start (pip install 'moto[server]')")
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def upload_tree(local, uri: str, endpoint: str) -> None:
+    """Every file under the folder ``local`` to ``uri`` (tests, benchmarks; the bucket is made)."""
+    import boto3
+    bucket, prefix = split(uri)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="test", aws_secret_access_key="test")
+    try:
+        client.create_bucket(Bucket=bucket)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    for folder, _, names in os.walk(local):
+        for name in names:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, local).replace(os.sep, "/")
+            client.upload_file(path, bucket, f"{prefix}/{rel}" if prefix else rel)

@@ -39,6 +39,18 @@ LABEL_MEMBER = "cls"
 # one DALI ``ext`` entry: whichever picture extension a sample has ("jpg;jpeg;png;...")
 PICTURE_MEMBERS = ";".join(e[1:] for e in readers.IMAGE_EXTENSIONS)
 LABEL_DIGITS = 9                 # the longest .cls label text read (labels up to 10^9 - 1)
+SHUFFLE_BUFFER = 1024            # DALI's default ``initial_fill``
+
+
+def _shuffle_kw(src: "DataSource", num_shards: int, shuffle: bool, seed) -> dict:
+    """The readers' shuffling arguments.  DALI fills its shuffle buffer (``initial_fill``
+    samples, read before the first batch) across epoch ends, so a set smaller than the buffer
+    would be read many times over at start-up -- over S3, 1024 requests per reader for a few
+    pictures -- for no extra randomness: the buffer is capped at the rank's share."""
+    kw = {} if seed is None else {"seed": seed}
+    if shuffle:
+        kw["initial_fill"] = max(1, min(SHUFFLE_BUFFER, -(-src.size // num_shards)))
+    return kw
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,7 +195,7 @@ def _folders_open(location, listing, *, flag, filelist, labelled) -> DataSource:
 
 def _folders_reader(src: DataSource, *, name, shard_id, num_shards, shuffle, seed, labelled):
     from nvidia.dali import fn
-    kw = {} if seed is None else {"seed": seed}
+    kw = _shuffle_kw(src, num_shards, shuffle, seed)
     if labelled:
         kw["labels"] = list(src.labels)
     data, labels = fn.readers.file(file_root=src.root, files=list(src.files), shard_id=shard_id,
@@ -323,7 +335,7 @@ def cls_label(cls):
 
 def _wds_reader(src: DataSource, *, name, shard_id, num_shards, shuffle, seed, labelled):
     from nvidia.dali import fn
-    kw = {} if seed is None else {"seed": seed}
+    kw = _shuffle_kw(src, num_shards, shuffle, seed)
     out = fn.readers.webdataset(
         paths=list(src.shards), index_paths=list(src.indices),
         ext=[PICTURE_MEMBERS] + ([LABEL_MEMBER] if labelled else []),

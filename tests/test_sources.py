@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import tarfile
 import time
 
@@ -236,49 +234,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def moto_server(**env):
-    """``moto_server`` as a process on a free loopback port (its endpoint URL); stopped however
-    the block ends, so no test leaves a server behind."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, **env))
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start")
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def s3_server(dataset, shards):
     """A moto server holding bucket ``data``: train/ val/ mixing/ class folders and
     shards/{train,val,mixing}."""
     pytest.importorskip("moto")
-    import boto3
-    with moto_server() as endpoint:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id="test", aws_secret_access_key="test")
-        client.create_bucket(Bucket="data")
-        for local, prefix in ((dataset, ""), (shards, "shards/")):
-            for folder, _, names in os.walk(local):
-                for name in names:
-                    path = os.path.join(folder, name)
-                    client.upload_file(path, "data", prefix + os.path.relpath(path, local))
+    with s3.loopback_server() as endpoint:
+        s3.upload_tree(dataset, "s3://data", endpoint)
+        s3.upload_tree(shards, "s3://data/shards", endpoint)
         yield endpoint
 
 
@@ -341,10 +304,28 @@ def test_s3_errors_are_one_line_before_any_work(case, aws, monkeypatch, dataset,
     with contextlib.ExitStack() as stack:
         if case == "denied":      # a server that checks keys (IAM): "test" is no user's key
             monkeypatch.setenv("AWS_ENDPOINT_URL",
-                               stack.enter_context(moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0")))
+                               stack.enter_context(s3.loopback_server(INITIAL_NO_AUTH_ACTION_COUNT="0")))
         start = time.monotonic()
         assert train.main(argv, model_factory=tiny_factory) == 2
         assert time.monotonic() - start < 60
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expect in err and uri in err, err
     assert not out.exists()
+
+
+def test_preview_and_bench_take_shards_and_s3(shards, aws, tmp_path):
+    from dali_ipmix.bench.runner import run_bench
+    from dali_ipmix.cli import main
+    assert main(["preview", "--data", "s3://data/shards/train", "--mixing", str(shards / "mixing"),
+                 "--image-size", "32", "--k", "1", "--t", "1", "--n", "2", "--tile", "32",
+                 "--out", str(tmp_path / "sheet.png")]) == 0
+    assert json.loads((tmp_path / "sheet.json").read_text())["data"] == "s3://data/shards/train"
+    record = run_bench(data=str(shards / "train"), mixing="s3://data/mixing", contenders=["dali-plain"],
+                       threads=[1], batch_size=4, image_size=32, warmup=0, iters=2, device="cpu",
+                       log=lambda m: None)
+    assert record["data"]["train_format"] == "webdataset" and record["data"]["images"] == 12
+    assert record["rows"][0]["error"] is None and record["rows"][0]["images_per_s"] > 0
+    with pytest.raises(UserError, match="the PIL rows .* read local class folders"):
+        run_bench(data=str(shards / "train"), mixing=str(shards / "mixing"), contenders=["reference"],
+                  threads=[1], batch_size=4, image_size=32, warmup=0, iters=1, device="cpu",
+                  log=lambda m: None)
