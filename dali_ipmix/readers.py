@@ -241,8 +241,8 @@ def mixing_cache_mb(source) -> int:
 def mixing_pictures(mixing, *, device, size, resize, seed=None, files=None, stream_seed=None,
                     cache_mb="auto"):
     """The mixing-set reader (``mixing``: a ``sources.DataSource`` or a location; ``files``: the
-    pictures under a folder, instead of listing it): its own shuffling and seed; Resize(shorter side -> resize) then
-    RandomCrop(size), as the official code prepares the fractal picture.
+    pictures under a folder, instead of listing it): its own shuffling and seed; Resize(shorter
+    side -> resize) then RandomCrop(size), as the official code prepares the fractal picture.
 
     ``stream_seed`` (one per rank): the order the reader walks the pictures in.  DALI's reader
     shuffles its file list with one fixed seed and then picks from a 1024-file buffer, so readers

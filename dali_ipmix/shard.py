@@ -285,7 +285,8 @@ def register(subparsers) -> None:
     p.add_argument("--shards", type=int, default=None, metavar="N",
                    help="write N shards of equal sample counts instead of --shard-size")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order (default %(default)s)")
-    p.add_argument("--jobs", type=int, default=None, help="worker processes of the checks (default: one per CPU)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="worker processes of the checks (default: one per CPU)")
     p.add_argument("--overwrite", action="store_true",
                    help="reuse a non-empty OUT, replacing its shard files and manifest (other files stay)")
     p.set_defaults(func=_run)

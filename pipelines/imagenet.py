@@ -1,6 +1,7 @@
 """The ImageNet IPMix training graph and the validation graph.
 
-Training: the data source's reader (class folders, tar shards, S3; sharded per rank) -> decode fused with RandomResizedCrop -> resize 224 ->
+Training: the data source's reader (class folders, tar shards, S3; sharded per rank) -> decode
+fused with RandomResizedCrop -> resize 224 ->
 flip -> IPMix (mixing pictures from a second reader: resize 256 + random crop 224) -> normalised
 CHW views [V, 3, 224, 224] (clean + 2 IPMix views with JSD) and labels.
 Validation: resize 256 -> center crop 224 -> normalised CHW.

@@ -17,12 +17,11 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dali_ipmix import s3, shard, sources  # noqa: E402
+from dali_ipmix import s3, shard  # noqa: E402
 from dali_ipmix.bench.data import write_pictures, write_sources  # noqa: E402
 from dali_ipmix.bench.runner import run_bench  # noqa: E402
 
@@ -60,30 +59,33 @@ def startup(n: int, classes: int = 1000) -> dict:
     """Set-up seconds of ``train.py --max-steps 1`` (its summary's "setup": flags, data listing
     and check, model, pipelines built, first batches) on ``n`` training files in ``classes``
     class folders, from the folders and from a verified file list of them.  The files are hard
-    links to one small JPEG: the listing is the real one, the disk holds one picture."""
+    links to one small JPEG per class: the listing is the real one, the disk holds few pictures."""
+    import shutil
     import subprocess
     from PIL import Image
     tmp = Path(tempfile.mkdtemp(prefix="bench-startup-"))
-    one = tmp / "one.jpg"
-    Image.new("RGB", (48, 40), (90, 120, 200)).save(one, quality=90)
+    (tmp / "pictures").mkdir()
+    Image.new("RGB", (48, 40), (90, 120, 200)).save(tmp / "one.jpg", quality=90)
     lines = []
     for c in range(classes):
         for split in ("train", "val"):
             (tmp / split / f"n{c:08d}").mkdir(parents=True)
-        os.link(one, tmp / "val" / f"n{c:08d}" / "0.JPEG")
+        shutil.copy(tmp / "one.jpg", tmp / "pictures" / f"{c}.jpg")   # hard links per file are limited
+        os.link(tmp / "pictures" / f"{c}.jpg", tmp / "val" / f"n{c:08d}" / "0.JPEG")
     for i in range(n):
         rel = f"n{i % classes:08d}/{i:07d}.JPEG"
-        os.link(one, tmp / "train" / rel)
+        os.link(tmp / "pictures" / f"{i % classes}.jpg", tmp / "train" / rel)
         lines.append(f"{rel} {i % classes}\n")
     (tmp / "mixing").mkdir()
     for i in range(8):
-        os.link(one, tmp / "mixing" / f"{i}.jpg")
+        os.link(tmp / "one.jpg", tmp / "mixing" / f"{i}.jpg")
     (tmp / "list.txt").write_text("".join(lines))
     timings = {}
     root = Path(__file__).resolve().parent.parent
     for name, extra in (("class folders", []), ("file list", ["--train-filelist", str(tmp / "list.txt")])):
         run = subprocess.run([sys.executable, str(root / "train.py"), "--data-path", str(tmp),
-                              "--mixing-set", str(tmp / "mixing"), "--output-dir", str(tmp / f"run-{len(timings)}"),
+                              "--mixing-set", str(tmp / "mixing"),
+                              "--output-dir", str(tmp / f"run-{len(timings)}"),
                               "--arch", "resnet18", "--image-size", "32", "--batch-size", "8",
                               "--workers", "2", "--max-steps", "1", "--no-tensorboard", *extra],
                              capture_output=True, text=True)
