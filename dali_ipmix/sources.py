@@ -306,6 +306,12 @@ def _wds_open(location, listing, *, flag, filelist, labelled) -> DataSource:
                 listing is None and not os.path.isfile(os.path.join(base, s["tar"])):
             raise UserError(f"{flag} {location}: shard {s['tar']} listed in {MANIFEST} is missing; "
                             f"copy the whole shard set")
+        size = listing.objects[s["tar"]] if listing is not None else \
+            os.path.getsize(os.path.join(base, s["tar"]))
+        if "bytes" in s and size != s["bytes"]:
+            raise UserError(f"{flag} {base}/{s['tar']}: {size} bytes but {MANIFEST} says {s['bytes']}: "
+                            f"truncated or replaced; copy it again (`dali-ipmix verify {base}` checks "
+                            f"every member)")
         found = index_count(_read(base, s["index"], flag, listing, byte_range="bytes=0-63"))
         if found != s["samples"]:
             raise UserError(f"{flag} {base}/{s['index']}: indexes {found} samples but {MANIFEST} says "
@@ -364,6 +370,7 @@ def local_folders(items) -> List[str]:
 
 
 # DALI's webdataset reader names a sample "<shard.tar>:<offset>:<member>" in its errors
+_BAD_INDEX = re.compile(r'Malformed index file at "(?P<index>[^"]+)" line (?P<line>\d+)')
 _MEMBER = re.compile(r"(?P<shard>[^\s'\"]+\.tar):(?P<offset>\d+):(?P<member>[^\s'\"]+)")
 
 
@@ -379,6 +386,11 @@ def explain_shard_error(exc: BaseException, data: Sequence, search_limit: int = 
         return None
     text = str(exc)
     hint = "write the shards again with `dali-ipmix shard ... --overwrite` (bad pictures are left out)"
+    bad_index = _BAD_INDEX.search(text)
+    if bad_index is not None:        # the tar is shorter than its index says
+        return UserError(f"{bad_index.group('index')}, line {bad_index.group('line')}: points past the "
+                         f"end of its shard (truncated); list every bad shard with `dali-ipmix verify "
+                         f"{shard_sets[0].root}`, then copy the shard set again or {hint}")
     m = _MEMBER.search(text)
     if m is not None:
         owner = next((s for s in shard_sets if m.group("shard") in s.shards), shard_sets[0])

@@ -329,3 +329,21 @@ def test_preview_and_bench_take_shards_and_s3(shards, aws, tmp_path):
         run_bench(data=str(shards / "train"), mixing=str(shards / "mixing"), contenders=["reference"],
                   threads=[1], batch_size=4, image_size=32, warmup=0, iters=1, device="cpu",
                   log=lambda m: None)
+
+
+def test_a_truncated_shard_is_refused_before_and_named_during_a_run(shards, tmp_path):
+    data = _copy(shards, tmp_path)
+    tar = data / "shard-000001.tar"
+    os.truncate(tar, tar.stat().st_size - 10000)
+    with pytest.raises(UserError, match=r"shard-000001.tar: \d+ bytes but manifest.json says \d+: truncated"):
+        sources.open_source(data)
+    manifest = json.loads((data / "manifest.json").read_text())    # a manifest without sizes:
+    for s in manifest["shards"]:                                     # met when DALI reads it
+        del s["bytes"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    src = sources.open_source(data)
+    with pytest.raises(RuntimeError) as e:
+        _samples(src)
+    err = str(sources.explain_shard_error(e.value, [src]))
+    assert f"{data}/shard-000001.idx, line" in err and "past the end of its shard" in err
+    assert f"dali-ipmix verify {data}" in err
