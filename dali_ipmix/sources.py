@@ -336,7 +336,7 @@ def cls_label(cls):
     weights = types.Constant(np.array([10 ** (LABEL_DIGITS - 1 - k) for k in range(LABEL_DIGITS)],
                                       np.int32))
     value = fn.reductions.sum((fn.cast(digits, dtype=types.INT32) - ord("0")) * weights, axes=[0])
-    return fn.reshape(value, shape=[1])
+    return fn.reshape(fn.cast(value, dtype=types.INT32), shape=[1])   # as fn.readers.file's labels
 
 
 def _wds_reader(src: DataSource, *, name, shard_id, num_shards, shuffle, seed, labelled):

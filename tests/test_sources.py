@@ -68,6 +68,20 @@ def test_shards_hold_the_folders_pictures_and_labels(dataset, shards):
     assert _samples(shards / "train") == _samples(dataset / "train")
 
 
+def test_cls_members_become_their_labels():
+    texts = [b"0", b"7", b"417", b"1000", b"999999999", b"000123"]
+
+    @pipeline_def(batch_size=len(texts), num_threads=1, device_id=None)
+    def graph():
+        cls = fn.external_source(source=lambda: [np.frombuffer(t, np.uint8) for t in texts])
+        return sources.cls_label(cls)
+    pipe = graph()
+    pipe.build()
+    labels = [np.asarray(x) for x in pipe.run()[0]]
+    assert all(x.dtype == np.int32 and x.shape == (1,) for x in labels)
+    assert [int(x[0]) for x in labels] == [int(t) for t in texts]
+
+
 def test_two_ranks_over_shards_read_every_sample_once_per_epoch(shards):
     src = sources.open_source(shards / "train")
     seen = []
