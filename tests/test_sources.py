@@ -20,7 +20,7 @@ from dali_ipmix import readers, s3, shard, sources
 from dali_ipmix.errors import UserError
 from dali_ipmix.loader import DaliLoader
 from pipelines import imagenet
-from test_train import _args, tiny_factory
+from test_train import _args, _two_ranks, tiny_factory
 
 CFG = C.IMAGENET.replace(k=2, t=2, image_size=32, patch_sizes=(4, 8, 16))
 
@@ -99,6 +99,35 @@ def test_two_ranks_over_shards_read_every_sample_once_per_epoch(shards):
             names += [bytes(np.asarray(i)).decode() for i in info]
         seen.append(names)
     assert len(set(seen[0])) == 6 and len(set(seen[1])) == 6
+    assert not set(seen[0]) & set(seen[1]) and len(set(seen[0]) | set(seen[1])) == 12
+
+
+def test_two_gloo_ranks_over_shards_see_every_sample_once_per_epoch(shards, tmp_path):
+    # each rank: the training pipeline's reader on shard RANK of WORLD_SIZE, one epoch through
+    # DaliLoader; the samples' names are gathered over gloo
+    script = ("import sys, json, numpy as np, torch.distributed as dist\n"
+              "from nvidia.dali import fn, pipeline_def\n"
+              "from dali_ipmix import sources\n"
+              "from dali_ipmix.loader import DaliLoader\n"
+              "dist.init_process_group('gloo')\n"
+              "rank, world = dist.get_rank(), dist.get_world_size()\n"
+              "src = sources.open_source(sys.argv[1])\n"
+              "@pipeline_def(batch_size=2, num_threads=1, device_id=None, seed=rank)\n"
+              "def graph():\n"
+              "    data, label = src.reader(name='Reader', shard_id=rank, num_shards=world, shuffle=True)\n"
+              "    return fn.pad(fn.get_property(data, key='source_info'), axes=[0], shape=[200]), label\n"
+              "names = []\n"
+              "for info, _ in DaliLoader(graph(), last_batch='partial', flatten_views=False):\n"
+              "    names += [bytes(row.tolist()).rstrip(b'\\0').decode() for row in info]\n"
+              "every = [None] * world\n"
+              "dist.all_gather_object(every, names)\n"
+              "if rank == 0:\n"
+              "    json.dump(every, open(sys.argv[2], 'w'))\n"
+              "dist.destroy_process_group()\n")
+    codes, outs = _two_ranks(script, str(shards / "train"), str(tmp_path / "seen.json"))
+    assert codes == [0, 0], outs
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert [len(s) for s in seen] == [6, 6]
     assert not set(seen[0]) & set(seen[1]) and len(set(seen[0]) | set(seen[1])) == 12
 
 
