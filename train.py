@@ -81,11 +81,12 @@ def get_args_parser(add_help=True):
 
 def add_data_args(g):
     g.add_argument("--data-path", default=None, help="folder with train/ and val/ class folders "
-                   "(omit for the built-in demo)")
+                   "or shard sets (`dali-ipmix shard`), or s3://bucket/prefix of them (omit for the "
+                   "built-in demo; docs/scaling.md)")
     g.add_argument("--train-dir", default=None, help="training class folder (default DATA_PATH/train)")
     g.add_argument("--val-dir", default=None, help="validation class folder (default DATA_PATH/val)")
-    g.add_argument("--mixing-set", default=None, help="folder of mixing pictures (fractals); "
-                   "make one with `dali-ipmix fractals --out DIR --count N`")
+    g.add_argument("--mixing-set", default=None, help="folder of mixing pictures (fractals; or a "
+                   "shard set, s3://); make one with `dali-ipmix fractals --out DIR --count N`")
     g.add_argument("--train-filelist", default=None, metavar="FILE", help="train only on the files "
                    "listed (`dali-ipmix verify TRAIN_DIR --write-filelist FILE` leaves out bad ones)")
     g.add_argument("--val-filelist", default=None, metavar="FILE", help="the same for validation")

@@ -390,3 +390,16 @@ def test_a_truncated_shard_is_refused_before_and_named_during_a_run(shards, tmp_
     err = str(sources.explain_shard_error(e.value, [src]))
     assert f"{data}/shard-000001.idx, line" in err and "past the end of its shard" in err
     assert f"dali-ipmix verify {data}" in err
+
+
+def test_shard_command_cuts_by_size_and_refuses_a_bad_size(dataset, tmp_path, capsys):
+    from dali_ipmix.cli import main
+    out = tmp_path / "out"
+    assert main(["shard", str(dataset / "train"), str(out), "--shard-size", "20kB", "--jobs", "1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    sizes = [s["bytes"] for s in manifest["shards"]]
+    assert len(sizes) > 2 and sum(s["samples"] for s in manifest["shards"]) == 12
+    assert all(size <= 20 * 1024 + 10240 for size in sizes)    # tar's end blocks on top
+    assert main(["shard", str(dataset / "train"), str(tmp_path / "o2"), "--shard-size", "big"]) == 2
+    assert "--shard-size big" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
