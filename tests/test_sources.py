@@ -403,3 +403,18 @@ def test_shard_command_cuts_by_size_and_refuses_a_bad_size(dataset, tmp_path, ca
     assert main(["shard", str(dataset / "train"), str(tmp_path / "o2"), "--shard-size", "big"]) == 2
     assert "--shard-size big" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_training_on_a_shard_set_with_a_corrupt_member_stops_with_one_line(dataset, shards, tmp_path, capsys):
+    data = _copy(shards, tmp_path)
+    _, offset, size, member = (data / "shard-000000.idx").read_text().splitlines()[3].split()[:4]
+    with open(data / "shard-000000.tar", "r+b") as f:
+        f.seek(int(offset))
+        f.write(b"\x00garbage" * (int(size) // 8))
+    argv = _args(dataset, tmp_path / "run", "--max-steps", "6")
+    argv[argv.index("--data-path"):argv.index("--data-path") + 2] = [
+        "--train-dir", str(data), "--val-dir", str(dataset / "val")]
+    assert train.main(argv, model_factory=tiny_factory) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{data}/shard-000000.tar, {member}: not_image" in err and f"dali-ipmix verify {data}" in err
