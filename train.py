@@ -306,20 +306,37 @@ def resolve_data(args, state):
     val_dir = args.val_dir or (f"{root}/val" if root else None)
     if val_dir is None:
         raise UserError("--train-dir given without --val-dir (or --data-path with a val/ folder)")
-    if not s3.is_s3(val_dir) and not Path(val_dir).is_dir():
-        raise UserError(f"validation folder {val_dir} does not exist (expected class folders "
-                        f"val/<class>/*.jpg or a shard set; give --val-dir)")
     train_flag = "--train-dir" if args.train_dir else "--data-path train"
     args.train_dir, args.val_dir = str(train_dir), str(val_dir)
     check_data(args, state, train_flag)
 
 
 def check_data(args, state, train_flag="--data-path train"):
-    """List the data, once: ``args.train_dir`` / ``val_dir`` / ``mixing_set`` become their
-    ``sources.DataSource`` records (class folders, shard sets, s3://), which the pipelines are
-    built from; count them (into ``state.num_classes``, ``num_train``, ``num_val``) and compare
-    the batch with a shard; raises UserError."""
+    """List the data once per run: rank 0 opens the data sources (class folders, shard sets,
+    s3://) and sends the records to the other ranks, so a bucket or a parallel file system is
+    listed once, not once per rank; ``args.train_dir`` / ``val_dir`` / ``mixing_set`` become the
+    records, which the pipelines are built from.  Counts them (into ``state.num_classes``,
+    ``num_train``, ``num_val``); raises UserError on every rank."""
+    found, error = [None, None, None], None
+    if state.is_main:
+        try:
+            found = list(open_data(args, state, train_flag))
+        except UserError as e:        # sent with the records: the other ranks wait in this broadcast
+            error = str(e)
+    *found, error = distributed.broadcast([*found, error], state.world_size)
+    if error:
+        raise UserError(error)
+    train, val, _ = found
+    args.train_dir, args.val_dir, args.mixing_set = found
+    state.num_classes, state.num_train, state.num_val = len(train.classes), train.size, val.size
+
+
+def open_data(args, state, train_flag):
+    """(train, val, mixing) data sources, checked against each other and the batch size."""
     from dali_ipmix import sources
+    if not s3.is_s3(args.val_dir) and not Path(args.val_dir).is_dir():
+        raise UserError(f"validation folder {args.val_dir} does not exist (expected class folders "
+                        f"val/<class>/*.jpg or a shard set; give --val-dir)")
     train = sources.open_source(args.train_dir, flag=train_flag, filelist=args.train_filelist)
     val = sources.open_source(args.val_dir, flag="--val-dir", filelist=args.val_filelist)
     mixing = sources.open_source(args.mixing_set, flag="--mixing-set", filelist=args.mixing_filelist,
@@ -332,8 +349,7 @@ def check_data(args, state, train_flag="--data-path train"):
     if args.batch_size > shard:
         raise UserError(f"--batch-size {args.batch_size} is larger than a shard: {train.size} training "
                         f"images / {state.world_size} rank(s) = {shard} per rank; lower --batch-size")
-    args.train_dir, args.val_dir, args.mixing_set = train, val, mixing
-    state.num_classes, state.num_train, state.num_val = len(train.classes), train.size, val.size
+    return train, val, mixing
 
 
 def load_data(args, state, cfg, dali_checkpoint=None):

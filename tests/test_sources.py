@@ -418,3 +418,22 @@ def test_training_on_a_shard_set_with_a_corrupt_member_stops_with_one_line(datas
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert f"{data}/shard-000000.tar, {member}: not_image" in err and f"dali-ipmix verify {data}" in err
+
+
+def test_two_ranks_training_from_s3_list_the_bucket_once(aws, dataset, tmp_path):
+    # rank 0 lists each prefix and sends the records; rank 1 lists nothing
+    script = ("import os, sys, train, test_train\n"
+              "from dali_ipmix import s3\n"
+              "calls, real = [], s3.list_prefix\n"
+              "s3.list_prefix = lambda uri, *a: calls.append(uri) or real(uri, *a)\n"
+              "rc = train.main(sys.argv[1:], model_factory=test_train.tiny_factory)\n"
+              "print('LISTED', os.environ['RANK'], sorted(calls))\n"
+              "sys.exit(rc)\n")
+    argv = _args(dataset, tmp_path / "run", "--max-steps", "1", "--epochs", "1", "--batch-size", "2")
+    argv[argv.index("--data-path") + 1] = "s3://data/shards"
+    argv[argv.index("--mixing-set") + 1] = "s3://data/shards/mixing"
+    codes, outs = _two_ranks(script, *argv, timeout=240)
+    assert codes == [0, 0], outs
+    assert ("LISTED 0 ['s3://data/shards/mixing', 's3://data/shards/train', 's3://data/shards/val']"
+            in outs[0]), outs[0]
+    assert "LISTED 1 []" in outs[1], outs[1]
