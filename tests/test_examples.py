@@ -47,3 +47,25 @@ def test_pytorch_loop_resumes_with_the_exact_next_batch(dataset, tmp_path):
     assert (whole["epoch"], whole["step"]) == (resumed["epoch"], resumed["step"]) == (1, 4)
     _assert_same_weights(_weights(whole["model"]), _weights(resumed["model"]))
     assert not torch.equal(whole["model"]["fc.weight"], stopped["model"]["fc.weight"])
+
+
+def test_lightning_run_resumed_mid_epoch_from_its_checkpoint_matches_an_uninterrupted_one(dataset, tmp_path):
+    lit = example("lightning_module")
+
+    def run(out, *extra):
+        trainer = lit.main(lit.get_args_parser().parse_args([
+            "--data-path", str(dataset), "--mixing", str(dataset / "mixing"), "--preset", "cifar",
+            "--model", "resnet18", "--batch-size", "4", "--workers", "1", "--epochs", "2",
+            "--lr", "0.05", "--devices", "1", "--output-dir", str(out), *extra]))
+        return trainer, {k: v.clone() for k, v in trainer.lightning_module.model.state_dict().items()}
+
+    _, whole = run(tmp_path / "a", "--max-steps", "4", "--ckpt-every", "100")
+    _, stopped = run(tmp_path / "b", "--max-steps", "2", "--ckpt-every", "2")
+    ckpt = tmp_path / "b" / "epoch=0-step=2.ckpt"
+    # Lightning keeps the train dataloader's state_dict() in its checkpoint (fit loop, "combined_loader")
+    saved = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert saved[0]["batch_size"] == 4 and saved[0]["positions"][0]
+    trainer, resumed = run(tmp_path / "b", "--max-steps", "4", "--ckpt-every", "100", "--resume", str(ckpt))
+    assert trainer.global_step == 4
+    _assert_same_weights(_weights(whole), _weights(resumed))
+    assert not torch.equal(whole["fc.weight"], stopped["fc.weight"])
