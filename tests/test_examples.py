@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+from test_ipmix_loader import solid  # noqa: F401  (the fixture: one colour per file)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,3 +71,36 @@ def test_lightning_run_resumed_mid_epoch_from_its_checkpoint_matches_an_uninterr
     assert trainer.global_step == 4
     _assert_same_weights(_weights(whole), _weights(resumed))
     assert not torch.equal(whole["fc.weight"], stopped["fc.weight"])
+
+
+def test_timm_jsd_trains_on_view_major_chunks_with_the_clean_labels(solid, monkeypatch):
+    import timm
+    from dali_ipmix import config as C
+    from test_ipmix_loader import _file_of
+    ex = example("timm_jsd")
+    batches = []                 # what the model and the loss were given at each step
+    create, jsd = timm.create_model, ex.JsdCrossEntropy
+
+    def recording_model(*a, **kw):
+        model = create(*a, **kw)
+        model.register_forward_pre_hook(lambda m, inp: batches.append([inp[0].detach().clone()]))
+        return model
+
+    class RecordingJsd(jsd):
+        def __call__(self, output, target):
+            batches[-1].append(target.clone())
+            return super().__call__(output, target)
+
+    monkeypatch.setattr(ex.timm, "create_model", recording_model)
+    monkeypatch.setattr(ex, "JsdCrossEntropy", RecordingJsd)
+    model, losses = ex.main(ex.get_args_parser().parse_args([
+        "--data-path", str(solid / "train"), "--mixing", str(solid / "mixing"), "--preset", "cifar",
+        "--model", "resnet10t", "--split-bn", "--steps", "4", "--batch-size", "4", "--workers", "1",
+        "--lr", "0.01"]))
+    assert len(losses) == len(batches) == 4 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert any(isinstance(m, timm.layers.SplitBatchNorm2d) for m in model.modules())
+    for images, labels in batches:
+        # the first third is the clean views, one file's colour each, of the labels' classes
+        files = [_file_of(x, C.CIFAR) for x in images[:labels.numel()]]
+        assert images.shape[0] == 3 * labels.numel() and None not in files, files
+        assert [f % 3 for f in files] == labels.tolist()

@@ -43,9 +43,11 @@ def _loader(data, **kw):
     return IPMixLoader(data / "train", data / "mixing", **kw)
 
 
-def _file_of(view):
-    """The index of the solid colour a normalised clean view [3, S, S] shows (None: not one colour)."""
-    pixels = view.float() * torch.tensor(CFG.std).view(3, 1, 1) * 255 + torch.tensor(CFG.mean).view(3, 1, 1) * 255
+def _file_of(view, cfg=CFG):
+    """The index of the solid colour a normalised clean view [3, S, S] shows (None: not one colour);
+    4-px borders left out (the CIFAR crop pads with up to 4 black pixels)."""
+    view = view[:, 4:-4, 4:-4]
+    pixels = (view.float() * torch.tensor(cfg.std).view(3, 1, 1) + torch.tensor(cfg.mean).view(3, 1, 1)) * 255
     if pixels.flatten(1).std(1).max() > 2:
         return None
     dist = (torch.tensor(solid_colours(N_SOLID), dtype=torch.float) - pixels.flatten(1).mean(1)).norm(dim=1)
