@@ -29,7 +29,6 @@ import torch
 
 from . import config as C
 from . import readers
-from .errors import UserError
 from .loader import LAST_BATCH_POLICIES, DaliLoader
 
 VIEWS_LAYOUTS = ("sample_major", "view_major")
@@ -42,15 +41,29 @@ def _bad(owner: str, name: str, why: str):
     raise ValueError(f"{owner}: {name} {why}")
 
 
+def ranks_from_env() -> Tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) in a plain process."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def dali_gpu_count() -> int:
+    try:
+        from nvidia.dali.backend import GetCUDADeviceCount
+        return int(GetCUDADeviceCount())
+    except Exception:
+        return 0
+
+
 def resolve_ranks(rank: Optional[int] = None, world_size: Optional[int] = None) -> Tuple[int, int, int]:
     """(rank, world size, local rank): the arguments when given, else ``torch.distributed`` when it
     is initialised, else torchrun's environment, else (0, 1, 0)."""
     import torch.distributed as dist
-    env_local = int(os.environ.get("LOCAL_RANK", "0"))
+    env_rank, env_world, env_local = ranks_from_env()
     if rank is None and world_size is None:
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size(), env_local
-        return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), env_local)
+        return env_rank, env_world, env_local
     if rank is None or world_size is None:
         raise ValueError("rank and world_size: give both or neither (neither: taken from "
                          "torch.distributed or torchrun's environment)")
@@ -65,7 +78,6 @@ def resolve_device(device, local_rank: int) -> Tuple[torch.device, str, Optional
     """(torch device, DALI device, DALI device id) for ``device``: "auto" (the local rank's GPU when
     PyTorch and DALI both see one, else the CPU), "cpu", "gpu" / "cuda" (the local rank's GPU),
     "cuda:N" or a ``torch.device``."""
-    from .training.distributed import dali_gpu_count
     if isinstance(device, str) and device in ("auto", "gpu", "cuda"):
         cuda_ok = torch.cuda.is_available() and dali_gpu_count() > 0
         if device != "auto" and not cuda_ok:

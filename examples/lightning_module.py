@@ -55,7 +55,7 @@ class IPMixClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
-        loss, clean = ipmix_loss(self.model(images), labels, self.hparams.views,
+        loss, _ = ipmix_loss(self.model(images), labels, self.hparams.views,
                                  views_layout=self.hparams.views_layout)
         self.log("train_loss", loss, prog_bar=True)
         return loss

@@ -60,7 +60,7 @@ def train_one_epoch(model, optimizer, lr_scheduler, scaler, loader, device, epoc
     for images, labels in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(images)
-        loss, clean = ipmix_loss(logits, labels, loader.views, views_layout=loader.views_layout)
+        loss, _ = ipmix_loss(logits, labels, loader.views, views_layout=loader.views_layout)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
