@@ -78,23 +78,20 @@ def resolve_device(device, local_rank: int) -> Tuple[torch.device, str, Optional
     """(torch device, DALI device, DALI device id) for ``device``: "auto" (the local rank's GPU when
     PyTorch and DALI both see one, else the CPU), "cpu", "gpu" / "cuda" (the local rank's GPU),
     "cuda:N" or a ``torch.device``."""
-    if isinstance(device, str) and device in ("auto", "gpu", "cuda"):
-        cuda_ok = torch.cuda.is_available() and dali_gpu_count() > 0
-        if device != "auto" and not cuda_ok:
-            raise ValueError(f"device={device!r}: no CUDA GPU usable by both PyTorch and DALI here; "
-                             "use device='cpu'")
-        if not cuda_ok:
-            return torch.device("cpu"), "cpu", None
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if isinstance(device, str) and device == "auto":
+        device = "cuda" if torch.cuda.is_available() and dali_gpu_count() > 0 else "cpu"
     try:
-        device = torch.device(device)
+        device = torch.device("cuda" if device == "gpu" else device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device={device!r}: use 'auto', 'cpu', 'gpu' or 'cuda:N'") from None
     if device.type == "cpu":
         return device, "cpu", None
     if device.type != "cuda":
         raise ValueError(f"device={str(device)!r}: DALI runs on 'cpu' or 'cuda' devices")
-    index = torch.cuda.current_device() if device.index is None else device.index
+    if not (torch.cuda.is_available() and dali_gpu_count() > 0):
+        raise ValueError(f"device={str(device)!r}: no CUDA GPU usable by both PyTorch and DALI here; "
+                         "use device='cpu'")
+    index = local_rank % torch.cuda.device_count() if device.index is None else device.index
     return torch.device("cuda", index), "gpu", index
 
 

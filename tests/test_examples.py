@@ -61,13 +61,13 @@ def test_lightning_run_resumed_mid_epoch_from_its_checkpoint_matches_an_uninterr
             "--lr", "0.05", "--devices", "1", "--output-dir", str(out), *extra]))
         return trainer, {k: v.clone() for k, v in trainer.lightning_module.model.state_dict().items()}
 
-    _, whole = run(tmp_path / "a", "--max-steps", "4", "--ckpt-every", "100")
+    _, whole = run(tmp_path / "a", "--max-steps", "4", "--ckpt-every", "2")
     _, stopped = run(tmp_path / "b", "--max-steps", "2", "--ckpt-every", "2")
     ckpt = tmp_path / "b" / "epoch=0-step=2.ckpt"
     # Lightning keeps the train dataloader's state_dict() in its checkpoint (fit loop, "combined_loader")
     saved = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert saved[0]["batch_size"] == 4 and saved[0]["positions"][0]
-    trainer, resumed = run(tmp_path / "b", "--max-steps", "4", "--ckpt-every", "100", "--resume", str(ckpt))
+    trainer, resumed = run(tmp_path / "b", "--max-steps", "4", "--ckpt-every", "2", "--resume", str(ckpt))
     assert trainer.global_step == 4
     _assert_same_weights(_weights(whole), _weights(resumed))
     assert not torch.equal(whole["fc.weight"], stopped["fc.weight"])

@@ -139,6 +139,23 @@ def test_bad_arguments_are_one_line_errors_naming_the_argument(solid, kw, match)
     assert "\n" not in str(e.value)
 
 
+def test_ranks_come_from_the_process_group_else_torchrun_else_one_process(monkeypatch):
+    from dali_ipmix.ipmix_loader import resolve_device, resolve_ranks
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert resolve_ranks() == (0, 1, 0)
+    assert resolve_ranks(1, 2) == (1, 2, 1)
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_ranks() == (5, 8, 1)       # (the process group's case: the two-rank test)
+    assert resolve_device("cpu", 1) == (torch.device("cpu"), "cpu", None)
+    if not torch.cuda.is_available():
+        assert resolve_device("auto", 1) == (torch.device("cpu"), "cpu", None)
+        with pytest.raises(ValueError, match="device='cuda:0': no CUDA GPU"):
+            resolve_device("cuda:0", 0)
+
+
 def test_missing_folders_name_the_argument(solid, tmp_path):
     from dali_ipmix.errors import UserError
     with pytest.raises(UserError, match=r"^data .*no such folder"):
