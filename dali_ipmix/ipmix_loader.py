@@ -122,8 +122,11 @@ class _Loader:
         if dtype != "auto" and dtype not in DTYPES:
             _bad(owner, "dtype", f"must be 'auto', 'float32' or 'float16', got {dtype!r}")
         self.preset, self.cfg = preset, cfg if cfg is not None else C.preset(preset)
-        self.rank, self.world_size, self.local_rank = resolve_ranks(rank, world_size)
-        self.device, self.dali_device, self.dali_device_id = resolve_device(device, self.local_rank)
+        try:
+            self.rank, self.world_size, self.local_rank = resolve_ranks(rank, world_size)
+            self.device, self.dali_device, self.dali_device_id = resolve_device(device, self.local_rank)
+        except ValueError as e:
+            raise ValueError(f"{owner}: {e}") from None
         # float16 on the GPU (the model runs under autocast, as in NVIDIA's DALI ResNet-50 examples)
         self.dtype = DTYPES[dtype] if dtype != "auto" else (
             "float16" if self.dali_device == "gpu" else "float")
