@@ -132,7 +132,9 @@ class _Loader:
             "float16" if self.dali_device == "gpu" else "float")
         self.batch_size, self.num_threads = batch_size, num_threads
         self.data = str(data)
-        files, labels, self.classes = readers.listed_or_found(data, filelist, flag=data_arg)
+        # handed to the first graph built (a large data set is listed once), then let go
+        self._listing = readers.listed_or_found(data, filelist, flag=data_arg)
+        files, labels, self.classes = self._listing
         self.epoch_size = len(files)
         self._fingerprint = _fingerprint(files, labels)
 
@@ -230,7 +232,8 @@ class IPMixLoader(_Loader):
         pipe = pipelines.train_pipeline(
             self.preset, self.data, self.mixing, cfg=self.cfg, batch_size=self.batch_size,
             backend=self.backend, seed=self.seed, enable_checkpointing=True, checkpoint=checkpoint,
-            **self._pipeline_kw, **self._where())
+            listing=self._listing, **self._pipeline_kw, **self._where())
+        self._listing = None
         sample_major = self.views_layout == "sample_major"
         return DaliLoader(pipe, last_batch=self.last_batch, device=self.device,
                           channels_last=self.channels_last and sample_major,
@@ -314,6 +317,7 @@ class IPMixValLoader(_Loader):
         pipe = imagenet.val_pipeline(
             self.data, cfg=self.cfg, batch_size=self.batch_size,
             resize=pipelines.resize_for(self.cfg.image_size, self.preset), filelist=self._filelist,
-            **self._where())
+            listing=self._listing, **self._where())
+        self._listing = None
         return DaliLoader(pipe, last_batch="partial", device=self.device,
                           channels_last=self.channels_last)
