@@ -51,8 +51,14 @@ def test_pytorch_loop_resumes_with_the_exact_next_batch(dataset, tmp_path):
     assert not torch.equal(whole["model"]["fc.weight"], stopped["model"]["fc.weight"])
 
 
-def test_lightning_run_resumed_mid_epoch_from_its_checkpoint_matches_an_uninterrupted_one(dataset, tmp_path):
+def test_lightning_run_resumed_mid_epoch_from_its_checkpoint_matches_an_uninterrupted_one(
+        dataset, tmp_path, monkeypatch):
+    from dali_ipmix import IPMixLoader
     lit = example("lightning_module")
+    steps = []                  # the batches training_step gets
+    training_step = lit.IPMixClassifier.training_step
+    monkeypatch.setattr(lit.IPMixClassifier, "training_step",
+                        lambda self, batch, i: steps.append([t.clone() for t in batch]) or training_step(self, batch, i))
 
     def run(out, *extra):
         trainer = lit.main(lit.get_args_parser().parse_args([
@@ -62,6 +68,14 @@ def test_lightning_run_resumed_mid_epoch_from_its_checkpoint_matches_an_uninterr
         return trainer, {k: v.clone() for k, v in trainer.lightning_module.model.state_dict().items()}
 
     _, whole = run(tmp_path / "a", "--max-steps", "4", "--ckpt-every", "2")
+    # Lightning stops each epoch after len() batches and starts the next loop itself: it gets the
+    # batches a plain loop over the same loader gets, across the epoch boundary
+    plain = IPMixLoader(dataset / "train", dataset / "mixing", preset="cifar", batch_size=4, num_threads=1,
+                        dtype="float32")
+    expected = [[x.clone(), y.clone()] for _ in range(2) for x, y in plain][:4]
+    assert len(steps) == 4
+    for (x, y), (ex, ey) in zip(steps, expected):
+        assert torch.equal(y, ey) and torch.equal(x, ex)
     _, stopped = run(tmp_path / "b", "--max-steps", "2", "--ckpt-every", "2")
     ckpt = tmp_path / "b" / "epoch=0-step=2.ckpt"
     # Lightning keeps the train dataloader's state_dict() in its checkpoint (fit loop, "combined_loader")

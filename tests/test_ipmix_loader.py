@@ -234,3 +234,16 @@ def test_jsd_loss_equals_timms_jsd_cross_entropy_in_both_layouts(smoothing):
     # a layout read as the other one gives another loss (the test can tell them apart)
     wrong, _ = ipmix_loss(view_major, labels, 3, jsd_weight=12, label_smoothing=smoothing)
     assert not torch.allclose(wrong, timm_loss, rtol=1e-3)
+
+
+def test_stopping_after_len_batches_then_a_new_loop_gives_the_next_epoch(solid, caplog):
+    # Lightning takes len() batches and starts a new loop without exhausting the iterator
+    whole = _loader(solid)
+    expected = [(x.clone(), y.clone()) for _ in range(2) for x, y in whole]
+    counted = _loader(solid)
+    got = []
+    for _ in range(2):
+        batches = iter(counted)
+        got += [tuple(t.clone() for t in next(batches)) for _ in range(len(counted))]
+    _same_batches(got, expected)
+    assert "does not support resetting" not in caplog.text
