@@ -330,33 +330,27 @@ def check_data(args, state, train_flag="--data-path train"):
     state.num_classes, state.num_train, state.num_val = len(classes), len(files), len(vfiles)
 
 
-def load_data(args, state, cfg, dali_checkpoint=None):
-    """This rank's training and validation loaders: the preset's IPMix graph, on its shard."""
-    import pipelines
-    from dali_ipmix.loader import DaliLoader
-    from pipelines import imagenet
+def load_data(args, state, cfg):
+    """This rank's training and validation loaders: the preset's IPMix graph on its shard, built
+    by the public loaders (``dali_ipmix.ipmix_loader``) as a user's own loop builds them."""
+    from dali_ipmix.ipmix_loader import IPMixLoader, IPMixValLoader
     pixels = advmixup.uses_pixels(args)
     # float16 views under mixed precision on GPU halve the loader's output traffic (as NVIDIA's
     # DALI ResNet-50 examples do); the adversarial modes perturb the pixels: they keep float32
-    dtype = "float16" if state.dali_device == "gpu" and args.amp != "off" and not pixels else "float"
+    dtype = "float16" if state.dali_device == "gpu" and args.amp != "off" and not pixels else "float32"
     cfg = advmixup.pixel_config(cfg) if pixels else cfg
-    where = dict(num_threads=args.workers, dtype=dtype, device=state.dali_device,
-                 device_id=state.dali_device_id, shard_id=state.rank, num_shards=state.world_size)
-    # the CIFAR graph crops with RandomCrop(32, padding=4): --crop-scale is RandomResizedCrop's
-    crop = {} if args.preset == "cifar" else {"random_area": (args.crop_scale, 1.0)}
-    train_pipe = pipelines.train_pipeline(
-        args.preset, args.train_dir, args.mixing_set, cfg=cfg, batch_size=args.batch_size,
-        backend=args.backend, seed=args.seed, enable_checkpointing=True, checkpoint=dali_checkpoint,
-        filelist=args.train_filelist, mixing_filelist=args.mixing_filelist,
-        mixing_cache_mb="auto" if args.mixing_cache_mb is None else args.mixing_cache_mb,
-        **crop, **where)
-    val_pipe = imagenet.val_pipeline(
-        args.val_dir, cfg=cfg, batch_size=args.val_batch_size or args.batch_size,
-        resize=pipelines.resize_for(cfg.image_size, args.preset), filelist=args.val_filelist, **where)
-    train = DaliLoader(train_pipe, last_batch=args.last_batch, device=state.torch_device,
-                       channels_last=args.channels_last)
-    val = DaliLoader(val_pipe, last_batch="partial", device=state.torch_device,
-                     channels_last=args.channels_last)
+    where = dict(preset=args.preset, cfg=cfg, device=state.torch_device, rank=state.rank,
+                 world_size=state.world_size, num_threads=args.workers, dtype=dtype,
+                 channels_last=args.channels_last)
+    train = IPMixLoader(
+        args.train_dir, args.mixing_set, batch_size=args.batch_size, seed=args.seed,
+        last_batch=args.last_batch, backend=args.backend, filelist=args.train_filelist,
+        # the CIFAR graph crops with RandomCrop(32, padding=4): --crop-scale is RandomResizedCrop's
+        crop_scale=None if args.preset == "cifar" else args.crop_scale,
+        mixing_filelist=args.mixing_filelist,
+        mixing_cache_mb="auto" if args.mixing_cache_mb is None else args.mixing_cache_mb, **where)
+    val = IPMixValLoader(args.val_dir, batch_size=args.val_batch_size or args.batch_size,
+                         filelist=args.val_filelist, **where)
     return train, val
 
 
@@ -402,14 +396,8 @@ def build_training(args, state, cfg, ckpt, model_factory=None):
     optimizer = torch.optim.SGD(state.model_without_ddp.parameters(), lr=lr, momentum=args.momentum,
                                 nesterov=args.nesterov == "on", weight_decay=args.wd)
     scaler = torch.amp.GradScaler(state.torch_device.type, enabled=args.amp == "fp16")
-    dali_state = None
-    if ckpt is not None:
-        if ckpt.get("world_size") == state.world_size and ckpt.get("dali_state"):
-            dali_state = ckpt["dali_state"][state.rank]
-        else:
-            state.log(f"warning: checkpoint written by {ckpt.get('world_size')} rank(s), this run has "
-                      f"{state.world_size}: the data pipeline restarts its epoch (data order differs)")
-    train_loader, val_loader = load_data(args, state, cfg, dali_state)
+    train_loader, val_loader = load_data(args, state, cfg)
+    replayable = ckpt is not None and resume_loader(args, state, train_loader, ckpt)
     steps_per_epoch = len(train_loader)
     scheduler = schedule.lr_scheduler(
         optimizer, peak=lr, global_batch=global_batch, epochs=args.epochs,
@@ -417,14 +405,30 @@ def build_training(args, state, cfg, ckpt, model_factory=None):
     training = Training(model=state.model_without_ddp, optimizer=optimizer, scheduler=scheduler,
                         scaler=scaler, train_loader=train_loader, val_loader=val_loader,
                         steps_per_epoch=steps_per_epoch, lr=lr, views=cfg.views)
-    start = (restore(args, state, training, ckpt, replayable=dali_state is not None) if ckpt
-             else (0, 0))
+    start = restore(args, state, training, ckpt, replayable=replayable) if ckpt else (0, 0)
     if state.distributed:
         device_ids = [state.torch_device.index] if state.torch_device.type == "cuda" else None
         training.model = nn.parallel.DistributedDataParallel(training.model, device_ids=device_ids)
     if args.compile:
         training.model = torch.compile(training.model)
     return training, start
+
+
+def resume_loader(args, state, train_loader, ckpt) -> bool:
+    """Put the training loader where ``ckpt`` left it; False where it cannot (another world size:
+    the data restarts its epoch, with a warning)."""
+    loader_state = ckpt.get("loader_state")
+    why = ("it holds no loader state (an older checkpoint)" if not loader_state else
+           f"it was written by {loader_state.get('world_size')} rank(s), this run has {state.world_size}"
+           if loader_state.get("world_size") != state.world_size else None)
+    if why:
+        state.log(f"warning: {why}: the data pipeline restarts its epoch (data order differs)")
+        return False
+    try:
+        train_loader.load_state_dict(loader_state)
+    except ValueError as e:
+        raise UserError(f"--resume {args.resume}: {e}") from None
+    return True
 
 
 def restore(args, state, training, ckpt, replayable: bool):
@@ -449,7 +453,7 @@ def restore(args, state, training, ckpt, replayable: bool):
 
 def save_checkpoint(args, state, training, *, epoch, epoch_done, epoch_steps=0):
     """Every rank calls it (the DALI states are gathered); rank 0 writes."""
-    dali_states = distributed.all_gather(training.train_loader.checkpoint(), state.world_size)
+    loader_state = training.train_loader.state_dict()   # a collective: every rank's position
     if not state.is_main:
         return
     ckpt = {
@@ -465,7 +469,7 @@ def save_checkpoint(args, state, training, *, epoch, epoch_done, epoch_steps=0):
         "arch": args.arch,
         "args": state.recorded_args(args),
         "world_size": state.world_size,
-        "dali_state": dali_states,       # one per rank
+        "loader_state": loader_state,    # IPMixLoader.state_dict(): the DALI state of every rank
         "rng": checkpoint.rng_state(),
         "best_top1": state.best_top1,
         "history": state.history,

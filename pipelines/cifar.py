@@ -26,11 +26,11 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.CIFAR, batch_
                    num_threads=4, device="gpu", device_id=None, backend="fused", seed=0,
                    shard_id=0, num_shards=1, extra_outputs=False, enable_checkpointing=False,
                    checkpoint=None, filelist=None, mixing_filelist=None, dtype="float",
-                   mixing_cache_mb="auto"):
+                   mixing_cache_mb="auto", listing=None):
     """Like ``pipelines.imagenet.train_pipeline``: outputs views [V, 3, 32, 32] and labels (with
     ``extra_outputs`` also crops, mixing pictures and tapes).  Validation: the ImageNet
     ``val_pipeline`` with ``resize=32`` (the pictures themselves)."""
-    files = readers.listed_or_found(data_dir, filelist)
+    files = listing or readers.listed_or_found(data_dir, filelist)
     pictures = readers.picture_files(mixing_dir, filelist=mixing_filelist)
     size = cfg.image_size
     rank_seed = seed + 1000 * shard_id

@@ -23,7 +23,7 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, bat
                    shard_id=0, num_shards=1, dtype="float", resize=256, extra_outputs=False,
                    enable_checkpointing=False, checkpoint=None, hw_decoder_load=0.65,
                    prefetch_queue_depth=2, random_area=(0.08, 1.0), filelist=None,
-                   mixing_filelist=None, draws=None, mixing_cache_mb="auto"):
+                   mixing_filelist=None, draws=None, mixing_cache_mb="auto", listing=None):
     """Build (not yet started) the IPMix training pipeline.
 
     Outputs ``images`` [V, 3, S, S] and ``labels`` [1]; with ``extra_outputs`` also the raw crop,
@@ -33,8 +33,10 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, bat
     ``filelist`` / ``mixing_filelist``: verified file lists (``dali-ipmix verify --write-filelist``)
     that leave out bad files.  ``draws``: see ``augment.training_outputs`` (benchmarks).
     ``mixing_cache_mb``: GPU decoder cache for the mixing set (``readers.mixing_pictures``).
+    ``listing``: ``readers.listed_or_found(data_dir, filelist)`` when the caller has it already
+    (the public loaders), so that a large data set is listed once.
     """
-    files = readers.listed_or_found(data_dir, filelist)
+    files = listing or readers.listed_or_found(data_dir, filelist)
     pictures = readers.picture_files(mixing_dir, filelist=mixing_filelist)
     rank_seed = seed + 1000 * shard_id
 
@@ -60,9 +62,10 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.IMAGENET, bat
 
 def val_pipeline(data_dir, *, cfg: C.IPMixConfig = C.IMAGENET, batch_size=64, num_threads=4,
                  device="gpu", device_id=None, shard_id=0, num_shards=1, resize=256,
-                 dtype="float", filelist=None):
-    """Resize 256 + center crop 224 + normalise; outputs ``images`` [3, S, S], ``labels``."""
-    files = readers.listed_or_found(data_dir, filelist, flag="--val-data")
+                 dtype="float", filelist=None, listing=None):
+    """Resize 256 + center crop 224 + normalise; outputs ``images`` [3, S, S], ``labels``;
+    ``listing`` as in ``train_pipeline``."""
+    files = listing or readers.listed_or_found(data_dir, filelist, flag="--val-data")
 
     @pipeline_def
     def graph():

@@ -291,7 +291,7 @@ def test_two_gloo_ranks_hold_identical_weights(dataset, tmp_path):
     # only rank 0 writes; the progress is printed once
     assert "summary:" in outs[0] and "summary:" not in outs[1]
     ckpt = torch.load(_latest(tmp_path / "run"), weights_only=False)
-    assert ckpt["world_size"] == 2 and len(ckpt["dali_state"]) == 2
+    assert ckpt["world_size"] == 2 and len(ckpt["loader_state"]["positions"]) == 2
 
 
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step_and_names_it():
