@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dali_ipmix import config as C
-from dali_ipmix.loader import DaliLoader, StreamHandoff
+from dali_ipmix import loader as L
+from dali_ipmix.loader import DaliLoader
 from pipelines import imagenet
 
 CFG = C.IMAGENET.replace(image_size=32, patch_sizes=(4, 8, 16, 32))
@@ -47,7 +48,7 @@ def _copy(*ts):
 
 
 def test_sources_live_until_their_copy_has_completed():
-    handoff = StreamHandoff(max_pending=4, event=FakeEvent)
+    handoff = L.StreamHandoff(max_pending=4, event=FakeEvent)
     src = torch.arange(12.0)
     alive = weakref.ref(src)
     (out,) = handoff((src,), _copy)
@@ -63,7 +64,7 @@ def test_sources_live_until_their_copy_has_completed():
 
 
 def test_pending_copies_are_bounded_by_waiting_for_the_oldest():
-    handoff = StreamHandoff(max_pending=2, event=FakeEvent)
+    handoff = L.StreamHandoff(max_pending=2, event=FakeEvent)
     for i in range(5):
         handoff((torch.full((3,), float(i)),), _copy)
         assert len(handoff.pending) <= 2
@@ -74,11 +75,11 @@ def test_pending_copies_are_bounded_by_waiting_for_the_oldest():
 
 
 def test_a_convert_that_does_not_copy_is_refused():
-    handoff = StreamHandoff(event=FakeEvent)
+    handoff = L.StreamHandoff(event=FakeEvent)
     with pytest.raises(RuntimeError, match="must copy"):
         handoff((torch.zeros(4, 4),), lambda t: (t.view(16),))
     with pytest.raises(ValueError, match="max_pending"):
-        StreamHandoff(max_pending=0)
+        L.StreamHandoff(max_pending=0)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def _loader(tiny_set, **kw):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_loader_hands_out_copies_and_holds_dali_memory_until_copied(tiny_set, channels_last):
     plain = _loader(tiny_set, channels_last=channels_last)
-    handoff = StreamHandoff(max_pending=3, event=FakeEvent)
+    handoff = L.StreamHandoff(max_pending=3, event=FakeEvent)
     owned = _loader(tiny_set, channels_last=channels_last, handoff=handoff)
     for step, ((want, want_labels), (images, labels)) in enumerate(zip(plain, owned)):
         # the same batch, in the same layout, as the zero-copy path gives
