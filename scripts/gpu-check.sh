@@ -31,6 +31,7 @@
 #         WARMUP=1 REPEATS=2 MIN_SECONDS=0 OFFICIAL_ITERS=2 ARCH=resnet18 OUT=/tmp/gc bash scripts/gpu-check.sh
 set -u
 cd "$(dirname "$0")/.."
+set -a          # the settings below reach the steps, which run in their own bash (timeout)
 ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu-out}
 DEVICE=${DEVICE:-gpu}
@@ -63,6 +64,7 @@ export DALI_IPMIX_COMMIT=$COMMIT
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if [ "$DEVICE" = cpu ]; then export TRITON_INTERPRET=1; fi
 SUMMARY=$LOGS/summary.txt
+set +a
 : >"$SUMMARY"
 echo "gpu-check $(date -u +%FT%TZ) on $(hostname): commit $COMMIT${DIRTY:+ (modified)} DEVICE=$DEVICE" \
      "STEPS='$STEPS' IMAGES=$IMAGES SRC_PX=$SRC_PX BATCH=$BATCH SIZE=$SIZE THREADS=$THREADS" \
@@ -79,7 +81,8 @@ step() {   # step NAME COMMAND...: run it with its log, record exit code and sec
     fi
     echo "== $name: $*" | tee -a "$LOGS/$name.log"
     local t0=$SECONDS
-    timeout --kill-after=10 "$((DEADLINE_S + 30 - SECONDS))" "$@" >>"$LOGS/$name.log" 2>&1
+    timeout --kill-after=10 "$((DEADLINE_S + 30 - SECONDS))" bash -c '"$@"' "$name" "$@" \
+        >>"$LOGS/$name.log" 2>&1
     local rc=$?
     printf '%-14s rc=%-3s %5ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$LOGS/$name.log" \
         | tee -a "$SUMMARY"
@@ -220,6 +223,8 @@ train_and_resume() {   # TRAIN_STEPS steps with a checkpoint, then --resume auto
     "$PY" train.py "${common[@]}" --max-steps "$((TRAIN_STEPS * 3 / 2))" --resume auto
 }
 
+export -f environment lifetime lifetime_prev gpu_tests copy_cost kernels make_data bench \
+    bench_official train_and_resume
 TIMING=(--iters "$ITERS" --min-seconds "$MIN_SECONDS" --repeats "$REPEATS")
 step env environment
 step lifetime lifetime
