@@ -17,7 +17,8 @@
 #
 # Steps (STEPS picks some, in this order): env lifetime gpu-tests data bench-key bench-train copy
 # lifetime-prev kernels bench-official [train].  A step that would start after DEADLINE_S
-# seconds is skipped (and says so); each step is cut at the deadline plus 30 s.
+# seconds is skipped (and says so); each step is cut at the deadline plus 30 s; rc=3: a step
+# that could not run here (no official checkout, no earlier code), its log says why.
 #
 # The tree carried to the GPU machine has no .git: give the commit and, for lifetime-prev, the
 # earlier code as a folder (both made here, on the checkout):
@@ -26,7 +27,8 @@
 #     DALI_IPMIX_COMMIT=$(git rev-parse HEAD) PREV_TREE=.gpu/prev bash scripts/gpu-check.sh  # carry .gpu
 # In a git checkout PREV (default: the parent of the commit that added StreamHandoff) is
 # exported by git archive instead.  To check the script itself on the CPU (small sizes, Triton
-# through its interpreter, the GPU tests skipped), ~2 minutes on 2 cores:
+# through its interpreter, the GPU tests skipped), ~5 minutes on 2 cores (the kernels step, in
+# the interpreter, ~3 of them; measured 2026-12-03):
 #     DEVICE=cpu IMAGES=48 PICTURES=8 SRC_PX=64 BATCH=4 SIZE=32 THREADS=1 WORKERS=1 ITERS=2 \
 #         WARMUP=1 REPEATS=2 MIN_SECONDS=0 OFFICIAL_ITERS=2 ARCH=resnet18 OUT=/tmp/gc bash scripts/gpu-check.sh
 set -u

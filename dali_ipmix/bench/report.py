@@ -264,12 +264,13 @@ def plot_png(result: dict, path) -> Path:
     threads = sorted({r["threads"] for r in rows if r["threads"] is not None})
     ax.set_xticks(threads or [1])
     ax.set_yscale("log")
-    ax.set_xlabel("CPU threads (DALI threads / DataLoader workers)")
+    ax.set_xlabel("CPU threads (DALI threads / DataLoader workers / torch threads)")
     ax.set_ylabel("source images / s")
     s, m = result["settings"], result["machine"]
     ax.set_title(f"{s['device'].upper()} ({m.get('gpu') or m.get('cpu_model') or 'CPU'}, "
                  f"{m['cpu_count']} CPUs): {s['image_size']} px, batch {s['batch_size']}, "
-                 f"backend {s['backend']}, model {s['arch']}", fontsize=9)
+                 f"backend {s['backend']}, model {s['arch']}; median and min-max of "
+                 f"{s.get('repeats', 1)} repetition(s)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     if rows:
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))

@@ -92,9 +92,7 @@ def thread_counts(row: Row, threads: Sequence[int], workers: Sequence[int],
     only on the CPU (on GPU torch's threads launch kernels: measured once, at the first count)."""
     if row.threads == "workers":
         return workers
-    if row.threads == "dali" or (row.threads == "torch" and device == "cpu"):
-        return threads
-    return threads[:1]
+    return threads if swept(row, device) else threads[:1]
 
 
 def swept(row: Row, device: str) -> bool:
