@@ -8,15 +8,16 @@
 #   lifetime.txt      tests/test_loader.py -m gpu on this tree (0 changed batches = pass)
 #   bench-key/        dali-plain, dali-ipmix, dali-ipmix-jsd at THREADS (bench.json/.txt/.png)
 #   bench-train/      train and synthetic
+#   kernels.json      scripts/bench_kernels.py: the Triton kernels alone
+#   (gpu-tests)       every other GPU test: its log, in the summary and the archive
 #   copy.txt          the cost of DaliLoader's copy of one batch (device to device)
+#   bench-official/   the official code's DataLoader (OFFICIAL checkout), whole worker rounds
 #   lifetime-prev.txt the same lifetime test against the code before the fix (PREV): fails if
 #                     the hazard was real there
-#   kernels.json      scripts/bench_kernels.py: the Triton kernels alone
-#   bench-official/   the official code's DataLoader (OFFICIAL checkout), whole worker rounds
 #   gpu-check.tar.gz  every log, at the end
 #
-# Steps (STEPS picks some, in this order): env lifetime gpu-tests data bench-key bench-train copy
-# lifetime-prev kernels bench-official [train].  A step that would start after DEADLINE_S
+# Steps (STEPS picks some, in this order; data runs beside env and lifetime): data env lifetime
+# bench-key bench-train kernels gpu-tests copy bench-official lifetime-prev [train].  A step that would start after DEADLINE_S
 # seconds is skipped (and says so); each step is cut at the deadline plus 30 s; rc=3: a step
 # that could not run here (no official checkout, no earlier code), its log says why.
 #
@@ -37,7 +38,7 @@ set -a          # the settings below reach the steps, which run in their own bas
 ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu-out}
 DEVICE=${DEVICE:-gpu}
-STEPS=${STEPS:-env lifetime gpu-tests data bench-key bench-train copy lifetime-prev kernels bench-official}
+STEPS=${STEPS:-data env lifetime bench-key bench-train kernels gpu-tests copy bench-official lifetime-prev}
 DEADLINE_S=${DEADLINE_S:-330}
 IMAGES=${IMAGES:-4096}         # generated sources, 4:3, SRC_PX high: 512x384 JPEGs are ~76 KiB
 SRC_PX=${SRC_PX:-384}
@@ -228,16 +229,19 @@ train_and_resume() {   # TRAIN_STEPS steps with a checkpoint, then --resume auto
 export -f environment lifetime lifetime_prev gpu_tests copy_cost kernels make_data bench \
     bench_official train_and_resume
 TIMING=(--iters "$ITERS" --min-seconds "$MIN_SECONDS" --repeats "$REPEATS")
+# the data are made on the CPU cores while the first GPU steps run
+step data make_data &
+DATA_PID=$!
 step env environment
 step lifetime lifetime
-step gpu-tests gpu_tests
-step data make_data
+wait "$DATA_PID"
 step bench-key bench bench-key dali-plain,dali-ipmix --threads "$THREADS" "${TIMING[@]}"
 step bench-train bench bench-train train,synthetic --threads "${THREADS%%,*}" "${TIMING[@]}"
-step copy copy_cost
-step lifetime-prev lifetime_prev
 step kernels kernels
+step gpu-tests gpu_tests
+step copy copy_cost
 step bench-official bench_official
+step lifetime-prev lifetime_prev
 step train train_and_resume
 
 {
