@@ -43,7 +43,7 @@ def last_batch_policy(name: str):
 class StreamHandoff:
     """Moves tensors out of producer-owned GPU memory into the consumer's own, safely.
 
-    ``handoff(sources, convert)``: ``convert(sources)`` must return NEW tensors (a copy, made on
+    ``handoff(sources, convert)``: ``convert(*sources)`` must return NEW tensors (copies made on
     the current stream); they are allocated by torch's caching allocator on the consumer's
     current stream, so torch's usual rules protect them (reuse ordered after that stream's work;
     ``record_stream`` for other streams) however long the consumer keeps them.  The sources are
