@@ -464,3 +464,22 @@ def test_rows_compare_at_the_same_thread_count_on_the_cpu():
     for n in (1, 2):
         assert by["train", n]["vs_synthetic"] == pytest.approx(
             by["train", n]["images_per_s"] / by["synthetic", n]["images_per_s"])
+
+
+def test_the_code_measured_is_recorded_with_or_without_git(monkeypatch):
+    import dali_ipmix
+    here = report.code_version()
+    assert here["version"] == dali_ipmix.__version__
+    # this checkout is a git work tree: the commit is the one git names
+    head = subprocess.run(["git", "-C", here["source"], "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    if head.returncode == 0:
+        assert here["commit"] == head.stdout.strip() and here["dirty"] in (True, False)
+
+    def no_git(*a, **kw):
+        raise FileNotFoundError("git")
+    monkeypatch.setattr(report.subprocess, "run", no_git)
+    monkeypatch.delenv("DALI_IPMIX_COMMIT", raising=False)
+    assert report.code_version()["commit"] is None           # the version alone says what ran
+    monkeypatch.setenv("DALI_IPMIX_COMMIT", "abc123")         # a tree carried without its .git
+    assert report.code_version()["commit"] == "abc123"
