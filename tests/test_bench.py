@@ -364,8 +364,8 @@ def test_outputs_on_a_full_disk_warn_and_leave_no_partial_file(tmp_path, capsys,
 
 def test_ratios_are_taken_within_each_repetition_then_summarised():
     # the baseline moves between repetitions: the ratio's median is the median of each
-    # repetition's own ratio (2, 3, 4 -> 3), not the median of the rates over the median of the
-    # baseline (45 / 15 = 3.0 here too, so the numbers are chosen to tell them apart below)
+    # repetition's own ratio (2.0, 4.0, 1.5 -> 2.0), not the median rate over the median
+    # baseline (45 / 15 = 3.0)
     reps = [[dict(name="reference", views=1, threads=2, images_per_s=base),
              dict(name="dali-ipmix", views=1, threads=2, images_per_s=rate)]
             for base, rate in ((10.0, 20.0), (15.0, 60.0), (30.0, 45.0))]
@@ -375,7 +375,8 @@ def test_ratios_are_taken_within_each_repetition_then_summarised():
     rows = {r["name"]: r for r in report.summarise(measured)}
     ipmix = rows["dali-ipmix"]
     assert ipmix["repetitions"] == 3
-    assert ipmix["images_per_s"] == 45.0 and (ipmix["images_per_s_min"], ipmix["images_per_s_max"]) == (20.0, 60.0)
+    assert ipmix["images_per_s"] == 45.0
+    assert (ipmix["images_per_s_min"], ipmix["images_per_s_max"]) == (20.0, 60.0)
     assert ipmix["vs_baseline"] == 2.0                     # per repetition: 2.0, 4.0, 1.5
     assert (ipmix["vs_baseline_min"], ipmix["vs_baseline_max"]) == (1.5, 4.0)
     assert ipmix["images_per_s"] / rows["reference"]["images_per_s"] == 3.0   # what it is not
