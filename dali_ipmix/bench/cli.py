@@ -50,7 +50,8 @@ def _run(args: argparse.Namespace) -> int:
     result = run_bench(
         data=args.data, mixing=args.mixing, contenders=args.contenders, threads=args.threads,
         batch_size=args.batch_size, image_size=args.image_size, warmup=args.warmup,
-        iters=args.iters, device=args.device, backend=args.backend,
+        iters=args.iters, min_seconds=args.min_seconds, repeats=args.repeats,
+        device=args.device, backend=args.backend,
         hw_decoder_load=args.hw_decoder_load, arch=args.arch, amp=args.amp,
         channels_last=args.channels_last, gen_images=args.gen_images,
         gen_pictures=args.gen_pictures, gen_size=args.gen_size, gen_classes=args.gen_classes,
@@ -101,7 +102,7 @@ def register(subparsers) -> None:
         "is skipped without --official")
     add(g, "--threads", type=_int_list, default=str(os.cpu_count() or 1),
         help="DALI threads to sweep, e.g. 8,16 (and torch's intra-op threads on --device cpu); "
-        "rows that use no CPU threads (kernel, synthetic) run once")
+        "on GPU the rows on torch's threads (kernel, synthetic) run once")
     add(g, "--workers", type=_int_list, default=None,
         help="DataLoader worker processes to sweep for the official and reference rows "
         "(default: --threads)")
@@ -117,8 +118,15 @@ def register(subparsers) -> None:
     add(g, "--batch-size", "-b", type=int, default=32, help="source images per batch")
     add(g, "--image-size", type=int, default=224, help="crop size (px)")
     add(g, "--warmup", type=int, default=3, help="untimed batches first (plus the prefetch queue)")
-    add(g, "--iters", type=int, default=10,
-        help="timed batches (DataLoader rows: rounded up to whole rounds of their workers)")
+    add(g, "--iters", type=int, default=None,
+        help="timed batches a row, at least (DataLoader rows: whole rounds of their workers); "
+        "default 50 on GPU, 10 on the CPU")
+    add(g, "--min-seconds", type=float, default=None,
+        help="a row's timed window lasts at least this long (more batches if needed); "
+        "default 2 on GPU, 0 on the CPU")
+    add(g, "--repeats", type=int, default=None,
+        help="times the whole sequence of rows is measured, interleaved; the table shows the "
+        "median and min-max; default 3 on GPU, 1 on the CPU")
     add(g, "--arch", default="resnet50", help="torchvision model of the train/synthetic rows")
     add(g, "--amp", choices=AMP_MODES, default="auto",
         help="mixed precision of the training step (auto: bf16 on GPU, off on CPU)")
