@@ -50,6 +50,7 @@ from dali_ipmix import config as C
 from dali_ipmix import models
 from dali_ipmix.errors import UserError
 from dali_ipmix.losses import ipmix_loss
+from dali_ipmix.readers import MAX_PIXELS
 from dali_ipmix.training import (checkpoint, demo_outputs, distributed, metrics, precision, robust,
                                  schedule)
 from dali_ipmix.training.recipes import (CIFAR_ADV_DEFAULTS, DEMO_DEFAULTS, RECIPE_DEFAULTS,
@@ -94,6 +95,10 @@ def add_data_args(g):
     g.add_argument("--mixing-cache-mb", type=int, default=None, metavar="MB",
                    help="GPU memory for the decoded mixing pictures, so each is decoded once "
                    "(default: enough for the whole set, at most 4096; 0: decode every time)")
+    g.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help="a picture DALI stops on whose header claims more pixels is named as too "
+                   "large (a decompression bomb; `dali-ipmix verify --max-pixels N` finds them "
+                   "all beforehand)")
     g.add_argument("--demo-cache", default=None, help="cache folder of the demo data "
                    "(default $DALI_IPMIX_CACHE or ~/.cache/dali_ipmix/demo)")
     g.add_argument("--workers", "-j", type=int, default=4, help="DALI CPU threads per rank")
@@ -473,6 +478,7 @@ def save_checkpoint(args, state, training, *, epoch, epoch_done, epoch_steps=0):
     path = checkpoint.write_checkpoint(ckpt, args.output_dir, state.step, args.keep_ckpts,
                                        state.failed_writes)
     state.last_checkpoint = path or state.last_checkpoint
+    state.checkpoint_failed = path is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,7 +642,7 @@ def run(args, model_factory=None) -> int:
         from dali_ipmix.verify import SEARCH_LIMIT, explain_pipeline_error
         data = [d for d in (args.train_dir, args.val_dir) if d]
         err = explain_pipeline_error(e, data, [args.mixing_set] if args.mixing_set else [],
-                                     search_limit=SEARCH_LIMIT)
+                                     search_limit=SEARCH_LIMIT, max_pixels=args.max_pixels)
         if err is None:
             raise
         raise err from None
@@ -690,6 +696,13 @@ def train(args, state, model_factory, t_start) -> int:
         demo_lines = demo_outputs.summary_lines(args, files)
     metrics.print_summary(args, state, training.views, progress, setup_time,
                           time.perf_counter() - t_start, extra_lines=demo_lines)
+    if state.checkpoint_failed:   # a run whose training is not on disk is no success
+        print(f"train.py: error: the checkpoint of step {state.step} could not be written (see "
+              f"the failed writes above); "
+              + (f"the newest on disk is {state.last_checkpoint}" if state.last_checkpoint else
+                 "no checkpoint of this run is on disk: its training is lost")
+              + f"; free space in {args.output_dir} and run again", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -201,10 +202,12 @@ def test_failed_checkpoint_write_keeps_previous(dataset, tmp_path, monkeypatch, 
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    # the run goes on, but its last step is not on disk: exit 1, naming the newest checkpoint
     assert train.main(_args(dataset, out, "--max-steps", "2", "--ckpt-every", "1"),
-                      model_factory=tiny_factory) == 0
+                      model_factory=tiny_factory) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "checkpoint_00000001.pth kept" in err
+    assert "the newest on disk is" in err.splitlines()[-1]
     assert [s for s, _ in checkpoint.find_checkpoints(out)] == [1]
     assert not glob.glob(str(out / ".tmp-*"))
     ckpt = torch.load(out / "checkpoint_00000001.pth", weights_only=False)
@@ -331,7 +334,7 @@ def test_a_demo_cache_that_cannot_be_made_fails_every_rank_in_one_line(tmp_path)
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line, before any work
 
-@pytest.mark.parametrize("case", ["arch", "batch", "val", "output", "ckpt_arch", "crop"])
+@pytest.mark.parametrize("case", ["arch", "batch", "val", "output", "ckpt_arch", "crop", "loop"])
 def test_bad_input_one_line_error(case, dataset, tmp_path, capsys):
     out = tmp_path / "run"
     argv = _args(dataset, out)
@@ -357,6 +360,14 @@ def test_bad_input_one_line_error(case, dataset, tmp_path, capsys):
         torch.save({"model": {}, "arch": "resnet34"}, ckpt)
         argv += ["--arch", "resnet18", "--resume", str(ckpt)]
         expect = "checkpoint of --arch resnet34, but this run uses --arch resnet18"
+    elif case == "loop":        # a file linked to itself among the training pictures
+        loopy = tmp_path / "loopy"
+        shutil.copytree(dataset / "train", loopy / "train", symlinks=True)
+        os.symlink(dataset / "val", loopy / "val")
+        os.symlink("loop.jpg", loopy / "train" / "class1" / "loop.jpg")
+        argv = _args(loopy, out)
+        argv[3] = str(dataset / "mixing")
+        expect = "class1/loop.jpg is a symbolic link loop"
     else:
         argv += ["--crop-scale", "1.5"]
         expect = "--crop-scale must be in"
@@ -551,6 +562,21 @@ def test_a_full_disk_warns_and_later_writes_catch_up(dataset, tmp_path, monkeypa
     assert "failed write: checkpoint_00000003.pth" in summary
     assert "failed write: metrics.jsonl" in summary and "every record written later" in summary
     assert len(json.load(open(out / "summary.json"))["failed_writes"]) == 4  # ckpt 2, 3 (twice), metrics
+
+
+def test_a_disk_full_from_the_first_checkpoint_on_is_no_success(dataset, tmp_path, monkeypatch, capsys):
+    disk = FullDisk()
+    monkeypatch.setattr(outputs, "os", disk)     # checkpoints and summary.json
+    disk.fill(True)
+    out = tmp_path / "run"
+    assert train.main(_args(dataset, out, "--max-steps", "2", "--ckpt-every", "1"),
+                      model_factory=tiny_factory) == 1
+    captured = capsys.readouterr()
+    assert "checkpoint of step 2: NOT WRITTEN" in captured.out
+    err = captured.err.strip().splitlines()[-1]
+    assert err.startswith("train.py: error: the checkpoint of step 2 could not be written")
+    assert "no checkpoint of this run is on disk" in err
+    assert checkpoint.find_checkpoints(out) == [] and not glob.glob(str(out / ".tmp-*"))
 
 
 def _stopping_factory(sigterm_at):

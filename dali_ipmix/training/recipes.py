@@ -47,6 +47,7 @@ NUMBER_RULES = (
     ("val_batch_size", lambda v: v is None or v >= 1, ">= 1"),
     ("seed", lambda v: v >= 0, ">= 0"),
     ("mixing_cache_mb", lambda v: v is None or v >= 0, ">= 0 (0 = no cache)"),
+    ("max_pixels", lambda v: v >= 1, ">= 1"),
 )
 
 

@@ -40,6 +40,8 @@ class RunState:
     best_top1: float = 0.0
     history: list = field(default_factory=list)  # epoch and robust records, kept in checkpoints
     last_checkpoint: Optional[str] = None
+    # the newest checkpoint write failed (disk full): the state the run ends in is not on disk
+    checkpoint_failed: bool = False
     failed_writes: FailedWrites = field(default_factory=FailedWrites)
 
     # recorded in checkpoints beside the flags (``dali-ipmix eval`` reads num_classes)
