@@ -267,6 +267,8 @@ def prepare_run(args, state):
             find_demo_data(args, state)
         else:
             resolve_data(args, state)
+        if args.adv_eval == "autoattack":    # not after the training: torchattacks, >= 4 classes
+            advmixup.check_autoattack(state.num_classes)
         if state.is_main:
             checkpoint.prepare_output_dir(args, state)
             ckpt = checkpoint.load_resume_checkpoint(args, state.num_classes)

@@ -587,20 +587,27 @@ def adv_mixup_loss(model_unwrapped, model_for_grad, images01, labels, num_classe
 AUTOATTACK_INSTALL = "pip install torchattacks==3.5.1"
 
 
-def autoattack_standard(model, eps: float, num_classes: int, seed: int = 0):
-    """AutoAttack 'standard' (Croce & Hein) built from torchattacks 3.5.1 parts with the official
-    settings, which torchattacks' own ``AutoAttack`` does not use (it keeps 10 iterations and
-    ``n_classes - 1`` targets): APGD-CE and APGD-T (100 iterations), FAB-T (100 iterations),
-    Square (5000 queries, p_init 0.8, no schedule rescaling); 9 target classes (fewer if the
-    model has fewer than 10 classes).  Applied in sequence to the images not yet fooled."""
+def check_autoattack(num_classes: int) -> None:
+    """Refuse AutoAttack where it cannot run (torchattacks missing, fewer than 4 classes): called
+    before any work by train.py and `dali-ipmix eval`, and by ``autoattack_standard``."""
     try:
-        import torchattacks as ta
+        import torchattacks  # noqa: F401
     except ImportError:
         raise UserError(f"AutoAttack needs the torchattacks package: {AUTOATTACK_INSTALL} "
                         f"(or evaluate with PGD only)") from None
     if num_classes < 4:    # APGD-T's targeted DLR loss reads the 3rd and 4th largest logits
         raise UserError(f"AutoAttack's targeted attacks need a model with >= 4 classes, this one has "
                         f"{num_classes}; evaluate it with PGD only")
+
+
+def autoattack_standard(model, eps: float, num_classes: int, seed: int = 0):
+    """AutoAttack 'standard' (Croce & Hein) built from torchattacks 3.5.1 parts with the official
+    settings, which torchattacks' own ``AutoAttack`` does not use (it keeps 10 iterations and
+    ``n_classes - 1`` targets): APGD-CE and APGD-T (100 iterations), FAB-T (100 iterations),
+    Square (5000 queries, p_init 0.8, no schedule rescaling); 9 target classes (fewer if the
+    model has fewer than 10 classes).  Applied in sequence to the images not yet fooled."""
+    check_autoattack(num_classes)
+    import torchattacks as ta
     n = min(num_classes, 10)    # torchattacks runs n - 1 targets; official AA uses 9
     attacks = [
         ta.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", rho=0.75, seed=seed),

@@ -659,6 +659,7 @@ def test_second_run_into_a_busy_output_dir_is_refused(dataset, tmp_path, capsys)
     ("--jsd-weight", "nan", "--jsd-weight must be a finite number >= 0"),
     ("--print-freq", "0", "--print-freq must be >= 1"),
     ("--max-steps", "-2", "--max-steps must be >= 0"),
+    ("--adv-eval", "autoattack", "AutoAttack's targeted attacks need a model with >= 4 classes"),
 ])
 def test_bad_numbers_are_refused_before_any_work(flag, value, expect, dataset, tmp_path, capsys):
     out = tmp_path / "run"
