@@ -287,6 +287,7 @@ def prepare_run(args, state):
             except UserError as e:
                 error = e
         distributed.raise_together(error, state.world_size)
+    checkpoint.check_not_complete(args, ckpt)   # every rank holds ckpt: they all stop here
     return ckpt
 
 
@@ -639,6 +640,9 @@ def run(args, model_factory=None) -> int:
         distributed.init(state.torch_device)
     try:
         return train(args, state, model_factory, t_start)
+    except checkpoint.RunComplete as e:
+        state.log(f"train.py: {e}")
+        return 0
     except RuntimeError as e:
         # a bad file met by DALI mid-run: one line naming it and how to skip it, not a traceback
         from dali_ipmix.verify import SEARCH_LIMIT, explain_pipeline_error
