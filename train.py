@@ -572,6 +572,7 @@ def evaluate(args, state, model, loader):
 def end_epoch(args, state, training, epoch, writer):
     """Validation (and the robust check) of ``epoch``, its record, the epoch's checkpoint."""
     t0 = time.perf_counter()
+    distributed.broadcast_buffers(state.model_without_ddp, state.world_size)   # evaluate what rank 0 saves
     res = evaluate(args, state, state.model_without_ddp, training.val_loader)  # unwrapped: no DDP collectives
     state.best_top1 = max(state.best_top1, res["val_top1"])
     rec = {"kind": "epoch", "epoch": epoch + 1, "step": state.step, **res,
@@ -602,6 +603,7 @@ def fit(args, state, training, start, progress, stop, writer) -> bool:
             log_stopped(args, state, "(--max-steps)", f", the last of epoch {epoch + 1}")
             break
     if args.adv_eval != "off":
+        distributed.broadcast_buffers(state.model_without_ddp, state.world_size)
         res = robust.robust_evaluate(args, state, training.val_loader, steps=args.adv_eval_steps,
                                      restarts=args.adv_eval_restarts, images=args.adv_eval_images,
                                      autoattack=args.adv_eval == "autoattack")

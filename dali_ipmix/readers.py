@@ -297,7 +297,10 @@ def mixing_pictures(mixing_dir, *, device, size, resize, seed=None, files=None, 
 
 
 def val_images(data_dir, *, device, size, resize, shard_id=0, num_shards=1, files=None):
-    """Validation: Resize(shorter -> resize) + CenterCrop(size), no shuffling."""
+    """Validation: Resize(shorter -> resize) + CenterCrop(size), no shuffling.  Each rank keeps its
+    shard in every pass (``stick_to_shard``; DALI's reader moves to the next shard after each
+    epoch by default), so passes over it -- the clean and the robust evaluation -- see the same
+    images, the ones ``training.robust`` counts as this rank's."""
     from nvidia.dali import fn, types
     if files is None:
         files, labels, _ = class_folder_files(data_dir, flag="--val-data")
@@ -305,7 +308,8 @@ def val_images(data_dir, *, device, size, resize, shard_id=0, num_shards=1, file
         files, labels = files
     jpegs, labels = fn.readers.file(file_root=str(data_dir), files=files, labels=labels,
                                     shard_id=shard_id, num_shards=num_shards,
-                                    random_shuffle=False, pad_last_batch=True, name=VAL_READER)
+                                    random_shuffle=False, pad_last_batch=True, stick_to_shard=True,
+                                    name=VAL_READER)
     images = fn.decoders.image(jpegs, device=decode_device(device), output_type=types.RGB)
     images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True)
     return fn.crop(images, crop=[size, size]), labels

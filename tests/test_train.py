@@ -297,6 +297,32 @@ def test_two_gloo_ranks_hold_identical_weights(dataset, tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["dali_state"]) == 2
 
 
+def test_two_ranks_evaluate_the_saved_model_on_the_same_images_in_both_passes(dataset, tmp_path):
+    # adversarial mode on 2 gloo ranks without --sync-bn: the clean validation and the robust
+    # check of an epoch measure the model rank 0 saves (its BatchNorm statistics on every rank),
+    # on the same shards (the clean accuracy of both passes agrees)
+    script = ("import os, sys, torch, train, test_train\n"
+              "models = []\n"
+              "def factory(n):\n"
+              "    models.append(test_train.tiny_factory(n)); return models[-1]\n"
+              "rc = train.main(sys.argv[2:], model_factory=factory)\n"
+              "torch.save(models[0].state_dict(), sys.argv[1] + os.environ['RANK'] + '.pt')\n"
+              "sys.exit(rc)\n")
+    out = tmp_path / "run"
+    args = _args(dataset, out, "--epochs", "1", "--batch-size", "2", "--adv-mixup", "aom",
+                 "--adv-steps", "1", "--adv-val-images", "0")
+    codes, outs = _two_ranks(script, str(tmp_path / "r"), *args, timeout=240)
+    assert codes == [0, 0], outs
+    w0, w1 = (torch.load(tmp_path / f"r{r}.pt") for r in range(2))
+    saved = torch.load(_latest(out), weights_only=False)["model"]
+    for k in w0:                        # buffers included: one model, the saved one
+        torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(w0[k], saved[k], rtol=0, atol=0, msg=k)
+    epoch = _records(out, "epoch")[0]
+    assert epoch["robust_images"] == epoch["val_images"] == 12
+    assert epoch["robust_clean"] == pytest.approx(epoch["val_top1"])
+
+
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step_and_names_it():
     # SIGINT reaches rank 1 only, after step 2: both ranks stop after the same later step and
     # both report SIGINT (the shell's exit code 130), not a SIGTERM they never saw
