@@ -494,8 +494,8 @@ def format_report(report: Report, took: float, jobs: int, max_shown: int = 50) -
 
 
 def _run(args: argparse.Namespace) -> int:
-    for flag, value, least in (("--jobs", args.jobs, 1), ("--max-shown", args.max_shown, 0),
-                               ("--max-pixels", args.max_pixels, 1)):
+    resolve_jobs(args.jobs)
+    for flag, value, least in (("--max-shown", args.max_shown, 0), ("--max-pixels", args.max_pixels, 1)):
         if value is not None and value < least:
             raise UserError(f"{flag} must be >= {least}, got {value}"
                             + (" (0 lists all)" if flag == "--max-shown" else ""))

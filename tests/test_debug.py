@@ -1,6 +1,7 @@
 """The debugging commands: graph (DOT/SVG and summary), preview (contact sheet + draws JSON),
 stages (every chain step exposed) and doctor, on the CPU with a tiny generated data set."""
 import json
+import os
 import re
 import shutil
 import xml.etree.ElementTree as ET
@@ -226,6 +227,7 @@ def test_doctor_checks_pass_and_failures_are_reported(data, tmp_path, capsys):
     (["graph", "--data", "x"], "--data and --mixing go together"),
     (["graph", "--k", "0"], "--k must be"),
     (["preview", "--out", "sheet.jpg"], "give a .png"),
+    (["preview", "--out", "missing/sheet.png"], "the folder missing does not exist"),   # not created
     (["stages", "--device", "gpu"], "--device gpu: no CUDA GPU"),
 ])
 def test_bad_input_one_line_errors(argv, message, capsys, monkeypatch, tmp_path):
@@ -233,6 +235,29 @@ def test_bad_input_one_line_errors(argv, message, capsys, monkeypatch, tmp_path)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["preview", "eval", "bench"])
+def test_ctrl_c_is_one_line_and_exit_130(command, data, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+    out = tmp_path / "out.png"
+    argv = {"preview": ["--data", str(data[0]), "--mixing", str(data[1]), "--out", str(out)],
+            "eval": [str(tmp_path / "model.pth"), "--data", str(data[0]), "--json", str(tmp_path / "r.json")],
+            "bench": ["--device", "cpu", "--out", str(tmp_path / "bench")]}[command]
+    # the work each command starts with, interrupted
+    module, name = {"preview": ("dali_ipmix.debug.preview", "run_batch"),
+                    "eval": ("dali_ipmix.robustness.model", "load_checkpoint"),
+                    "bench": ("dali_ipmix.bench.runner", "run_bench")}[command]
+    monkeypatch.setattr(importlib.import_module(module), name, interrupt)
+    assert cli.main([command, *argv]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"dali-ipmix {command}: interrupted (Ctrl-C); every file it wrote is whole, the one " \
+                  f"it was writing is absent"
+    assert not out.exists() and not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.parametrize("bad", ["truncated", "text"])

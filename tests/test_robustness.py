@@ -459,3 +459,7 @@ def test_cli_eps_is_announced_and_autoattack_on_an_adversarially_trained_checkpo
     assert "NOT the 8/255" not in table and f"AutoAttack eps 8/255" in table
     assert "--no-pgd" in _one_line_error(capsys, ["eval", str(adv), *base, "--no-pgd", "--autoattack"])
     assert "give one" in _one_line_error(capsys, ["eval", str(adv), "--checkpoint", str(ckpt), *base])
+    # an output file goes into a folder that exists: a mistyped one is refused, not created
+    missing = tmp / "no_such_folder" / "r.json"
+    assert "does not exist" in _one_line_error(capsys, ["eval", str(adv), *base, "--json", str(missing)])
+    assert not missing.parent.exists()

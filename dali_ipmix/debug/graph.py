@@ -484,7 +484,8 @@ def _run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
-    _common.check_new_files(graph_files(out, args.format, args.collapse, args.stats), args.overwrite)
+    _common.check_new_files(graph_files(out, args.format, args.collapse, args.stats), args.overwrite,
+                            out_dir=out)
     gpu_here = _common.has_gpu()
     if args.stats and args.device == "gpu" and not gpu_here:
         raise UserError("--stats --device gpu: no CUDA GPU here; use --device cpu")

@@ -203,7 +203,7 @@ def run(args) -> int:
         raise UserError("nothing to evaluate: give --data VAL_DIR and/or --imagenet-c / --cifar-c / "
                         "--imagenet-r / --imagenet-a")
     if args.json:
-        check_output_file(args.json, "--json", args.overwrite, make_folder=True)
+        check_output_file(args.json, "--json", args.overwrite)
     loaded = load_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     settings, (mean, std), preset_name = settings_from_args(args, loaded)
     settings.progress = not args.quiet
