@@ -54,7 +54,8 @@ from dali_ipmix.readers import MAX_PIXELS
 from dali_ipmix.training import (checkpoint, demo_outputs, distributed, metrics, precision, robust,
                                  schedule)
 from dali_ipmix.training.recipes import (CIFAR_ADV_DEFAULTS, DEMO_DEFAULTS, RECIPE_DEFAULTS,
-                                         check_numbers, recipe_and_demo)
+                                         JSD_WEIGHT, check_jsd_weight, check_numbers,
+                                         recipe_and_demo)
 from dali_ipmix.training.state import RunState
 
 
@@ -124,7 +125,8 @@ def add_ipmix_args(g):
     g.add_argument("--no-jsd", action="store_true", help="one IPMix view and plain cross-entropy "
                    "(default: clean + 2 IPMix views with the JSD consistency loss; with --adv-mixup "
                    "one view unless --adv-jsd)")
-    g.add_argument("--jsd-weight", type=float, default=12.0, help="weight of the JSD term (official 12)")
+    g.add_argument("--jsd-weight", type=float, default=None, help=f"weight of the JSD term (default "
+                   f"{JSD_WEIGHT:g}, the official weight)")
     g.add_argument("--k", type=int, default=None, help="IPMix chains (preset: 3)")
     g.add_argument("--t", type=int, default=None, help="max chain depth (preset: 3)")
     g.add_argument("--beta", type=float, default=None, help="add/multiply mixing strength (preset)")
@@ -205,6 +207,7 @@ def apply_defaults(args):
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     check_numbers(args)
     advmixup.check_adv_args(args)
+    check_jsd_weight(args)
     if not 0 < args.crop_scale <= 1:
         raise UserError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
 
@@ -238,8 +241,6 @@ def build_config(args) -> C.IPMixConfig:
             changes[field] = getattr(args, flag)
     if args.image_size is not None and args.image_size != cfg.image_size:
         size = args.image_size
-        if size < 8:
-            raise UserError(f"--image-size must be >= 8, got {size}")
         changes["image_size"] = size
         # the largest official patch is the whole crop: keep that, drop sizes that no longer fit
         changes["patch_sizes"] = tuple(sorted({p for p in cfg.patch_sizes if p < size} | {size}))

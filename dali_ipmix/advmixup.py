@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Tuple
@@ -214,7 +215,7 @@ def check_adv_args(args) -> argparse.Namespace:
     if args.adv_eps is not None:
         need(0 <= args.adv_eps <= 1, "adv-eps", f"must be in [0, 1] pixel units (e.g. 8/255), got {args.adv_eps:g}")
     need(0 <= args.adv_eval_eps <= 1, "adv-eval-eps", f"must be in [0, 1], got {args.adv_eval_eps:g}")
-    need(args.adv_eval_step_size >= 0, "adv-eval-step-size", f"must be >= 0, got {args.adv_eval_step_size:g}")
+    need(0 <= args.adv_eval_step_size <= 1, "adv-eval-step-size", f"must be in [0, 1], got {args.adv_eval_step_size:g}")
     need(args.adv_eval_steps >= 0, "adv-eval-steps", f"must be >= 0, got {args.adv_eval_steps}")
     need(args.adv_eval_restarts >= 1, "adv-eval-restarts", f"must be >= 1, got {args.adv_eval_restarts}")
     need(args.adv_eval_images >= 0, "adv-eval-images", f"must be >= 0, got {args.adv_eval_images}")
@@ -222,12 +223,15 @@ def check_adv_args(args) -> argparse.Namespace:
     need(args.adv_val_images >= 0, "adv-val-images", f"must be >= 0, got {args.adv_val_images}")
     if mode == "off":
         return args
-    need(args.adv_step_size >= 0, "adv-step-size", f"must be >= 0, got {args.adv_step_size:g}")
+    need(0 <= args.adv_step_size <= 1, "adv-step-size", f"must be in [0, 1], got {args.adv_step_size:g}")
     need(args.adv_steps >= 0, "adv-steps", f"must be >= 0, got {args.adv_steps}")
-    need(args.adv_pgd_weight >= 0, "adv-pgd-weight", f"must be >= 0, got {args.adv_pgd_weight:g}")
-    need(args.adv_clean_weight >= 0, "adv-clean-weight", f"must be >= 0, got {args.adv_clean_weight:g}")
-    need(args.adv_mix_alpha > 0, "adv-mix-alpha", f"must be > 0, got {args.adv_mix_alpha:g}")
-    need(args.adv_lambda_step >= 0, "adv-lambda-step", f"must be >= 0, got {args.adv_lambda_step:g}")
+    # NaN fails every test; inf is refused too (a weight or step of inf is no setting anyone means)
+    need(0 <= args.adv_pgd_weight < math.inf, "adv-pgd-weight", f"must be a finite number >= 0, got {args.adv_pgd_weight:g}")
+    need(0 <= args.adv_clean_weight < math.inf, "adv-clean-weight",
+         f"must be a finite number >= 0, got {args.adv_clean_weight:g}")
+    need(0 < args.adv_mix_alpha < math.inf, "adv-mix-alpha", f"must be a finite number > 0, got {args.adv_mix_alpha:g}")
+    need(0 <= args.adv_lambda_step <= 1, "adv-lambda-step",
+         f"must be in [0, 1] (a step of the mixing weight lambda), got {args.adv_lambda_step:g}")
     lo, hi = args.adv_lambda_box
     need(0 <= lo <= hi <= 1, "adv-lambda-box", f"needs 0 <= LO <= HI <= 1, got {lo:g} {hi:g}")
     args.adv_lambda_box = (float(lo), float(hi))

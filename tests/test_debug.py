@@ -226,6 +226,7 @@ def test_doctor_checks_pass_and_failures_are_reported(data, tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["graph", "--data", "x"], "--data and --mixing go together"),
     (["graph", "--k", "0"], "--k must be"),
+    (["graph", "--render-timeout", "nan"], "--render-timeout, --max-render-nodes"),
     (["preview", "--out", "sheet.jpg"], "give a .png"),
     (["preview", "--out", "missing/sheet.png"], "the folder missing does not exist"),   # not created
     (["stages", "--device", "gpu"], "--device gpu: no CUDA GPU"),

@@ -463,3 +463,5 @@ def test_cli_eps_is_announced_and_autoattack_on_an_adversarially_trained_checkpo
     missing = tmp / "no_such_folder" / "r.json"
     assert "does not exist" in _one_line_error(capsys, ["eval", str(adv), *base, "--json", str(missing)])
     assert not missing.parent.exists()
+    assert "--image-size 100000: must be in 8..4096" in _one_line_error(
+        capsys, ["eval", str(adv), *base, "--image-size", "100000"])

@@ -690,8 +690,8 @@ def test_second_run_into_a_busy_output_dir_is_refused(dataset, tmp_path, capsys)
 # Flags and resumes that do not fit: one line, before any work
 
 @pytest.mark.parametrize("flag, value, expect", [
-    ("--lr", "-1", "--lr must be a finite number > 0"),
-    ("--lr", "nan", "--lr must be a finite number > 0, got nan"),
+    ("--lr", "-1", "--lr must be in (0, 10]"),
+    ("--lr", "nan", "--lr must be in (0, 10], got nan"),
     ("--momentum", "-5", "--momentum must be in (0, 1)"),
     ("--wd", "nan", "--wd must be a finite number >= 0"),
     ("--label-smoothing", "2", "--label-smoothing must be in [0, 1)"),
@@ -708,6 +708,23 @@ def test_bad_numbers_are_refused_before_any_work(flag, value, expect, dataset, t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expect in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--lr", "1e308"], "--lr must be in (0, 10], got 1e+308"),
+    (["--image-size", "100000"], "--image-size must be in 8..4096 px, got 100000"),
+    (["--adv-mixup", "aom", "--adv-lambda-step", "inf"], "--adv-lambda-step must be in [0, 1]"),
+    (["--output-dir", ""], "--output-dir is empty"),
+    (["--no-jsd", "--jsd-weight", "5"], "--jsd-weight 5 has no effect without the JSD loss"),
+    (["--adv-mixup", "aom", "--jsd-weight", "5"], "or an adversarial mode without --adv-jsd"),
+    (["--max-pixels", "0"], "--max-pixels must be >= 1"),
+])
+def test_values_that_cannot_be_meant_are_refused(extra, expect, dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert train.main(_args(dataset, tmp_path / "run", *extra), model_factory=tiny_factory) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err, err
+    assert os.listdir(tmp_path) == []
 
 
 def test_resume_that_does_not_fit_and_labels_out_of_range(dataset, tmp_path, capsys):

@@ -479,7 +479,8 @@ def _title(args, cfg) -> str:
 def _run(args) -> int:
     from ._stats import run_with_stats
     cfg = _common.config_from_args(args)
-    if args.render_timeout <= 0 or args.max_render_nodes < 1 or args.batch_size < 1 or args.iters < 1:
+    if (not 0 < args.render_timeout < math.inf or args.max_render_nodes < 1 or args.batch_size < 1
+            or args.iters < 1):      # NaN fails the first test too
         raise UserError("--render-timeout, --max-render-nodes, --batch-size and --iters must be positive")
     out = Path(args.out)
     if out.exists() and not out.is_dir():

@@ -127,10 +127,13 @@ def settings_from_args(args, loaded):
     recorded = loaded.args
     preset_name = args.preset or (recorded.get("preset") if recorded.get("preset") in C.PRESETS else "imagenet")
     cfg = C.preset(preset_name)
-    size = _positive(args.image_size, "--image-size", 8) or recorded.get("image_size") or cfg.image_size
+    for flag, value in (("--image-size", args.image_size), ("--resize", args.resize)):
+        if value is not None and not C.MIN_IMAGE_SIZE <= value <= C.MAX_IMAGE_SIZE:
+            raise UserError(f"{flag} {value}: must be in {C.MIN_IMAGE_SIZE}..{C.MAX_IMAGE_SIZE} px")
+    size = args.image_size or recorded.get("image_size") or cfg.image_size
     cifar = preset_name == "cifar"
     from pipelines import resize_for
-    resize = _positive(args.resize, "--resize", 8) or resize_for(size, "cifar" if cifar else "imagenet")
+    resize = args.resize or resize_for(size, "cifar" if cifar else "imagenet")
     if resize < size:
         raise UserError(f"--resize {resize} is smaller than the crop --image-size {size}")
     for flag, value in (("--batch-size", args.batch_size), ("--max-images", args.max_images),
