@@ -349,6 +349,7 @@ USES = {"train": ("training", "train", "--train-filelist / --val-filelist", "--m
         "bench": ("the benchmark", "rerun dali-ipmix bench", "--data-filelist", "--mixing-filelist"),
         "preview": ("the preview", "rerun dali-ipmix preview", None, None),
         "stages": ("dali-ipmix stages", "rerun dali-ipmix stages", None, None),
+        "graph": ("dali-ipmix graph --stats", "rerun dali-ipmix graph --stats", None, None),
         "eval": ("the evaluation", "rerun dali-ipmix eval", None, None)}
 
 

@@ -276,6 +276,20 @@ def test_preview_bad_image_is_one_line_naming_it(bad, data, tmp_path, capsys):
     assert not (tmp_path / "sheet.png").exists()
 
 
+def test_graph_stats_on_an_undecodable_picture_is_one_line_naming_it(data, tmp_path, capsys):
+    train = tmp_path / "train"
+    shutil.copytree(data[0], train)
+    broken = next(train.glob("*/*.jpg")).parent / "broken.jpg"
+    broken.write_bytes(b"not a picture\n")
+    args = ["graph", "--data", str(train), "--mixing", str(data[1]), "--image-size", "32", "--k", "1",
+            "--t", "1", "--batch-size", "8", "--iters", "2", "--stats", "--max-render-nodes", "1",
+            "--out", str(tmp_path / "g")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(broken) in err and "dali-ipmix verify" in err, err
+    assert not (tmp_path / "g" / "memory.txt").exists()
+
+
 def test_preview_out_that_cannot_be_written_is_refused_before_the_run(data, tmp_path, capsys, monkeypatch):
     (tmp_path / "afile").write_text("x")
     ran = []
