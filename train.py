@@ -49,6 +49,7 @@ from dali_ipmix import advmixup
 from dali_ipmix import config as C
 from dali_ipmix import models
 from dali_ipmix.errors import UserError
+from dali_ipmix.helpformat import HelpFormatter
 from dali_ipmix.losses import ipmix_loss
 from dali_ipmix.readers import MAX_PIXELS
 from dali_ipmix.training import (checkpoint, demo_outputs, distributed, metrics, precision, robust,
@@ -57,16 +58,6 @@ from dali_ipmix.training.recipes import (CIFAR_ADV_DEFAULTS, DEMO_DEFAULTS, RECI
                                          JSD_WEIGHT, check_jsd_weight, check_numbers,
                                          recipe_and_demo)
 from dali_ipmix.training.state import RunState
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Adds "(default: X)" only where the help does not say the default itself: None means the
-    recipe, the demo or the preset decides, and the help names those."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def get_args_parser(add_help=True):

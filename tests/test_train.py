@@ -727,6 +727,16 @@ def test_values_that_cannot_be_meant_are_refused(extra, expect, dataset, tmp_pat
     assert os.listdir(tmp_path) == []
 
 
+def test_a_start_that_fails_leaves_no_folder_holding_only_the_lock(dataset, tmp_path, capsys):
+    out = tmp_path / "new"
+    assert train.main(_args(dataset, out, "--resume", "auto"), model_factory=tiny_factory) == 2
+    assert "no checkpoint_*.pth" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()                        # a folder the user made is left, lock file and all
+    assert train.main(_args(dataset, out, "--resume", "auto"), model_factory=tiny_factory) == 2
+    assert out.is_dir()
+
+
 def test_resume_that_does_not_fit_and_labels_out_of_range(dataset, tmp_path, capsys):
     import shutil
     out = tmp_path / "run"
@@ -763,12 +773,20 @@ def test_missing_train_dir_is_named_as_given(dataset, tmp_path, capsys):
     assert f"--train-dir {tmp_path / 'nope'}: no such folder" in err and "--data-path" not in err
 
 
-def test_help_states_each_default_once():
-    text = train.get_args_parser().format_help()
+@pytest.mark.parametrize("command", ["train.py", "eval", "bench"])
+def test_help_states_each_default_once(command, capsys):
+    from dali_ipmix import cli
+    if command == "train.py":
+        text = train.get_args_parser().format_help()
+    else:
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = capsys.readouterr().out
     assert "(default: None)" not in text and "(default: False)" not in text
     joined = " ".join(text.split())              # argparse wraps lines
-    assert not re.search(r"\(default[^)]*\) \(default", joined)
-    assert "(default: 4)" in joined               # --workers: the help does not say it itself
+    assert not re.search(r"\(default[^)]*\) \(default", joined) and "(default (" not in joined
+    # a default the help does not say itself is added
+    assert {"train.py": "(default: 4)", "eval": "steps (paper: 20) (default: 20)", "bench": "(default: 32)"}[command] in joined
 
 
 def test_progress_line_counts_to_the_step_it_stops_at(dataset, tmp_path, capsys):

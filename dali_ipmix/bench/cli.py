@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from dali_ipmix.helpformat import HelpFormatter
 from dali_ipmix.training.precision import AMP_MODES
 
 DEFAULT_CONTENDERS = "official,reference,dali-plain,dali-ipmix,kernel,train,synthetic"
@@ -94,7 +95,7 @@ def register(subparsers) -> None:
                     "data).  Ratios are taken against the official rows when measured, else the "
                     "reference rows.  Prints a table; with --out also writes bench.json, bench.txt "
                     "and bench.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     actions = []
 
     def add(group, *flags, **kw):

@@ -8,6 +8,7 @@ import sys
 from typing import Optional
 
 from ..errors import UserError
+from ..helpformat import HelpFormatter
 from ..outputs import check_output_file, write_atomic
 from .attacks import PGD_EPS, PGD_STEPS
 from .metrics import ECE_BINS, RMS_BIN_SIZE
@@ -23,7 +24,7 @@ def register(subparsers) -> None:
                     "with 200-class logit masks, PGD-Linf error (by default at 2/255, the IPMix protocol; "
                     "adversarially trained models: --eps 8/255) and, with --autoattack, AutoAttack error.  "
                     "Prints a table; --json writes the full report.  All numbers are percentages.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("checkpoint_arg", nargs="?", default=None, metavar="CHECKPOINT",
                    help="the same as --checkpoint")

@@ -118,6 +118,7 @@ def prepare_output_dir(args, state):
             stamp = time.strftime("%Y%m%d-%H%M%S")
             args.output_dir = os.path.join("runs", f"{'demo-' if state.demo else ''}{args.arch}-{stamp}")
     out = Path(args.output_dir)
+    state.made_output_dir = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
