@@ -22,7 +22,7 @@ Without data flags (``python train.py``) a small built-in demo runs instead: a s
 10-class set and a procedural fractal mixing set are generated once into a cache folder
 (``$DALI_IPMIX_CACHE`` or ``~/.cache/dali_ipmix/demo``), then a small model (a ResNet-9 of width
 16 at 32 px unless overridden) trains for 8 epochs with the recipe's IPMix + JSD, reaching 96-99 %
-validation top-1 in about 1.5 minutes on 2 CPU cores (BENCHMARKS.md), and leaves a sheet of one
+validation top-1 in 1.5 to 4 minutes on 2 CPU cores (README, BENCHMARKS.md), and leaves a sheet of one
 augmented batch and a plot of the curves in the output folder
 (``dali_ipmix/training/demo_outputs.py``).  It shows the whole path (generation -> DALI IPMix ->
 training -> validation -> checkpoints), not the ImageNet recipe.
