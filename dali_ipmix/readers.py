@@ -217,8 +217,8 @@ def too_many_pixels(size, max_pixels: int = MAX_PIXELS) -> str:
     if size is None or size[0] * size[1] <= max_pixels:
         return ""
     return (f"its header claims {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, more than the "
-            f"limit of {max_pixels:,} (--max-pixels; a decompression bomb or a picture too large "
-            f"to decode)")
+            f"limit of {max_pixels:,} (--max-pixels of verify and train.py; a decompression bomb "
+            f"or a picture too large to decode)")
 
 
 def decode_device(device: str) -> str:

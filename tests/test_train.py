@@ -273,17 +273,20 @@ def _two_ranks(script, *argv, timeout=120):
     return [p.returncode for p in procs], outs
 
 
+# train.py on one rank; the model it trained is saved as ARGV1<rank>.pt
+SAVE_RANK_MODEL = ("import os, sys, torch, train, test_train\n"
+                   "models = []\n"
+                   "def factory(n):\n"
+                   "    models.append(test_train.tiny_factory(n)); return models[-1]\n"
+                   "rc = train.main(sys.argv[2:], model_factory=factory)\n"
+                   "torch.save(models[0].state_dict(), sys.argv[1] + os.environ['RANK'] + '.pt')\n"
+                   "sys.exit(rc)\n")
+
+
 def test_two_gloo_ranks_hold_identical_weights(dataset, tmp_path):
-    script = ("import os, sys, torch, train, test_train\n"
-              "models = []\n"
-              "def factory(n):\n"
-              "    models.append(test_train.tiny_factory(n)); return models[-1]\n"
-              "rc = train.main(sys.argv[2:], model_factory=factory)\n"
-              "torch.save(models[0].state_dict(), sys.argv[1] + os.environ['RANK'] + '.pt')\n"
-              "sys.exit(rc)\n")
     # 12 images / 2 ranks = 6 per shard: batch 2 gives 3 steps per epoch on each rank
     args = _args(dataset, tmp_path / "run", "--max-steps", "4", "--batch-size", "2")
-    codes, outs = _two_ranks(script, str(tmp_path / "r"), *args, timeout=240)
+    codes, outs = _two_ranks(SAVE_RANK_MODEL, str(tmp_path / "r"), *args, timeout=240)
     assert codes == [0, 0], outs
     w0, w1 = (torch.load(tmp_path / f"r{r}.pt") for r in range(2))
     for k in w0:
@@ -301,17 +304,10 @@ def test_two_ranks_evaluate_the_saved_model_on_the_same_images_in_both_passes(da
     # adversarial mode on 2 gloo ranks without --sync-bn: the clean validation and the robust
     # check of an epoch measure the model rank 0 saves (its BatchNorm statistics on every rank),
     # on the same shards (the clean accuracy of both passes agrees)
-    script = ("import os, sys, torch, train, test_train\n"
-              "models = []\n"
-              "def factory(n):\n"
-              "    models.append(test_train.tiny_factory(n)); return models[-1]\n"
-              "rc = train.main(sys.argv[2:], model_factory=factory)\n"
-              "torch.save(models[0].state_dict(), sys.argv[1] + os.environ['RANK'] + '.pt')\n"
-              "sys.exit(rc)\n")
     out = tmp_path / "run"
     args = _args(dataset, out, "--epochs", "1", "--batch-size", "2", "--adv-mixup", "aom",
                  "--adv-steps", "1", "--adv-val-images", "0")
-    codes, outs = _two_ranks(script, str(tmp_path / "r"), *args, timeout=240)
+    codes, outs = _two_ranks(SAVE_RANK_MODEL, str(tmp_path / "r"), *args, timeout=240)
     assert codes == [0, 0], outs
     w0, w1 = (torch.load(tmp_path / f"r{r}.pt") for r in range(2))
     saved = torch.load(_latest(out), weights_only=False)["model"]
