@@ -22,7 +22,7 @@ Without data flags (``python train.py``) a small built-in demo runs instead: a s
 10-class set and a procedural fractal mixing set are generated once into a cache folder
 (``$DALI_IPMIX_CACHE`` or ``~/.cache/dali_ipmix/demo``), then a small model (a ResNet-9 of width
 16 at 32 px unless overridden) trains for 8 epochs with the recipe's IPMix + JSD, reaching 96-99 %
-validation top-1 in about 1.5 minutes on 2 CPU cores (BENCHMARKS.md), and leaves a sheet of one
+validation top-1 in 1.5 to 4 minutes on 2 CPU cores (README, BENCHMARKS.md), and leaves a sheet of one
 augmented batch and a plot of the curves in the output folder
 (``dali_ipmix/training/demo_outputs.py``).  It shows the whole path (generation -> DALI IPMix ->
 training -> validation -> checkpoints), not the ImageNet recipe.
@@ -49,22 +49,15 @@ from dali_ipmix import advmixup
 from dali_ipmix import config as C
 from dali_ipmix import models
 from dali_ipmix.errors import UserError
+from dali_ipmix.helpformat import HelpFormatter
 from dali_ipmix.losses import ipmix_loss
+from dali_ipmix.readers import MAX_PIXELS
 from dali_ipmix.training import (checkpoint, demo_outputs, distributed, metrics, precision, robust,
                                  schedule)
 from dali_ipmix.training.recipes import (CIFAR_ADV_DEFAULTS, DEMO_DEFAULTS, RECIPE_DEFAULTS,
-                                         check_numbers, recipe_and_demo)
+                                         JSD_WEIGHT, check_jsd_weight, check_numbers,
+                                         recipe_and_demo)
 from dali_ipmix.training.state import RunState
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Adds "(default: X)" only where the help does not say the default itself: None means the
-    recipe, the demo or the preset decides, and the help names those."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def get_args_parser(add_help=True):
@@ -94,6 +87,10 @@ def add_data_args(g):
     g.add_argument("--mixing-cache-mb", type=int, default=None, metavar="MB",
                    help="GPU memory for the decoded mixing pictures, so each is decoded once "
                    "(default: enough for the whole set, at most 4096; 0: decode every time)")
+    g.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help="a picture DALI stops on whose header claims more pixels is named as too "
+                   "large (a decompression bomb; `dali-ipmix verify --max-pixels N` finds them "
+                   "all beforehand)")
     g.add_argument("--demo-cache", default=None, help="cache folder of the demo data "
                    "(default $DALI_IPMIX_CACHE or ~/.cache/dali_ipmix/demo)")
     g.add_argument("--workers", "-j", type=int, default=4, help="DALI CPU threads per rank")
@@ -119,7 +116,8 @@ def add_ipmix_args(g):
     g.add_argument("--no-jsd", action="store_true", help="one IPMix view and plain cross-entropy "
                    "(default: clean + 2 IPMix views with the JSD consistency loss; with --adv-mixup "
                    "one view unless --adv-jsd)")
-    g.add_argument("--jsd-weight", type=float, default=12.0, help="weight of the JSD term (official 12)")
+    g.add_argument("--jsd-weight", type=float, default=None, help=f"weight of the JSD term (default "
+                   f"{JSD_WEIGHT:g}, the official weight)")
     g.add_argument("--k", type=int, default=None, help="IPMix chains (preset: 3)")
     g.add_argument("--t", type=int, default=None, help="max chain depth (preset: 3)")
     g.add_argument("--beta", type=float, default=None, help="add/multiply mixing strength (preset)")
@@ -200,6 +198,7 @@ def apply_defaults(args):
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     check_numbers(args)
     advmixup.check_adv_args(args)
+    check_jsd_weight(args)
     if not 0 < args.crop_scale <= 1:
         raise UserError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
 
@@ -233,8 +232,6 @@ def build_config(args) -> C.IPMixConfig:
             changes[field] = getattr(args, flag)
     if args.image_size is not None and args.image_size != cfg.image_size:
         size = args.image_size
-        if size < 8:
-            raise UserError(f"--image-size must be >= 8, got {size}")
         changes["image_size"] = size
         # the largest official patch is the whole crop: keep that, drop sizes that no longer fit
         changes["patch_sizes"] = tuple(sorted({p for p in cfg.patch_sizes if p < size} | {size}))
@@ -262,6 +259,8 @@ def prepare_run(args, state):
             find_demo_data(args, state)
         else:
             resolve_data(args, state)
+        if args.adv_eval == "autoattack":    # not after the training: torchattacks, >= 4 classes
+            advmixup.check_autoattack(state.num_classes)
         if state.is_main:
             checkpoint.prepare_output_dir(args, state)
             ckpt = checkpoint.load_resume_checkpoint(args, state.num_classes)
@@ -280,6 +279,7 @@ def prepare_run(args, state):
             except UserError as e:
                 error = e
         distributed.raise_together(error, state.world_size)
+    checkpoint.check_not_complete(args, ckpt)   # every rank holds ckpt: they all stop here
     return ckpt
 
 
@@ -477,6 +477,7 @@ def save_checkpoint(args, state, training, *, epoch, epoch_done, epoch_steps=0):
     path = checkpoint.write_checkpoint(ckpt, args.output_dir, state.step, args.keep_ckpts,
                                        state.failed_writes)
     state.last_checkpoint = path or state.last_checkpoint
+    state.checkpoint_failed = path is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,6 +568,7 @@ def evaluate(args, state, model, loader):
 def end_epoch(args, state, training, epoch, writer):
     """Validation (and the robust check) of ``epoch``, its record, the epoch's checkpoint."""
     t0 = time.perf_counter()
+    distributed.broadcast_buffers(state.model_without_ddp, state.world_size)   # evaluate what rank 0 saves
     res = evaluate(args, state, state.model_without_ddp, training.val_loader)  # unwrapped: no DDP collectives
     state.best_top1 = max(state.best_top1, res["val_top1"])
     rec = {"kind": "epoch", "epoch": epoch + 1, "step": state.step, **res,
@@ -597,6 +599,7 @@ def fit(args, state, training, start, progress, stop, writer) -> bool:
             log_stopped(args, state, "(--max-steps)", f", the last of epoch {epoch + 1}")
             break
     if args.adv_eval != "off":
+        distributed.broadcast_buffers(state.model_without_ddp, state.world_size)
         res = robust.robust_evaluate(args, state, training.val_loader, steps=args.adv_eval_steps,
                                      restarts=args.adv_eval_restarts, images=args.adv_eval_images,
                                      autoattack=args.adv_eval == "autoattack")
@@ -635,12 +638,15 @@ def run(args, model_factory=None) -> int:
         distributed.init(state.torch_device)
     try:
         return train(args, state, model_factory, t_start)
+    except checkpoint.RunComplete as e:
+        state.log(f"train.py: {e}")
+        return 0
     except RuntimeError as e:
         # a bad file met by DALI mid-run: one line naming it and how to skip it, not a traceback
         from dali_ipmix.verify import SEARCH_LIMIT, explain_pipeline_error
         data = [d for d in (args.train_dir, args.val_dir) if d]
         err = explain_pipeline_error(e, data, [args.mixing_set] if args.mixing_set else [],
-                                     search_limit=SEARCH_LIMIT)
+                                     search_limit=SEARCH_LIMIT, max_pixels=args.max_pixels)
         if err is None:
             raise
         raise err from None
@@ -694,6 +700,13 @@ def train(args, state, model_factory, t_start) -> int:
         demo_lines = demo_outputs.summary_lines(args, files)
     metrics.print_summary(args, state, training.views, progress, setup_time,
                           time.perf_counter() - t_start, extra_lines=demo_lines)
+    if state.checkpoint_failed:   # a run whose training is not on disk is no success
+        print(f"train.py: error: the checkpoint of step {state.step} could not be written (see "
+              f"the failed writes above); "
+              + (f"the newest on disk is {state.last_checkpoint}" if state.last_checkpoint else
+                 "no checkpoint of this run is on disk: its training is lost")
+              + f"; free space in {args.output_dir} and run again", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

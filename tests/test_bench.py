@@ -137,6 +137,9 @@ def test_cli_writes_json_table_and_plot_and_never_overwrites(tmp_path, capsys):
     (["--contenders", "dali-ipmix,fastest"], "--contenders"),
     (["--data", "/nonexistent/images"], "--data"),
     (["--mixing", "/nonexistent/pictures"], "--mixing"),
+    (["--hw-decoder-load", "2"], "--hw-decoder-load"),
+    (["--hw-decoder-load", "nan"], "--hw-decoder-load"),
+    (["--gen-size", "2"], "--gen-size"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(argv, flag, capsys):
     assert cli.main(["bench", "--device", "cpu", "--image-size", "32"] + argv) == 2

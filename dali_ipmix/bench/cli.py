@@ -5,9 +5,11 @@ import argparse
 import os
 import sys
 
+from dali_ipmix.helpformat import HelpFormatter
 from dali_ipmix.training.precision import AMP_MODES
 
 DEFAULT_CONTENDERS = "official,reference,dali-plain,dali-ipmix,kernel,train,synthetic"
+MIN_GEN_SIZE = 16    # generated pictures smaller than this measure nothing a user has
 
 
 def _int_list(text: str):
@@ -42,6 +44,11 @@ def command_line(args: argparse.Namespace, actions) -> list:
 def _run(args: argparse.Namespace) -> int:
     from dali_ipmix.bench.report import caption, check_out_dir, table, write_outputs
     from dali_ipmix.bench.runner import run_bench
+    from dali_ipmix.errors import UserError
+    if not 0 <= args.hw_decoder_load <= 1:      # NaN fails too
+        raise UserError(f"--hw-decoder-load must be a share in [0, 1], got {args.hw_decoder_load}")
+    if args.gen_size is not None and args.gen_size < MIN_GEN_SIZE:
+        raise UserError(f"--gen-size must be >= {MIN_GEN_SIZE} px, got {args.gen_size}")
     on_row = None
     if args.out:
         check_out_dir(args.out, args.overwrite)
@@ -89,7 +96,7 @@ def register(subparsers) -> None:
                     "data).  Ratios are taken against the official rows when measured, else the "
                     "reference rows.  Prints a table; with --out also writes bench.json, bench.txt "
                     "and bench.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     actions = []
 
     def add(group, *flags, **kw):

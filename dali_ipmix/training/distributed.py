@@ -59,6 +59,15 @@ def broadcast(values: list, world_size: int) -> list:
     return values
 
 
+def broadcast_buffers(module: torch.nn.Module, world_size: int):
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, so that an evaluation split
+    over the ranks measures one model -- the one rank 0 saves.  Without --sync-bn each rank's
+    statistics follow its own batches (DDP copies rank 0's only at the start of a forward)."""
+    if world_size > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def raise_together(error, world_size: int):
     """Raise on every rank when one rank found a user error, so that none is left waiting in a
     collective for a rank that has quit."""
