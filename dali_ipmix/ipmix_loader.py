@@ -29,9 +29,8 @@ import torch
 
 from . import config as C
 from . import readers
-from .loader import LAST_BATCH_POLICIES, DaliLoader
+from .loader import LAST_BATCH_POLICIES, VIEWS_LAYOUTS, DaliLoader
 
-VIEWS_LAYOUTS = ("sample_major", "view_major")
 DTYPES = {"float32": "float", "float": "float", torch.float32: "float",
           "float16": "float16", torch.float16: "float16"}
 STATE_FORMAT = "dali_ipmix.IPMixLoader/1"
@@ -234,20 +233,8 @@ class IPMixLoader(_Loader):
             backend=self.backend, seed=self.seed, enable_checkpointing=True, checkpoint=checkpoint,
             listing=self._listing, **self._pipeline_kw, **self._where())
         self._listing = None
-        sample_major = self.views_layout == "sample_major"
         return DaliLoader(pipe, last_batch=self.last_batch, device=self.device,
-                          channels_last=self.channels_last and sample_major,
-                          flatten_views=sample_major)
-
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        if self.views_layout == "sample_major":
-            yield from self._dali()
-            return
-        for images, labels in self._dali():     # [B, V, 3, S, S] -> [V * B, 3, S, S]
-            images = images.transpose(0, 1).flatten(0, 1)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            yield images, labels
+                          channels_last=self.channels_last, views_layout=self.views_layout)
 
     # -- the state protocol (torchdata's StatefulDataLoader, Lightning) ----------------------
 

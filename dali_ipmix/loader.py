@@ -28,6 +28,7 @@ import torch
 
 LAST_BATCH_POLICIES = ("drop", "partial", "fill")
 OUTPUT_MAP = ("images", "labels")
+VIEWS_LAYOUTS = ("sample_major", "view_major")
 MAX_PENDING = 8     # batches whose sources may wait for their copies before the host waits
 
 
@@ -92,8 +93,9 @@ class StreamHandoff:
 class DaliLoader:
     """Iterate ``(images, labels)`` from a (not yet built) DALI pipeline with outputs (images, labels).
 
-    images: ``[B, V, 3, S, S]`` training views are returned flattened sample-major as ``[B*V, 3, S, S]``
-    (``flatten_views=True``: clean, aug1, aug2 of sample 0, then of sample 1, ...) or as is;
+    images: ``[B, V, 3, S, S]`` training views are returned flattened to ``[B*V, 3, S, S]``,
+    ``views_layout="sample_major"`` (clean, aug1, aug2 of sample 0, then of sample 1, ...) or
+    ``"view_major"`` (all clean views, then all first IPMix views, ...), or as is (``None``);
     ``[B, 3, S, S]`` validation images are returned as is.  labels: ``long [B]``.
     ``device``: torch device the tensors must end up on (``None``: wherever DALI put them).
     ``channels_last``: return images in ``torch.channels_last`` memory format.
@@ -111,13 +113,17 @@ class DaliLoader:
     """
 
     def __init__(self, pipe, *, last_batch: str = "drop", device: Optional[torch.device] = None,
-                 channels_last: bool = False, flatten_views: bool = True, reader_name: str = "Reader",
+                 channels_last: bool = False, views_layout: Optional[str] = "sample_major",
+                 reader_name: str = "Reader",
                  extra_outputs: Tuple[str, ...] = (), handoff: Optional[StreamHandoff] = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
         self.pipe = pipe
         self.device = None if device is None else torch.device(device)
         self.channels_last = channels_last
-        self.flatten_views = flatten_views
+        if views_layout not in VIEWS_LAYOUTS + (None,):
+            raise ValueError(f"views_layout {views_layout!r}: choose one of {', '.join(VIEWS_LAYOUTS)} "
+                             f"or None")
+        self.views_layout = views_layout
         self.last_batch = last_batch
         self.handoff = handoff
         # extra outputs (e.g. a benchmark's draws) are made by the pipeline and dropped here
@@ -143,16 +149,29 @@ class DaliLoader:
             yield self._convert(batch[0])
 
     def _shape(self, images: torch.Tensor, labels: torch.Tensor):
-        if images.dim() == 5 and self.flatten_views:
-            images = images.flatten(0, 1)
+        """Views in the wanted order, still ``[B, V, ...]`` or ``[V, B, ...]`` (a view, no copy:
+        the flattening copy is the one the batch gets anyway)."""
+        if images.dim() == 5 and self.views_layout == "view_major":
+            images = images.transpose(0, 1)
         return images, labels.reshape(-1)
+
+    def _flattened(self, images: torch.Tensor, device) -> torch.Tensor:
+        """One copy of ``images`` on ``device`` with the views flattened into the batch and in the
+        wanted memory format."""
+        flat = images.dim() == 5 and self.views_layout is not None
+        fmt = torch.channels_last if self.channels_last and (flat or images.dim() == 4) \
+            else torch.contiguous_format
+        if not flat:
+            return images.to(device, non_blocking=True, copy=True, memory_format=fmt)
+        out = torch.empty((images.shape[0] * images.shape[1],) + tuple(images.shape[2:]),
+                          dtype=images.dtype, device=device, memory_format=fmt)
+        out.unflatten(0, images.shape[:2]).copy_(images, non_blocking=True)
+        return out
 
     def _owned(self, images: torch.Tensor, labels: torch.Tensor):
         """New tensors on ``self.device`` in the wanted layout, copied on the current stream."""
-        fmt = torch.channels_last if self.channels_last and images.dim() == 4 \
-            else torch.contiguous_format
         device = self.device or images.device
-        return (images.to(device, non_blocking=True, copy=True, memory_format=fmt),
+        return (self._flattened(images, device),
                 labels.to(device, torch.long, non_blocking=True, copy=True))
 
     def _convert(self, out) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +183,8 @@ class DaliLoader:
             with torch.cuda.device(where.device) if where.is_cuda else contextlib.nullcontext():
                 return self.handoff((images, labels), self._owned)
         labels = labels.long()
+        if images.dim() == 5 and self.views_layout is not None:
+            images = images.flatten(0, 1)      # a copy only where view-major needs one
         if self.device is not None and images.device != self.device:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)

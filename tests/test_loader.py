@@ -97,11 +97,16 @@ def _loader(tiny_set, **kw):
     return DaliLoader(pipe, **kw)
 
 
+@pytest.mark.parametrize("views_layout", ["sample_major", "view_major"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_loader_hands_out_copies_and_holds_dali_memory_until_copied(tiny_set, channels_last):
-    plain = _loader(tiny_set, channels_last=channels_last)
+def test_loader_hands_out_copies_and_holds_dali_memory_until_copied(tiny_set, channels_last,
+                                                                    views_layout):
+    # the GPU path's one copy also flattens the views in the wanted order: the same batch as the
+    # CPU path's flatten
+    plain = _loader(tiny_set, channels_last=channels_last, views_layout=views_layout)
     handoff = L.StreamHandoff(max_pending=3, event=FakeEvent)
-    owned = _loader(tiny_set, channels_last=channels_last, handoff=handoff)
+    owned = _loader(tiny_set, channels_last=channels_last, views_layout=views_layout,
+                    handoff=handoff)
     for step, ((want, want_labels), (images, labels)) in enumerate(zip(plain, owned)):
         # the same batch, in the same layout, as the zero-copy path gives
         assert torch.equal(images, want) and torch.equal(labels, want_labels)
