@@ -17,7 +17,8 @@
 #   gpu-check.tar.gz  every log, at the end
 #
 # Steps (STEPS picks some, in this order; data runs beside env and lifetime): data env lifetime
-# bench-key bench-train kernels gpu-tests copy bench-official lifetime-prev [train].  A step that would start after DEADLINE_S
+# bench-key bench-train kernels gpu-tests copy bench-official lifetime-prev [train] [example]
+# (train: train.py stopped and resumed; example: examples/pytorch_loop.py for EXAMPLE_STEPS steps).  A step that would start after DEADLINE_S
 # seconds is skipped (and says so); each step is cut at the deadline plus 30 s; rc=3: a step
 # that could not run here (no official checkout, no earlier code), its log says why.
 #
@@ -226,8 +227,15 @@ train_and_resume() {   # TRAIN_STEPS steps with a checkpoint, then --resume auto
     "$PY" train.py "${common[@]}" --max-steps "$((TRAIN_STEPS * 3 / 2))" --resume auto
 }
 
+example_loop() {   # the public loader in examples/pytorch_loop.py: EXAMPLE_STEPS steps of ARCH
+    rm -rf "$WORK/example-run"
+    "$PY" examples/pytorch_loop.py --data-path "$WORK/imagenet" --mixing "$WORK/fractals" \
+        --model "$ARCH" -b "$BATCH" --epochs 1000 --max-steps "${EXAMPLE_STEPS:-300}" \
+        -j "${THREADS%%,*}" --output-dir "$WORK/example-run"
+}
+
 export -f environment lifetime lifetime_prev gpu_tests copy_cost kernels make_data bench \
-    bench_official train_and_resume
+    bench_official train_and_resume example_loop
 TIMING=(--iters "$ITERS" --min-seconds "$MIN_SECONDS" --repeats "$REPEATS")
 # the data are made on the CPU cores while the first GPU steps run
 step data make_data &
@@ -243,6 +251,7 @@ step copy copy_cost
 step bench-official bench_official
 step lifetime-prev lifetime_prev
 step train train_and_resume
+step example example_loop
 
 {
     for dir in bench-key bench-train bench-official; do
@@ -251,6 +260,7 @@ step train train_and_resume
     [ -f "$OUT/copy.txt" ] && { echo; cat "$OUT/copy.txt"; }
     [ -f "$OUT/kernels.json" ] && { echo; grep -E "^ +[0-9]+ +(triton|torch)" "$LOGS/kernels.log" | tail -n 12; }
     [ -f "$LOGS/train.log" ] && { echo; grep -E "resum|summary|val top-1|img/s|checkpoint" "$LOGS/train.log" | tail -n 12; }
+    [ -f "$LOGS/example.log" ] && { echo; grep -E "^step|val top-1" "$LOGS/example.log" | tail -n 4; }
     [ -f "$LOGS/data.log" ] && { echo; grep -E "JPEGs" "$LOGS/data.log"; }
 } >>"$SUMMARY"
 publish
