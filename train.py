@@ -22,7 +22,7 @@ Without data flags (``python train.py``) a small built-in demo runs instead: a s
 10-class set and a procedural fractal mixing set are generated once into a cache folder
 (``$DALI_IPMIX_CACHE`` or ``~/.cache/dali_ipmix/demo``), then a small model (a ResNet-9 of width
 16 at 32 px unless overridden) trains for 8 epochs with the recipe's IPMix + JSD, reaching 96-99 %
-validation top-1 in about 1.5 minutes on 2 CPU cores (BENCHMARKS.md), and leaves a sheet of one
+validation top-1 in 1.5 to 4 minutes on 2 CPU cores (README, BENCHMARKS.md), and leaves a sheet of one
 augmented batch and a plot of the curves in the output folder
 (``dali_ipmix/training/demo_outputs.py``).  It shows the whole path (generation -> DALI IPMix ->
 training -> validation -> checkpoints), not the ImageNet recipe.
@@ -49,22 +49,15 @@ from dali_ipmix import advmixup
 from dali_ipmix import config as C
 from dali_ipmix import models, s3
 from dali_ipmix.errors import UserError
+from dali_ipmix.helpformat import HelpFormatter
 from dali_ipmix.losses import ipmix_loss
+from dali_ipmix.readers import MAX_PIXELS
 from dali_ipmix.training import (checkpoint, demo_outputs, distributed, metrics, precision, robust,
                                  schedule)
 from dali_ipmix.training.recipes import (CIFAR_ADV_DEFAULTS, DEMO_DEFAULTS, RECIPE_DEFAULTS,
-                                         check_numbers, recipe_and_demo)
+                                         JSD_WEIGHT, check_jsd_weight, check_numbers,
+                                         recipe_and_demo)
 from dali_ipmix.training.state import RunState
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Adds "(default: X)" only where the help does not say the default itself: None means the
-    recipe, the demo or the preset decides, and the help names those."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def get_args_parser(add_help=True):
@@ -95,6 +88,10 @@ def add_data_args(g):
     g.add_argument("--mixing-cache-mb", type=int, default=None, metavar="MB",
                    help="GPU memory for the decoded mixing pictures, so each is decoded once "
                    "(default: enough for the whole set, at most 4096; 0: decode every time)")
+    g.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help="a picture DALI stops on whose header claims more pixels is named as too "
+                   "large (a decompression bomb; `dali-ipmix verify --max-pixels N` finds them "
+                   "all beforehand)")
     g.add_argument("--demo-cache", default=None, help="cache folder of the demo data "
                    "(default $DALI_IPMIX_CACHE or ~/.cache/dali_ipmix/demo)")
     g.add_argument("--workers", "-j", type=int, default=4, help="DALI CPU threads per rank")
@@ -120,7 +117,8 @@ def add_ipmix_args(g):
     g.add_argument("--no-jsd", action="store_true", help="one IPMix view and plain cross-entropy "
                    "(default: clean + 2 IPMix views with the JSD consistency loss; with --adv-mixup "
                    "one view unless --adv-jsd)")
-    g.add_argument("--jsd-weight", type=float, default=12.0, help="weight of the JSD term (official 12)")
+    g.add_argument("--jsd-weight", type=float, default=None, help=f"weight of the JSD term (default "
+                   f"{JSD_WEIGHT:g}, the official weight)")
     g.add_argument("--k", type=int, default=None, help="IPMix chains (preset: 3)")
     g.add_argument("--t", type=int, default=None, help="max chain depth (preset: 3)")
     g.add_argument("--beta", type=float, default=None, help="add/multiply mixing strength (preset)")
@@ -201,6 +199,7 @@ def apply_defaults(args):
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     check_numbers(args)
     advmixup.check_adv_args(args)
+    check_jsd_weight(args)
     if not 0 < args.crop_scale <= 1:
         raise UserError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
 
@@ -234,8 +233,6 @@ def build_config(args) -> C.IPMixConfig:
             changes[field] = getattr(args, flag)
     if args.image_size is not None and args.image_size != cfg.image_size:
         size = args.image_size
-        if size < 8:
-            raise UserError(f"--image-size must be >= 8, got {size}")
         changes["image_size"] = size
         # the largest official patch is the whole crop: keep that, drop sizes that no longer fit
         changes["patch_sizes"] = tuple(sorted({p for p in cfg.patch_sizes if p < size} | {size}))
@@ -263,6 +260,8 @@ def prepare_run(args, state):
             find_demo_data(args, state)
         else:
             resolve_data(args, state)
+        if args.adv_eval == "autoattack":    # not after the training: torchattacks, >= 4 classes
+            advmixup.check_autoattack(state.num_classes)
         if state.is_main:
             checkpoint.prepare_output_dir(args, state)
             ckpt = checkpoint.load_resume_checkpoint(args, state.num_classes)
@@ -281,6 +280,7 @@ def prepare_run(args, state):
             except UserError as e:
                 error = e
         distributed.raise_together(error, state.world_size)
+    checkpoint.check_not_complete(args, ckpt)   # every rank holds ckpt: they all stop here
     return ckpt
 
 
@@ -352,33 +352,27 @@ def open_data(args, state, train_flag):
     return train, val, mixing
 
 
-def load_data(args, state, cfg, dali_checkpoint=None):
-    """This rank's training and validation loaders: the preset's IPMix graph, on its shard."""
-    import pipelines
-    from dali_ipmix.loader import DaliLoader
-    from pipelines import imagenet
+def load_data(args, state, cfg):
+    """This rank's training and validation loaders: the preset's IPMix graph on its shard, built
+    by the public loaders (``dali_ipmix.ipmix_loader``) as a user's own loop builds them."""
+    from dali_ipmix.ipmix_loader import IPMixLoader, IPMixValLoader
     pixels = advmixup.uses_pixels(args)
     # float16 views under mixed precision on GPU halve the loader's output traffic (as NVIDIA's
     # DALI ResNet-50 examples do); the adversarial modes perturb the pixels: they keep float32
-    dtype = "float16" if state.dali_device == "gpu" and args.amp != "off" and not pixels else "float"
+    dtype = "float16" if state.dali_device == "gpu" and args.amp != "off" and not pixels else "float32"
     cfg = advmixup.pixel_config(cfg) if pixels else cfg
-    where = dict(num_threads=args.workers, dtype=dtype, device=state.dali_device,
-                 device_id=state.dali_device_id, shard_id=state.rank, num_shards=state.world_size)
-    # the CIFAR graph crops with RandomCrop(32, padding=4): --crop-scale is RandomResizedCrop's
-    crop = {} if args.preset == "cifar" else {"random_area": (args.crop_scale, 1.0)}
-    train_pipe = pipelines.train_pipeline(
-        args.preset, args.train_dir, args.mixing_set, cfg=cfg, batch_size=args.batch_size,
-        backend=args.backend, seed=args.seed, enable_checkpointing=True, checkpoint=dali_checkpoint,
-        filelist=args.train_filelist, mixing_filelist=args.mixing_filelist,
-        mixing_cache_mb="auto" if args.mixing_cache_mb is None else args.mixing_cache_mb,
-        **crop, **where)
-    val_pipe = imagenet.val_pipeline(
-        args.val_dir, cfg=cfg, batch_size=args.val_batch_size or args.batch_size,
-        resize=pipelines.resize_for(cfg.image_size, args.preset), filelist=args.val_filelist, **where)
-    train = DaliLoader(train_pipe, last_batch=args.last_batch, device=state.torch_device,
-                       channels_last=args.channels_last)
-    val = DaliLoader(val_pipe, last_batch="partial", device=state.torch_device,
-                     channels_last=args.channels_last)
+    where = dict(preset=args.preset, cfg=cfg, device=state.torch_device, rank=state.rank,
+                 world_size=state.world_size, num_threads=args.workers, dtype=dtype,
+                 channels_last=args.channels_last)
+    train = IPMixLoader(
+        args.train_dir, args.mixing_set, batch_size=args.batch_size, seed=args.seed,
+        last_batch=args.last_batch, backend=args.backend, filelist=args.train_filelist,
+        # the CIFAR graph crops with RandomCrop(32, padding=4): --crop-scale is RandomResizedCrop's
+        crop_scale=None if args.preset == "cifar" else args.crop_scale,
+        mixing_filelist=args.mixing_filelist,
+        mixing_cache_mb="auto" if args.mixing_cache_mb is None else args.mixing_cache_mb, **where)
+    val = IPMixValLoader(args.val_dir, batch_size=args.val_batch_size or args.batch_size,
+                         filelist=args.val_filelist, **where)
     return train, val
 
 
@@ -424,14 +418,8 @@ def build_training(args, state, cfg, ckpt, model_factory=None):
     optimizer = torch.optim.SGD(state.model_without_ddp.parameters(), lr=lr, momentum=args.momentum,
                                 nesterov=args.nesterov == "on", weight_decay=args.wd)
     scaler = torch.amp.GradScaler(state.torch_device.type, enabled=args.amp == "fp16")
-    dali_state = None
-    if ckpt is not None:
-        if ckpt.get("world_size") == state.world_size and ckpt.get("dali_state"):
-            dali_state = ckpt["dali_state"][state.rank]
-        else:
-            state.log(f"warning: checkpoint written by {ckpt.get('world_size')} rank(s), this run has "
-                      f"{state.world_size}: the data pipeline restarts its epoch (data order differs)")
-    train_loader, val_loader = load_data(args, state, cfg, dali_state)
+    train_loader, val_loader = load_data(args, state, cfg)
+    replayable = ckpt is not None and resume_loader(args, state, train_loader, ckpt)
     steps_per_epoch = len(train_loader)
     scheduler = schedule.lr_scheduler(
         optimizer, peak=lr, global_batch=global_batch, epochs=args.epochs,
@@ -439,14 +427,30 @@ def build_training(args, state, cfg, ckpt, model_factory=None):
     training = Training(model=state.model_without_ddp, optimizer=optimizer, scheduler=scheduler,
                         scaler=scaler, train_loader=train_loader, val_loader=val_loader,
                         steps_per_epoch=steps_per_epoch, lr=lr, views=cfg.views)
-    start = (restore(args, state, training, ckpt, replayable=dali_state is not None) if ckpt
-             else (0, 0))
+    start = restore(args, state, training, ckpt, replayable=replayable) if ckpt else (0, 0)
     if state.distributed:
         device_ids = [state.torch_device.index] if state.torch_device.type == "cuda" else None
         training.model = nn.parallel.DistributedDataParallel(training.model, device_ids=device_ids)
     if args.compile:
         training.model = torch.compile(training.model)
     return training, start
+
+
+def resume_loader(args, state, train_loader, ckpt) -> bool:
+    """Put the training loader where ``ckpt`` left it; False where it cannot (another world size:
+    the data restarts its epoch, with a warning)."""
+    loader_state = ckpt.get("loader_state")
+    why = ("it holds no loader state (an older checkpoint)" if not loader_state else
+           f"it was written by {loader_state.get('world_size')} rank(s), this run has {state.world_size}"
+           if loader_state.get("world_size") != state.world_size else None)
+    if why:
+        state.log(f"warning: {why}: the data pipeline restarts its epoch (data order differs)")
+        return False
+    try:
+        train_loader.load_state_dict(loader_state)
+    except ValueError as e:
+        raise UserError(f"--resume {args.resume}: {e}") from None
+    return True
 
 
 def restore(args, state, training, ckpt, replayable: bool):
@@ -471,7 +475,7 @@ def restore(args, state, training, ckpt, replayable: bool):
 
 def save_checkpoint(args, state, training, *, epoch, epoch_done, epoch_steps=0):
     """Every rank calls it (the DALI states are gathered); rank 0 writes."""
-    dali_states = distributed.all_gather(training.train_loader.checkpoint(), state.world_size)
+    loader_state = training.train_loader.state_dict()   # a collective: every rank's position
     if not state.is_main:
         return
     ckpt = {
@@ -487,7 +491,7 @@ def save_checkpoint(args, state, training, *, epoch, epoch_done, epoch_steps=0):
         "arch": args.arch,
         "args": state.recorded_args(args),
         "world_size": state.world_size,
-        "dali_state": dali_states,       # one per rank
+        "loader_state": loader_state,    # IPMixLoader.state_dict(): the DALI state of every rank
         "rng": checkpoint.rng_state(),
         "best_top1": state.best_top1,
         "history": state.history,
@@ -495,6 +499,7 @@ def save_checkpoint(args, state, training, *, epoch, epoch_done, epoch_steps=0):
     path = checkpoint.write_checkpoint(ckpt, args.output_dir, state.step, args.keep_ckpts,
                                        state.failed_writes)
     state.last_checkpoint = path or state.last_checkpoint
+    state.checkpoint_failed = path is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,6 +590,7 @@ def evaluate(args, state, model, loader):
 def end_epoch(args, state, training, epoch, writer):
     """Validation (and the robust check) of ``epoch``, its record, the epoch's checkpoint."""
     t0 = time.perf_counter()
+    distributed.broadcast_buffers(state.model_without_ddp, state.world_size)   # evaluate what rank 0 saves
     res = evaluate(args, state, state.model_without_ddp, training.val_loader)  # unwrapped: no DDP collectives
     state.best_top1 = max(state.best_top1, res["val_top1"])
     rec = {"kind": "epoch", "epoch": epoch + 1, "step": state.step, **res,
@@ -615,6 +621,7 @@ def fit(args, state, training, start, progress, stop, writer) -> bool:
             log_stopped(args, state, "(--max-steps)", f", the last of epoch {epoch + 1}")
             break
     if args.adv_eval != "off":
+        distributed.broadcast_buffers(state.model_without_ddp, state.world_size)
         res = robust.robust_evaluate(args, state, training.val_loader, steps=args.adv_eval_steps,
                                      restarts=args.adv_eval_restarts, images=args.adv_eval_images,
                                      autoattack=args.adv_eval == "autoattack")
@@ -653,6 +660,9 @@ def run(args, model_factory=None) -> int:
         distributed.init(state.torch_device)
     try:
         return train(args, state, model_factory, t_start)
+    except checkpoint.RunComplete as e:
+        state.log(f"train.py: {e}")
+        return 0
     except RuntimeError as e:
         # a bad file met by DALI mid-run: one line naming it and how to skip it, not a traceback
         from dali_ipmix.sources import explain_shard_error, local_folders
@@ -660,7 +670,8 @@ def run(args, model_factory=None) -> int:
         err = explain_shard_error(e, [args.train_dir, args.val_dir, args.mixing_set], SEARCH_LIMIT)
         if err is None:
             err = explain_pipeline_error(e, local_folders([args.train_dir, args.val_dir]),
-                                         local_folders([args.mixing_set]), search_limit=SEARCH_LIMIT)
+                                         local_folders([args.mixing_set]), search_limit=SEARCH_LIMIT,
+                                         max_pixels=args.max_pixels)
         if err is None:
             raise
         raise err from None
@@ -714,6 +725,13 @@ def train(args, state, model_factory, t_start) -> int:
         demo_lines = demo_outputs.summary_lines(args, files)
     metrics.print_summary(args, state, training.views, progress, setup_time,
                           time.perf_counter() - t_start, extra_lines=demo_lines)
+    if state.checkpoint_failed:   # a run whose training is not on disk is no success
+        print(f"train.py: error: the checkpoint of step {state.step} could not be written (see "
+              f"the failed writes above); "
+              + (f"the newest on disk is {state.last_checkpoint}" if state.last_checkpoint else
+                 "no checkpoint of this run is on disk: its training is lost")
+              + f"; free space in {args.output_dir} and run again", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -3,8 +3,18 @@
 Modules, one per concern: ``config`` (op tables, presets), ``tape`` (per-sample random draws),
 ``reference`` (NumPy/PIL oracle), ``ops`` (readable DALI backend), ``fused`` (fused torch
 kernel), ``readers`` (data and mixing-set readers), ``augment`` (IPMix in a graph), ``data``
-(fractal and demo-data generators).  Heavy libraries are imported by the modules that need them.
+(fractal and demo-data generators), ``ipmix_loader`` (the public loaders: ``IPMixLoader``,
+``IPMixValLoader``).  Heavy libraries are imported by the modules that need them (DALI when a loader
+is first used).
 """
 from .config import CIFAR, IMAGENET, IPMixConfig, preset  # noqa: F401
+
+
+def __getattr__(name):
+    # the loaders import DALI and torch: only when asked for (``from dali_ipmix import IPMixLoader``)
+    if name in ("IPMixLoader", "IPMixValLoader"):
+        from . import ipmix_loader
+        return getattr(ipmix_loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __version__ = "0.1.0"

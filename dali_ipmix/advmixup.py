@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Tuple
@@ -214,7 +215,7 @@ def check_adv_args(args) -> argparse.Namespace:
     if args.adv_eps is not None:
         need(0 <= args.adv_eps <= 1, "adv-eps", f"must be in [0, 1] pixel units (e.g. 8/255), got {args.adv_eps:g}")
     need(0 <= args.adv_eval_eps <= 1, "adv-eval-eps", f"must be in [0, 1], got {args.adv_eval_eps:g}")
-    need(args.adv_eval_step_size >= 0, "adv-eval-step-size", f"must be >= 0, got {args.adv_eval_step_size:g}")
+    need(0 <= args.adv_eval_step_size <= 1, "adv-eval-step-size", f"must be in [0, 1], got {args.adv_eval_step_size:g}")
     need(args.adv_eval_steps >= 0, "adv-eval-steps", f"must be >= 0, got {args.adv_eval_steps}")
     need(args.adv_eval_restarts >= 1, "adv-eval-restarts", f"must be >= 1, got {args.adv_eval_restarts}")
     need(args.adv_eval_images >= 0, "adv-eval-images", f"must be >= 0, got {args.adv_eval_images}")
@@ -222,12 +223,15 @@ def check_adv_args(args) -> argparse.Namespace:
     need(args.adv_val_images >= 0, "adv-val-images", f"must be >= 0, got {args.adv_val_images}")
     if mode == "off":
         return args
-    need(args.adv_step_size >= 0, "adv-step-size", f"must be >= 0, got {args.adv_step_size:g}")
+    need(0 <= args.adv_step_size <= 1, "adv-step-size", f"must be in [0, 1], got {args.adv_step_size:g}")
     need(args.adv_steps >= 0, "adv-steps", f"must be >= 0, got {args.adv_steps}")
-    need(args.adv_pgd_weight >= 0, "adv-pgd-weight", f"must be >= 0, got {args.adv_pgd_weight:g}")
-    need(args.adv_clean_weight >= 0, "adv-clean-weight", f"must be >= 0, got {args.adv_clean_weight:g}")
-    need(args.adv_mix_alpha > 0, "adv-mix-alpha", f"must be > 0, got {args.adv_mix_alpha:g}")
-    need(args.adv_lambda_step >= 0, "adv-lambda-step", f"must be >= 0, got {args.adv_lambda_step:g}")
+    # NaN fails every test; inf is refused too (a weight or step of inf is no setting anyone means)
+    need(0 <= args.adv_pgd_weight < math.inf, "adv-pgd-weight", f"must be a finite number >= 0, got {args.adv_pgd_weight:g}")
+    need(0 <= args.adv_clean_weight < math.inf, "adv-clean-weight",
+         f"must be a finite number >= 0, got {args.adv_clean_weight:g}")
+    need(0 < args.adv_mix_alpha < math.inf, "adv-mix-alpha", f"must be a finite number > 0, got {args.adv_mix_alpha:g}")
+    need(0 <= args.adv_lambda_step <= 1, "adv-lambda-step",
+         f"must be in [0, 1] (a step of the mixing weight lambda), got {args.adv_lambda_step:g}")
     lo, hi = args.adv_lambda_box
     need(0 <= lo <= hi <= 1, "adv-lambda-box", f"needs 0 <= LO <= HI <= 1, got {lo:g} {hi:g}")
     args.adv_lambda_box = (float(lo), float(hi))
@@ -587,20 +591,27 @@ def adv_mixup_loss(model_unwrapped, model_for_grad, images01, labels, num_classe
 AUTOATTACK_INSTALL = "pip install torchattacks==3.5.1"
 
 
-def autoattack_standard(model, eps: float, num_classes: int, seed: int = 0):
-    """AutoAttack 'standard' (Croce & Hein) built from torchattacks 3.5.1 parts with the official
-    settings, which torchattacks' own ``AutoAttack`` does not use (it keeps 10 iterations and
-    ``n_classes - 1`` targets): APGD-CE and APGD-T (100 iterations), FAB-T (100 iterations),
-    Square (5000 queries, p_init 0.8, no schedule rescaling); 9 target classes (fewer if the
-    model has fewer than 10 classes).  Applied in sequence to the images not yet fooled."""
+def check_autoattack(num_classes: int) -> None:
+    """Refuse AutoAttack where it cannot run (torchattacks missing, fewer than 4 classes): called
+    before any work by train.py and `dali-ipmix eval`, and by ``autoattack_standard``."""
     try:
-        import torchattacks as ta
+        import torchattacks  # noqa: F401
     except ImportError:
         raise UserError(f"AutoAttack needs the torchattacks package: {AUTOATTACK_INSTALL} "
                         f"(or evaluate with PGD only)") from None
     if num_classes < 4:    # APGD-T's targeted DLR loss reads the 3rd and 4th largest logits
         raise UserError(f"AutoAttack's targeted attacks need a model with >= 4 classes, this one has "
                         f"{num_classes}; evaluate it with PGD only")
+
+
+def autoattack_standard(model, eps: float, num_classes: int, seed: int = 0):
+    """AutoAttack 'standard' (Croce & Hein) built from torchattacks 3.5.1 parts with the official
+    settings, which torchattacks' own ``AutoAttack`` does not use (it keeps 10 iterations and
+    ``n_classes - 1`` targets): APGD-CE and APGD-T (100 iterations), FAB-T (100 iterations),
+    Square (5000 queries, p_init 0.8, no schedule rescaling); 9 target classes (fewer if the
+    model has fewer than 10 classes).  Applied in sequence to the images not yet fooled."""
+    check_autoattack(num_classes)
+    import torchattacks as ta
     n = min(num_classes, 10)    # torchattacks runs n - 1 targets; official AA uses 9
     attacks = [
         ta.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", rho=0.75, seed=seed),

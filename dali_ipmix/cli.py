@@ -45,6 +45,12 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"dali-ipmix {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: one line and the shell's code for SIGINT, not a traceback; the commands write
+        # each file whole (temp file + rename) or not at all
+        print(f"\ndali-ipmix {args.command}: interrupted (Ctrl-C); every file it wrote is whole, "
+              f"the one it was writing is absent", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

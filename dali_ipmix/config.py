@@ -114,6 +114,9 @@ CIFAR_STD = (0.5, 0.5, 0.5)
 
 MAX_CHAINS = 8
 MAX_DEPTH = 8
+# crop sizes (px): the smallest patch is 4 px; 4096 px already means 48 MiB per view, and a crop of
+# 100000 px would ask every view for 28 GiB
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,8 @@ class IPMixConfig:
     def __post_init__(self):
         def bad(flag, why):
             raise ValueError(f"IPMix config: {flag} {why}")
+        if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+            bad("image_size", f"must be in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}, got {self.image_size}")
         if not 1 <= self.k <= MAX_CHAINS:
             bad("k", f"must be in 1..{MAX_CHAINS}, got {self.k}")
         if not 0 <= self.t <= MAX_DEPTH:

@@ -27,15 +27,21 @@ def jsd_loss(logits_clean: torch.Tensor, logits_aug1: torch.Tensor, logits_aug2:
 
 
 def ipmix_loss(logits: torch.Tensor, labels: torch.Tensor, views: int, *, jsd_weight: float = 12.0,
-               label_smoothing: float = 0.0):
-    """Loss and clean-view logits for a forward pass over ``[B * views]`` sample-major images.
+               label_smoothing: float = 0.0, views_layout: str = "sample_major"):
+    """Loss and clean-view logits for a forward pass over ``[B * views]`` images.
 
     ``views == 3``: (clean, aug1, aug2) per sample -> :func:`jsd_loss`; ``views == 1``: plain CE.
+    ``views_layout`` as the loader's (``IPMixLoader``): "sample_major" (the three views of a
+    sample next to each other) or "view_major" (three chunks of B: all clean, all aug1, all aug2).
     """
     if views == 1:
         return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing), logits
     if views != 3:
         raise ValueError(f"expected 1 or 3 views per sample, got {views}")
-    per_view = logits.view(labels.shape[0], views, -1)
-    clean, aug1, aug2 = per_view.unbind(1)
+    if views_layout == "sample_major":
+        clean, aug1, aug2 = logits.view(labels.shape[0], views, -1).unbind(1)
+    elif views_layout == "view_major":
+        clean, aug1, aug2 = logits.view(views, labels.shape[0], -1).unbind(0)
+    else:
+        raise ValueError(f"views_layout must be 'sample_major' or 'view_major', got {views_layout!r}")
     return jsd_loss(clean, aug1, aug2, labels, weight=jsd_weight, label_smoothing=label_smoothing), clean

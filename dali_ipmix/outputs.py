@@ -23,10 +23,10 @@ def _probe(folder: Path, flag: str, target: PathLike) -> None:
                         f"another place") from None
 
 
-def check_output_file(path: PathLike, flag: str, overwrite: bool = False,
-                      make_folder: bool = False) -> Path:
-    """Refuse a folder, an existing file without ``overwrite``, a missing folder (created with
-    ``make_folder``) and a folder that cannot be written into."""
+def check_output_file(path: PathLike, flag: str, overwrite: bool = False) -> Path:
+    """Refuse a folder, an existing file without ``overwrite``, a missing folder and a folder that
+    cannot be written into.  One rule for every command: an output file goes into a folder that
+    exists (a mistyped folder is not created); an output folder (--out DIR) is created."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give a file name")
@@ -34,12 +34,21 @@ def check_output_file(path: PathLike, flag: str, overwrite: bool = False,
         raise UserError(f"{flag} {path}: file exists; pass --overwrite or choose another name")
     folder = path.parent
     if not folder.is_dir():
-        if not make_folder:
-            raise UserError(f"{flag} {path}: the folder {folder} does not exist; create it or "
-                            f"choose another place")
-        check_output_folder(folder, flag)
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist; create it or "
+                        f"choose another place")
     _probe(folder, flag, path)
     return path
+
+
+def check_folder_can_be_made(folder: PathLike, flag: str) -> Path:
+    """A missing output folder that the command creates when it writes: its nearest existing
+    ancestor must be a folder that can be written into (checked now, nothing created)."""
+    folder = Path(folder)
+    base = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not base.is_dir():
+        raise UserError(f"{flag} {folder}: {base} is a file, not a folder; choose another folder")
+    _probe(base, flag, folder)
+    return folder
 
 
 def check_output_folder(folder: PathLike, flag: str) -> Path:

@@ -4,6 +4,7 @@ Folder problems are found here, before DALI starts, and reported as one line nam
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -16,6 +17,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TRAIN_READER = "Reader"
 MIXING_READER = "Mixing"
 VAL_READER = "Reader"
+# The most pixels a picture may claim in its header (Pillow's MAX_IMAGE_PIXELS, 1024 x 1024 x 1024
+# bytes / 4 / 3): a few bytes can claim 65000 x 65000 pixels (a decompression bomb) and take
+# 16 GB and minutes to decode.  `verify --max-pixels` and train.py's --max-pixels change it.
+MAX_PIXELS = 89_478_485
 
 
 def _is_image(name: str) -> bool:
@@ -39,13 +44,18 @@ def special_kind(path) -> str:
         return ""
 
 
+LINK_LOOP = "symbolic link loop"
+
+
 def _entry_kind(entry: os.DirEntry) -> str:
-    if entry.is_file():          # the listing's file type: no stat for a plain file
-        return ""
+    """'' for a regular file (or a broken link), LINK_LOOP for a link that leads back to itself
+    (opening it fails with ELOOP), else what ``special_kind`` says."""
     try:
+        if entry.is_file():          # the listing's file type: no stat for a plain file
+            return ""
         return _kind_of_mode(entry.stat().st_mode)
-    except OSError:
-        return ""
+    except OSError as e:
+        return LINK_LOOP if e.errno == errno.ELOOP else ""
 
 
 def _walk(top):
@@ -72,16 +82,24 @@ def _walk(top):
 _REPORTED = set()
 
 
-def _image_files(root: Path, top: Path, flag: str):
+def _image_files(root: Path, top: Path, flag: str, keep_loops: bool = False):
     """Relative paths of the image files under ``top`` (sorted per folder), leaving out entries
-    that are no regular files; a note on stderr names those, once per folder."""
+    that are no regular files; a note on stderr names those, once per folder.  A symbolic link
+    loop under an image name stops here with one line (the reader would stop on it later), unless
+    ``keep_loops`` (``dali-ipmix verify`` lists it as unreadable)."""
     files, skipped = [], []
     for folder, entries in _walk(top):
         for e in sorted(entries, key=lambda e: e.name):
             if _is_image(e.name):
                 rel = str(Path(folder, e.name).relative_to(root))
                 kind = _entry_kind(e)
-                if kind:
+                if kind == LINK_LOOP and not keep_loops:
+                    raise UserError(f"{flag} {root}: {Path(folder, e.name)} is a {LINK_LOOP} (a link "
+                                    f"that leads back to itself) and cannot be read; remove it or "
+                                    f"point it at a picture (`dali-ipmix verify {root}"
+                                    f"{' --mixing' if top == root else ''}` lists every unreadable "
+                                    f"file)")
+                if kind and kind != LINK_LOOP:
                     skipped.append(f"{rel} ({kind})")
                 else:
                     files.append(rel)
@@ -95,8 +113,8 @@ def _image_files(root: Path, top: Path, flag: str):
 
 
 def class_names(root, flag="--data") -> List[str]:
-    """The class names of a class-folder data set: its sub-folders, sorted (the labels' order).
-    Lists ``root`` only, not the class folders."""
+    """The class folders of ``root``, sorted (their index is the label).  Lists ``root`` only,
+    not the class folders."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{flag} {root}: no such folder; give a folder of class sub-folders "
@@ -107,13 +125,13 @@ def class_names(root, flag="--data") -> List[str]:
     return classes
 
 
-def class_folder_files(root, flag="--data"):
+def class_folder_files(root, flag="--data", keep_loops=False):
     """(files, labels, class names) of a class-folder data set (``root/<class>/<image>``)."""
     root = Path(root)
     classes = class_names(root, flag)
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = _image_files(root, root / name, flag)
+        found = _image_files(root, root / name, flag, keep_loops)
         files += found
         labels += [label] * len(found)
     if not files:
@@ -124,7 +142,8 @@ def class_folder_files(root, flag="--data"):
 def listed_or_found(root, filelist=None, flag="--data"):
     """(files, labels, classes) from a verified file list (``dali-ipmix verify --write-filelist``)
     when one is given, else from the class folders; the class names always come from the folders,
-    whose numbering the file list uses (with a list, only ``root`` itself is listed)."""
+    whose numbering the file list uses (with a list, only ``root`` itself is listed, and a bad
+    file the list leaves out is not looked at)."""
     if filelist is None:
         return class_folder_files(root, flag=flag)
     classes = class_names(root, flag)
@@ -166,7 +185,7 @@ def filelist_files(path, root=None) -> Tuple[List[str], List[int]]:
     return files, labels
 
 
-def picture_files(root, flag="--mixing", filelist=None):
+def picture_files(root, flag="--mixing", filelist=None, keep_loops=False):
     """All pictures under ``root`` (flat or nested), relative paths, sorted."""
     if filelist is not None:
         return filelist_files(filelist, root=root)[0]
@@ -174,11 +193,34 @@ def picture_files(root, flag="--mixing", filelist=None):
     if not root.is_dir():
         raise UserError(f"{flag} {root}: no such folder; give a folder of mixing pictures "
                         f"(e.g. made by `dali-ipmix fractals --out DIR`)")
-    files = sorted(_image_files(root, root, flag))
+    files = sorted(_image_files(root, root, flag, keep_loops))
     if not files:
         raise UserError(f"{flag} {root}: no pictures found ({', '.join(IMAGE_EXTENSIONS)}); "
                         f"generate some with `dali-ipmix fractals --out {root}`")
     return files
+
+
+def picture_size(path):
+    """(width, height) that the header of the picture at ``path`` claims, read without decoding
+    it (Pillow's ``Image.open`` parses the header only); None when it cannot be read."""
+    from PIL import Image
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None    # open() checks the size
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def too_many_pixels(size, max_pixels: int = MAX_PIXELS) -> str:
+    """'' when a picture of ``size`` (width, height) is within ``max_pixels``, else why not."""
+    if size is None or size[0] * size[1] <= max_pixels:
+        return ""
+    return (f"its header claims {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, more than the "
+            f"limit of {max_pixels:,} (--max-pixels of verify and train.py; a decompression bomb "
+            f"or a picture too large to decode)")
 
 
 def decode_device(device: str) -> str:
@@ -224,16 +266,11 @@ def mixing_cache_mb(source) -> int:
     """GPU memory (MiB) that holds the whole mixing set decoded: the first picture's decoded size
     times the number of pictures, with 25 % to spare, at most ``MIXING_CACHE_MAX_MB``.  The size
     comes from the shard manifest, or the header of a local first picture (0: unknown, no cache)."""
-    from PIL import Image
     size = source.picture_size
-    if size is None and source.format == "folders" and not source.on_s3:
-        try:
-            with Image.open(Path(source.root) / source.files[0]) as im:      # reads the header only
-                size = im.size
-        except (OSError, IndexError):
-            return 0                      # an unreadable picture is reported by the reader itself
+    if size is None and source.format == "folders" and not source.on_s3 and source.files:
+        size = picture_size(Path(source.root) / source.files[0])
     if size is None:
-        return 0
+        return 0                      # an unreadable picture is reported by the reader itself
     width, height = size
     return min(MIXING_CACHE_MAX_MB, int(width * height * 3 * source.size * 1.25 / 2 ** 20) + 1)
 
@@ -274,10 +311,13 @@ def mixing_pictures(mixing, *, device, size, resize, seed=None, files=None, stre
 
 def val_images(data, *, device, size, resize, shard_id=0, num_shards=1, files=None):
     """Validation (``data`` as in ``train_images``): Resize(shorter -> resize) + CenterCrop(size),
-    no shuffling."""
+    no shuffling.  Each rank keeps its shard in every pass (``stick_to_shard``; DALI's reader
+    moves to the next shard after each epoch by default), so passes over it -- the clean and the
+    robust evaluation -- see the same images, the ones ``training.robust`` counts as this rank's."""
     from nvidia.dali import fn, types
     jpegs, labels = _source(data, files, "--val-data").reader(
-        name=VAL_READER, shard_id=shard_id, num_shards=num_shards, shuffle=False)
+        name=VAL_READER, shard_id=shard_id, num_shards=num_shards, shuffle=False,
+        stick_to_shard=True)
     images = fn.decoders.image(jpegs, device=decode_device(device), output_type=types.RGB)
     images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True)
     return fn.crop(images, crop=[size, size]), labels

@@ -95,10 +95,12 @@ class DataSource:
         return s3.is_s3(self.location)
 
     def reader(self, *, name: str, shard_id: int = 0, num_shards: int = 1, shuffle: bool,
-               seed: Optional[int] = None, labelled: bool = True):
-        """(encoded pictures, labels int32 [1] or None) DataNodes: this rank's part, padded."""
+               seed: Optional[int] = None, labelled: bool = True, stick_to_shard: bool = False):
+        """(encoded pictures, labels int32 [1] or None) DataNodes: this rank's part, padded;
+        ``stick_to_shard``: the same part every epoch (validation), not DALI's next one."""
         return FORMATS[self.format].reader(self, name=name, shard_id=shard_id, num_shards=num_shards,
-                                           shuffle=shuffle, seed=seed, labelled=labelled)
+                                           shuffle=shuffle, seed=seed, labelled=labelled,
+                                           stick_to_shard=stick_to_shard)
 
     def permuted(self, seed: int) -> "DataSource":
         """The same data walked in another order (files, or whole shards): the mixing set's
@@ -193,14 +195,16 @@ def _folders_open(location, listing, *, flag, filelist, labelled) -> DataSource:
                       files=files, labels=labels, filelist=filelist)
 
 
-def _folders_reader(src: DataSource, *, name, shard_id, num_shards, shuffle, seed, labelled):
+def _folders_reader(src: DataSource, *, name, shard_id, num_shards, shuffle, seed, labelled,
+                    stick_to_shard):
     from nvidia.dali import fn
     kw = _shuffle_kw(src, num_shards, shuffle, seed)
     if labelled:
         kw["labels"] = list(src.labels)
     data, labels = fn.readers.file(file_root=src.root, files=list(src.files), shard_id=shard_id,
                                    num_shards=num_shards, random_shuffle=shuffle,
-                                   pad_last_batch=True, name=name, **kw)
+                                   pad_last_batch=True, stick_to_shard=stick_to_shard, name=name,
+                                   **kw)
     return data, (labels if labelled else None)
 
 
@@ -339,14 +343,15 @@ def cls_label(cls):
     return fn.reshape(fn.cast(value, dtype=types.INT32), shape=[1])   # as fn.readers.file's labels
 
 
-def _wds_reader(src: DataSource, *, name, shard_id, num_shards, shuffle, seed, labelled):
+def _wds_reader(src: DataSource, *, name, shard_id, num_shards, shuffle, seed, labelled,
+                stick_to_shard):
     from nvidia.dali import fn
     kw = _shuffle_kw(src, num_shards, shuffle, seed)
     out = fn.readers.webdataset(
         paths=list(src.shards), index_paths=list(src.indices),
         ext=[PICTURE_MEMBERS] + ([LABEL_MEMBER] if labelled else []),
         missing_component_behavior="error", shard_id=shard_id, num_shards=num_shards,
-        random_shuffle=shuffle, pad_last_batch=True, name=name, **kw)
+        random_shuffle=shuffle, pad_last_batch=True, stick_to_shard=stick_to_shard, name=name, **kw)
     if not labelled:
         return (out[0] if isinstance(out, (list, tuple)) else out), None
     return out[0], cls_label(out[1])

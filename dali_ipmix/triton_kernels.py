@@ -14,7 +14,8 @@ all B * A * k chains at once:
 * ``_finish_kernel`` (1 launch): the Dirichlet/Beta weighted sum, the normalisation, the layout
   (CHW or HWC) and the output dtype.
 
-That is 2t + 2 launches per batch, whatever B and k.  Each program reads its own sample's tape
+That is 2t + 2 kernel launches per batch, whatever B and k (9 launches with the ``torch.zeros``
+of the per-image means, for t = 3).  Each program reads its own sample's tape
 record, so there is no host synchronisation and no per-sample Python.
 
 Exactness.  The arithmetic follows ``reference`` (PIL, NumPy) operation by operation: double

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -31,7 +32,8 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 from .errors import UserError
 from .data._io import pool_map, resolve_jobs
 from .outputs import check_output_file, write_atomic
-from .readers import IMAGE_EXTENSIONS, class_folder_files, picture_files, special_kind
+from .readers import (IMAGE_EXTENSIONS, LINK_LOOP, MAX_PIXELS, class_folder_files, picture_files,
+                      picture_size, special_kind, too_many_pixels)
 
 
 class Kind(NamedTuple):
@@ -42,12 +44,15 @@ class Kind(NamedTuple):
 # Every problem kind, checked against DALI 2.4's CPU decoder (tests/test_verify.py).
 PROBLEMS: Dict[str, Kind] = {
     "empty": Kind(True, "zero bytes: the file reader stops ('File mapping failed: PATH')"),
-    "unreadable": Kind(True, "cannot be opened or read (permissions, I/O error, broken link): "
-                             "the file reader stops"),
+    "unreadable": Kind(True, "cannot be opened or read (permissions, I/O error, broken link, "
+                             "symbolic link loop): the file reader stops"),
     "not_image": Kind(True, "content is no image format: the decoder stops "
                             "('nvImageCodec failure', the file is not named)"),
     "unsupported_format": Kind(True, "an image format DALI cannot decode (e.g. GIF): the decoder stops "
                                      "('nvImageCodec failure', the file is not named)"),
+    "too_large": Kind(True, "its header claims more pixels than --max-pixels (a decompression "
+                            "bomb): never decoded here; the decoder would need GiBs and minutes, "
+                            "or stop"),
     "truncated": Kind(True, "the image data ends early: the decoder stops ('Failed to decode sample')"),
     "corrupt": Kind(True, "the image data cannot be decoded: the decoder stops"),
     "format_mismatch": Kind(False, "content format differs from the extension (e.g. PNG named .jpg): "
@@ -128,8 +133,9 @@ class Report:
 # Checking one file
 @contextlib.contextmanager
 def _strict_pillow():
-    """Pillow as strict as DALI: no silently padded truncated images, no size limit (DALI decodes
-    huge pictures).  Both are process globals, so they are restored afterwards."""
+    """Pillow as strict as DALI: no silently padded truncated images, and no size limit of its
+    own (``check_image`` applies --max-pixels to the header's size before decoding).  Both are
+    process globals, so they are restored afterwards."""
     from PIL import Image, ImageFile
     saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
     ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = False, None
@@ -213,8 +219,9 @@ def _png_chunk_problem(data: bytes) -> Optional[Tuple[str, str]]:
         pos = end + 4
 
 
-def check_image(data: bytes, ext: str) -> Tuple[Tuple[str, ...], str]:
-    """(problem kinds, detail) of the bytes of a file the reader lists; ``()`` when clean."""
+def check_image(data: bytes, ext: str, max_pixels: int = MAX_PIXELS) -> Tuple[Tuple[str, ...], str]:
+    """(problem kinds, detail) of the bytes of a file the reader lists; ``()`` when clean.  The
+    header's size is checked before anything is decoded, so a decompression bomb costs nothing."""
     if not data:
         return ("empty",), "0 bytes"
     with _strict_pillow() as Image:
@@ -228,6 +235,9 @@ def check_image(data: bytes, ext: str) -> Tuple[Tuple[str, ...], str]:
             fmt, mode = im.format, im.mode
             if fmt not in DALI_FORMATS:
                 return ("unsupported_format",), f"{fmt} content"
+            too_large = too_many_pixels(im.size, max_pixels)
+            if too_large:
+                return ("too_large",), too_large
             structure = (_jpeg_header_problem(data) if fmt in ("JPEG", "MPO") else
                          _png_chunk_problem(data) if fmt == "PNG" else None)
             if structure:
@@ -249,7 +259,7 @@ def check_image(data: bytes, ext: str) -> Tuple[Tuple[str, ...], str]:
     return tuple(kinds), ", ".join(details)
 
 
-def check_file(root: str, item: Tuple[str, bool]) -> Optional[Finding]:
+def check_file(root: str, item: Tuple[str, bool], max_pixels: int = MAX_PIXELS) -> Optional[Finding]:
     """The problems of file ``item = (relative path, listed by the reader)``; None when clean.
     Files the reader skips are only identified (what would be lost), not decoded."""
     rel, listed = item
@@ -263,10 +273,11 @@ def check_file(root: str, item: Tuple[str, bool]) -> Optional[Finding]:
         with open(path, "rb") as fh:
             data = fh.read() if listed else fh.read(1 << 16)
     except OSError as e:
-        why = "broken link" if os.path.islink(path) else (e.strerror or type(e).__name__)
+        why = (LINK_LOOP if e.errno == errno.ELOOP else "broken link" if os.path.islink(path)
+               else e.strerror or type(e).__name__)
         return Finding(rel, ("unreadable",), why)
     if listed:
-        found, detail = check_image(data, ext)
+        found, detail = check_image(data, ext, max_pixels)
     else:
         with _strict_pillow() as Image:
             fmt = _identify(Image, data)
@@ -283,21 +294,22 @@ def _all_files(root: Path) -> List[str]:
     return sorted(str(Path(d, n).relative_to(root)) for d, _, names in os.walk(root) for n in names)
 
 
-def scan(root, *, mixing: bool = False, jobs: Optional[int] = None) -> Report:
+def scan(root, *, mixing: bool = False, jobs: Optional[int] = None,
+         max_pixels: int = MAX_PIXELS) -> Report:
     """Check every file under ``root`` (a class-folder data set, or with ``mixing`` a folder of
     mixing pictures) over ``jobs`` processes."""
     root = Path(root)
     if mixing:
-        files = picture_files(root, flag="DATA_DIR")
+        files = picture_files(root, flag="DATA_DIR", keep_loops=True)
         labels = [0] * len(files)
     else:
-        files, labels, classes = class_folder_files(root, flag="DATA_DIR")
+        files, labels, classes = class_folder_files(root, flag="DATA_DIR", keep_loops=True)
         if set(classes) <= {"train", "val"}:   # a data-set root given instead of one split
             raise UserError(f"DATA_DIR {root}: holds {' and '.join(c + '/' for c in classes)} rather than "
                             f"class folders; verify each split: `dali-ipmix verify {root / classes[0]}`")
     listed = set(files)
     everything = _all_files(root)
-    results = pool_map(functools.partial(check_file, str(root)),
+    results = pool_map(functools.partial(check_file, str(root), max_pixels=max_pixels),
                        [(rel, rel in listed) for rel in everything], jobs=jobs, progress="verify")
     return Report(str(root), mixing, files, labels, len(everything), [f for f in results if f])
 
@@ -337,6 +349,7 @@ USES = {"train": ("training", "train", "--train-filelist / --val-filelist", "--m
         "bench": ("the benchmark", "rerun dali-ipmix bench", "--data-filelist", "--mixing-filelist"),
         "preview": ("the preview", "rerun dali-ipmix preview", None, None),
         "stages": ("dali-ipmix stages", "rerun dali-ipmix stages", None, None),
+        "graph": ("dali-ipmix graph --stats", "rerun dali-ipmix graph --stats", None, None),
         "eval": ("the evaluation", "rerun dali-ipmix eval", None, None)}
 
 
@@ -361,9 +374,12 @@ def _locate(name: str, folders: Sequence[Path]) -> Tuple[Path, Optional[Path]]:
     return p, None
 
 
-def _why(path: Path, words: str) -> str:
+def _why(path: Path, words: str, max_pixels: int = MAX_PIXELS) -> str:
     if path.is_symlink() and not path.exists():
         return "it is a broken link"
+    too_large = too_many_pixels(picture_size(path), max_pixels)
+    if too_large:
+        return too_large
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -378,14 +394,15 @@ def _folders(dirs) -> List[Path]:
     return [Path(d).absolute() for d in dirs]
 
 
-def find_bad_file(data_dirs: Iterable, mixing_dirs: Iterable = (), limit: int = 20000):
+def find_bad_file(data_dirs: Iterable, mixing_dirs: Iterable = (), limit: int = 20000,
+                  max_pixels: int = MAX_PIXELS):
     """(folder, first fatal Finding, is_mixing) among folders of at most ``limit`` files in all,
     or None (nothing fatal, or too many files to scan while the user waits)."""
     dirs = [(d, False) for d in _folders(data_dirs)] + [(d, True) for d in _folders(mixing_dirs)]
     if sum(len(_all_files(d)) for d, _ in dirs if d.is_dir()) > limit:
         return None
     for folder, is_mixing in dirs:
-        fatal = scan(folder, mixing=is_mixing).fatal
+        fatal = scan(folder, mixing=is_mixing, max_pixels=max_pixels).fatal
         if fatal:
             return folder, fatal[0], is_mixing
     return None
@@ -397,12 +414,14 @@ SEARCH_LIMIT = 20000
 
 
 def explain_pipeline_error(exc: BaseException, data_dirs: Iterable, mixing_dirs: Iterable = (),
-                           search_limit: int = 0, use: str = "train") -> Optional[UserError]:
+                           search_limit: int = 0, use: str = "train",
+                           max_pixels: int = MAX_PIXELS) -> Optional[UserError]:
     """A one-line ``UserError`` for a DALI error about a bad data file (naming the file when DALI
     does, else the folders), or None when ``exc`` is not about a data file.  ``data_dirs`` are the
     class-folder roots, ``mixing_dirs`` the mixing-picture folders of the pipeline.  When DALI does
     not name the file and the folders hold at most ``search_limit`` files, they are scanned
-    (``scan``) to name it.  ``use``: a key of ``USES``, whose flags the hint names."""
+    (``scan``) to name it.  ``use``: a key of ``USES``, whose flags the hint names; a named file
+    whose header claims more than ``max_pixels`` pixels is said to be too large."""
     text = str(exc)
     stopped, rerun, data_flag, mixing_flag = USES[use]
     mixing = _folders(mixing_dirs)
@@ -413,14 +432,14 @@ def explain_pipeline_error(exc: BaseException, data_dirs: Iterable, mixing_dirs:
             name = m.group("path").strip()
             path, folder = _locate(name, folders)
             words = m.groupdict().get("why") or f"DALI: {m.group(0).strip()}"
-            why = _why(path, words) if folder else words
+            why = _why(path, words, max_pixels) if folder else words
             hint = skip_hint(folder if folder else "DIR", folder in mixing, use)
             return UserError(f"{path}: {stopped} stopped on this file, {why}; {hint}")
     m = _UNNAMED.search(text)
     if m is None:
         return None
     if search_limit:
-        found = find_bad_file(data_dirs, mixing_dirs, search_limit)
+        found = find_bad_file(data_dirs, mixing_dirs, search_limit, max_pixels)
         if found is not None:
             folder, finding, is_mixing = found
             return UserError(f"{folder / finding.path}: {stopped} stopped on this file "
@@ -476,6 +495,11 @@ def format_report(report: Report, took: float, jobs: int, max_shown: int = 50) -
 
 
 def _run(args: argparse.Namespace) -> int:
+    resolve_jobs(args.jobs)
+    for flag, value, least in (("--max-shown", args.max_shown, 0), ("--max-pixels", args.max_pixels, 1)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be >= {least}, got {value}"
+                            + (" (0 lists all)" if flag == "--max-shown" else ""))
     from .shard import is_shard_set, verify_shards
     if is_shard_set(args.data_dir):             # `dali-ipmix shard` output: check its members
         return verify_shards(args.data_dir)
@@ -483,7 +507,7 @@ def _run(args: argparse.Namespace) -> int:
         if target:                                   # refuse before the long scan
             check_output_file(target, flag, args.overwrite)
     start = time.perf_counter()
-    report = scan(args.data_dir, mixing=args.mixing, jobs=args.jobs)
+    report = scan(args.data_dir, mixing=args.mixing, jobs=args.jobs, max_pixels=args.max_pixels)
     print(format_report(report, time.perf_counter() - start, min(resolve_jobs(args.jobs), report.scanned),
                         max_shown=args.max_shown))
     flag, target = "--write-filelist", args.write_filelist
@@ -517,6 +541,9 @@ def register(subparsers) -> None:
                    help="write a DALI file list ('relative/path label' lines) of the usable files")
     p.add_argument("--json", metavar="FILE", default=None, help="write the full report as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace existing --write-filelist / --json files")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                   help="pictures whose header claims more pixels are fatal (too_large), never "
+                   "decoded (default: Pillow's limit, %(default)s)")
     p.add_argument("--max-shown", type=int, default=50, metavar="N",
                    help="list at most N files per warning kind (0: all; fatal files are always listed)")
     p.set_defaults(func=_run)

@@ -26,7 +26,7 @@ ROW_FIELDS = {"name", "contender", "threads", "thread_kind", "torch_threads", "v
               "warmup", "iters", "images_per_s", "seconds", "setup_s", "wall_s", "backend", "impl",
               "arch", "amp", "device", "host_rss_start_mb", "host_rss_peak_mb",
               "device_torch_peak_mb", "device_used_peak_mb", "error", "baseline_row", "cpu_s",
-              "cpu_cores", "cpu_ms_per_image",
+              "cpu_cores", "cpu_ms_per_image", "repetitions",
               "baseline_threads", "vs_baseline", "synthetic_row", "vs_synthetic"}
 OFFICIAL = "../shared/peer/hzlsaber-IPMix"
 
@@ -50,8 +50,9 @@ def test_every_row_reports_a_positive_rate_and_all_fields(result):
     assert rows["dali-ipmix-jsd"]["views"] == rows["train"]["views"] == 3
     assert rows["dali-plain"]["backend"] == "none" and rows["dali-ipmix"]["backend"] == "fused"
     assert rows["train"]["arch"] == "resnet18"
-    # rows that use no CPU threads run once; the others say what their threads are
-    assert rows["kernel"]["threads"] is None and rows["synthetic"]["threads"] is None
+    # on the CPU the kernel and model-step rows run on torch's threads, swept like the others
+    assert rows["kernel"]["threads"] == rows["synthetic"]["threads"] == 1
+    assert rows["kernel"]["thread_kind"] == rows["synthetic"]["thread_kind"] == "torch"
     assert rows["kernel"]["impl"] == "torch" and rows["kernel-jsd"]["views"] == 3
     assert rows["dali-ipmix"]["thread_kind"] == "dali" and rows["reference"]["thread_kind"] == "workers"
     assert rows["dali-tapes"]["backend"] == rows["dali-uniforms"]["backend"] == "none"
@@ -71,7 +72,7 @@ def test_ratios_come_from_the_same_run(result):
         assert r["baseline_row"] == ref and r["baseline_threads"] == r["threads"] or \
             r["threads"] is None
         assert r["vs_baseline"] == pytest.approx(r["images_per_s"] / rate[ref, r["baseline_threads"]])
-        assert r["vs_synthetic"] == pytest.approx(r["images_per_s"] / rate["synthetic", None])
+        assert r["vs_synthetic"] == pytest.approx(r["images_per_s"] / rate["synthetic", r["threads"]])
     assert {r["name"]: r["vs_baseline"] for r in result["rows"]}["reference-jsd"] == 1.0
 
 
@@ -137,6 +138,9 @@ def test_cli_writes_json_table_and_plot_and_never_overwrites(tmp_path, capsys):
     (["--contenders", "dali-ipmix,fastest"], "--contenders"),
     (["--data", "/nonexistent/images"], "--data"),
     (["--mixing", "/nonexistent/pictures"], "--mixing"),
+    (["--hw-decoder-load", "2"], "--hw-decoder-load"),
+    (["--hw-decoder-load", "nan"], "--hw-decoder-load"),
+    (["--gen-size", "2"], "--gen-size"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(argv, flag, capsys):
     assert cli.main(["bench", "--device", "cpu", "--image-size", "32"] + argv) == 2
@@ -147,6 +151,8 @@ def test_bad_input_is_one_line_naming_the_flag(argv, flag, capsys):
 @pytest.mark.parametrize("kw, flag", [
     (dict(backend="none"), "--backend"), (dict(arch="resnet_9000"), "--arch"),
     (dict(threads=[0]), "--threads"), (dict(iters=0), "--iters"), (dict(amp="fp16"), "--amp"),
+    (dict(repeats=0), "--repeats"), (dict(min_seconds=float("nan")), "--min-seconds"),
+    (dict(min_seconds=-1), "--min-seconds"),
 ])
 def test_run_bench_rejects_bad_settings_before_measuring(kw, flag):
     with pytest.raises(UserError, match=flag):
@@ -355,3 +361,130 @@ def test_outputs_on_a_full_disk_warn_and_leave_no_partial_file(tmp_path, capsys,
     for name in ("bench.json", "bench.txt", "bench.png"):
         assert f"could not write {out / name} (No space left on device)" in captured.err
     assert sorted(p.name for p in out.iterdir()) == []            # no half file, no temp file
+
+
+# ---------------------------------------------------------------------------------------------
+# Sound timing: repetitions, medians, ratios within a repetition, long windows, a clean clock.
+
+def test_ratios_are_taken_within_each_repetition_then_summarised():
+    # the baseline moves between repetitions: the ratio's median is the median of each
+    # repetition's own ratio (2.0, 4.0, 1.5 -> 2.0), not the median rate over the median
+    # baseline (45 / 15 = 3.0)
+    reps = [[dict(name="reference", views=1, threads=2, images_per_s=base),
+             dict(name="dali-ipmix", views=1, threads=2, images_per_s=rate)]
+            for base, rate in ((10.0, 20.0), (15.0, 60.0), (30.0, 45.0))]
+    measured = []
+    for k, rep in enumerate(reps):
+        measured += [{**m, "repetition": k} for m in report.add_ratios(rep)]
+    rows = {r["name"]: r for r in report.summarise(measured)}
+    ipmix = rows["dali-ipmix"]
+    assert ipmix["repetitions"] == 3
+    assert ipmix["images_per_s"] == 45.0
+    assert (ipmix["images_per_s_min"], ipmix["images_per_s_max"]) == (20.0, 60.0)
+    assert ipmix["vs_baseline"] == 2.0                     # per repetition: 2.0, 4.0, 1.5
+    assert (ipmix["vs_baseline_min"], ipmix["vs_baseline_max"]) == (1.5, 4.0)
+    assert ipmix["images_per_s"] / rows["reference"]["images_per_s"] == 3.0   # what it is not
+    assert "repetition" not in ipmix
+    text = report.table(list(rows.values()))
+    assert "20.0-60.0" in text and "1.50-4.00" in text and "median of 3 repetition(s)" in text
+
+
+def test_a_failed_repetition_is_reported_and_left_out_of_the_median():
+    measured = [dict(name="kernel", views=1, threads=None, images_per_s=v, error=e, repetition=k)
+                for k, (v, e) in enumerate(((10.0, None), (None, "boom"), (30.0, None)))]
+    (row,) = report.summarise(measured)
+    assert row["images_per_s"] == 20.0 and row["error"] == "boom" and row["repetitions"] == 3
+
+
+def test_repetitions_interleave_the_rows_and_the_record_keeps_every_one():
+    got = run_bench(**{**TINY, "repeats": 2}, contenders=["dali-plain", "synthetic"],
+                    log=lambda m: None)
+    order = [(m["name"], m["repetition"]) for m in got["measurements"]]
+    assert order == [("dali-plain", 0), ("synthetic", 0), ("dali-plain", 1), ("synthetic", 1)]
+    for row in got["rows"]:
+        rates = [m["images_per_s"] for m in got["measurements"] if m["name"] == row["name"]]
+        assert row["repetitions"] == 2 and row["images_per_s"] == pytest.approx(sum(rates) / 2)
+        assert (row["images_per_s_min"], row["images_per_s_max"]) == (min(rates), max(rates))
+    for m in got["measurements"]:
+        # each repetition's ratio against its own synthetic measurement
+        synth = next(s for s in got["measurements"]
+                     if s["name"] == "synthetic" and s["repetition"] == m["repetition"])
+        assert m["vs_synthetic"] == pytest.approx(m["images_per_s"] / synth["images_per_s"])
+        # the warm-up actually used: --warmup plus the prefetch queue drained
+        assert m["warmup"] == TINY["warmup"] + K.DALI_PREFETCH
+    s = got["settings"]
+    assert s["repeats"] == 2 and s["min_seconds"] == 0.0 and s["iters"] == TINY["iters"]
+    code = got["code"]                                     # the commit measured (a git checkout)
+    assert code["version"] and (code["commit"] is None or len(code["commit"]) == 40)
+    assert json.loads(json.dumps(got)) == got
+
+
+def test_a_row_times_at_least_min_seconds(monkeypatch):
+    got = run_bench(**{**TINY, "min_seconds": 0.5}, contenders=["kernel"],
+                    log=lambda m: None)["measurements"][0]
+    assert got["seconds"] >= 0.5 and got["iters"] >= TINY["iters"]
+    assert got["images_per_s"] == pytest.approx(got["batch_size"] * got["iters"] / got["seconds"])
+
+
+def test_nothing_runs_between_the_device_sync_and_the_clock(monkeypatch):
+    events = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(K, "cpu_seconds", lambda: events.append("cpu") or {1: 0.0})
+    monkeypatch.setattr(K.time, "perf_counter", lambda: events.append("clock") or next(clock))
+
+    class Setup:
+        warmup, iters, min_seconds = 1, 2, 0.0
+
+        def sync(self):
+            events.append("sync")
+    K.timed(Setup(), 0.0, lambda: None, lambda b: events.append("batch"))
+    timed = events[events.index("cpu"):]
+    assert timed[:3] == ["cpu", "sync", "clock"]                 # start: CPU time read, sync, clock
+    assert timed[-3:] == ["sync", "clock", "cpu"]                # end: sync, clock, CPU time read
+    assert timed.count("batch") == 2
+
+
+def test_cpu_figures_never_exceed_the_cores_and_need_a_long_enough_window():
+    from dali_ipmix.bench.runner import cpu_figures
+    # 2.5 ms of one process read 3.96 cores on a 2-core machine: too short to report
+    assert cpu_figures(0.0099, 0.0025, 4, processes=1, cores=2) == (None, None)
+    # 3 processes need 2 * 3 ticks / 0.1 core = 0.6 s
+    assert cpu_figures(1.0, 0.5, 100, processes=3, cores=2) == (None, None)
+    cores, ms = cpu_figures(1.3, 1.0, 100, processes=3, cores=2)
+    assert cores == pytest.approx(1.3) and ms == pytest.approx(13.0)
+    assert cpu_figures(2.1, 1.0, 100, processes=1, cores=2)[0] == 2   # counter jitter: at most all cores
+
+
+def test_rows_compare_at_the_same_thread_count_on_the_cpu():
+    from dali_ipmix.bench.runner import ROWS, thread_counts
+    rows = {r.name: r for r in ROWS}
+    assert list(thread_counts(rows["synthetic"], [1, 2], [4], "cpu")) == [1, 2]
+    assert list(thread_counts(rows["kernel"], [1, 2], [4], "cpu")) == [1, 2]
+    assert list(thread_counts(rows["kernel"], [8, 16], [16], "gpu")) == [8]     # once on GPU
+    assert list(thread_counts(rows["reference"], [1, 2], [4], "cpu")) == [4]
+    got = run_bench(**{**TINY, "threads": [1, 2]}, contenders=["train", "synthetic"],
+                    log=lambda m: None)["rows"]
+    by = {(r["name"], r["threads"]): r for r in got}
+    assert set(by) == {("train", 1), ("train", 2), ("synthetic", 1), ("synthetic", 2)}
+    for n in (1, 2):
+        assert by["train", n]["vs_synthetic"] == pytest.approx(
+            by["train", n]["images_per_s"] / by["synthetic", n]["images_per_s"])
+
+
+def test_the_code_measured_is_recorded_with_or_without_git(monkeypatch):
+    import dali_ipmix
+    here = report.code_version()
+    assert here["version"] == dali_ipmix.__version__
+    # this checkout is a git work tree: the commit is the one git names
+    head = subprocess.run(["git", "-C", here["source"], "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    if head.returncode == 0:
+        assert here["commit"] == head.stdout.strip() and here["dirty"] in (True, False)
+
+    def no_git(*a, **kw):
+        raise FileNotFoundError("git")
+    monkeypatch.setattr(report.subprocess, "run", no_git)
+    monkeypatch.delenv("DALI_IPMIX_COMMIT", raising=False)
+    assert report.code_version()["commit"] is None           # the version alone says what ran
+    monkeypatch.setenv("DALI_IPMIX_COMMIT", "abc123")         # a tree carried without its .git
+    assert report.code_version()["commit"] == "abc123"

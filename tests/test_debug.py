@@ -1,6 +1,7 @@
 """The debugging commands: graph (DOT/SVG and summary), preview (contact sheet + draws JSON),
 stages (every chain step exposed) and doctor, on the CPU with a tiny generated data set."""
 import json
+import os
 import re
 import shutil
 import xml.etree.ElementTree as ET
@@ -225,7 +226,9 @@ def test_doctor_checks_pass_and_failures_are_reported(data, tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["graph", "--data", "x"], "--data and --mixing go together"),
     (["graph", "--k", "0"], "--k must be"),
+    (["graph", "--render-timeout", "nan"], "--render-timeout, --max-render-nodes"),
     (["preview", "--out", "sheet.jpg"], "give a .png"),
+    (["preview", "--out", "missing/sheet.png"], "the folder missing does not exist"),   # not created
     (["stages", "--device", "gpu"], "--device gpu: no CUDA GPU"),
 ])
 def test_bad_input_one_line_errors(argv, message, capsys, monkeypatch, tmp_path):
@@ -233,6 +236,29 @@ def test_bad_input_one_line_errors(argv, message, capsys, monkeypatch, tmp_path)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["preview", "eval", "bench"])
+def test_ctrl_c_is_one_line_and_exit_130(command, data, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+    out = tmp_path / "out.png"
+    argv = {"preview": ["--data", str(data[0]), "--mixing", str(data[1]), "--out", str(out)],
+            "eval": [str(tmp_path / "model.pth"), "--data", str(data[0]), "--json", str(tmp_path / "r.json")],
+            "bench": ["--device", "cpu", "--out", str(tmp_path / "bench")]}[command]
+    # the work each command starts with, interrupted
+    module, name = {"preview": ("dali_ipmix.debug.preview", "run_batch"),
+                    "eval": ("dali_ipmix.robustness.model", "load_checkpoint"),
+                    "bench": ("dali_ipmix.bench.runner", "run_bench")}[command]
+    monkeypatch.setattr(importlib.import_module(module), name, interrupt)
+    assert cli.main([command, *argv]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"dali-ipmix {command}: interrupted (Ctrl-C); every file it wrote is whole, the one " \
+                  f"it was writing is absent"
+    assert not out.exists() and not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.parametrize("bad", ["truncated", "text"])
@@ -248,6 +274,20 @@ def test_preview_bad_image_is_one_line_naming_it(bad, data, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(broken) in err and "dali-ipmix verify" in err, err
     assert not (tmp_path / "sheet.png").exists()
+
+
+def test_graph_stats_on_an_undecodable_picture_is_one_line_naming_it(data, tmp_path, capsys):
+    train = tmp_path / "train"
+    shutil.copytree(data[0], train)
+    broken = next(train.glob("*/*.jpg")).parent / "broken.jpg"
+    broken.write_bytes(b"not a picture\n")
+    args = ["graph", "--data", str(train), "--mixing", str(data[1]), "--image-size", "32", "--k", "1",
+            "--t", "1", "--batch-size", "8", "--iters", "2", "--stats", "--max-render-nodes", "1",
+            "--out", str(tmp_path / "g")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(broken) in err and "dali-ipmix verify" in err, err
+    assert not (tmp_path / "g" / "memory.txt").exists()
 
 
 def test_preview_out_that_cannot_be_written_is_refused_before_the_run(data, tmp_path, capsys, monkeypatch):

@@ -135,3 +135,13 @@ def test_demo_run_leaves_pictures_and_says_what_next(tmp_path, monkeypatch, caps
     summary = text[text.index("summary:"):]
     assert "python train.py --data-path /data/imagenet --mixing-set /data/fractals" in summary
     assert "dali-ipmix graph --data" in summary and "dali-ipmix bench" in summary
+
+
+def test_curves_of_a_run_stopped_inside_epoch_1_say_why_the_accuracy_panel_is_empty():
+    pytest.importorskip("matplotlib")
+    fig = demo_outputs.curves_figure({1: 2.5}, [], title="t", chance=10.0, jsd_weight=None)
+    texts = [t.get_text() for t in fig.axes[1].texts]
+    assert texts == ["no validation yet:\nthe run stopped inside epoch 1"]
+    fig = demo_outputs.curves_figure({1: 2.5}, [{"epoch": 1, "val_loss": 1.0, "val_top1": 50.0,
+                                                 "val_top5": 90.0}], title="t", chance=10.0, jsd_weight=None)
+    assert [t.get_text() for t in fig.axes[1].texts] == ["50.0 %"]

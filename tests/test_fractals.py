@@ -282,3 +282,45 @@ def test_an_interrupted_run_leaves_no_partial_set(tmp_path, capsys, monkeypatch)
         F.generate_fractals(out, 6, size=96, seed=4, jobs=1, overwrite=True)
     assert {p: (out / p).read_bytes() for p in readers.picture_files(out)} == before
     assert sorted(os.listdir(tmp_path)) == ["set"]
+
+
+def test_a_sigterm_leaves_no_stage_and_stages_of_dead_runs_are_removed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f".set.incomplete-{dead}-x1" / "ifs").mkdir(parents=True)    # a SIGKILLed run's
+    script = ("import os, signal, sys\n"
+              "from dali_ipmix.data import fractals as F\n"
+              "from dali_ipmix.cli import main\n"
+              "real = F.render_fractal\n"
+              "def render(index, *a, **kw):\n"
+              "    if index == 2:\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    return real(index, *a, **kw)\n"
+              "F.render_fractal = render\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", script, "fractals", "--out", str(tmp_path / "set"),
+                           "--count", "4", "--size", "64", "--jobs", "1"], env=dict(os.environ, PYTHONPATH=root),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130 and "interrupted" in done.stderr, done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["set"]      # neither its stage nor the dead run's
+    assert done.returncode != -signal.SIGTERM
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--count", "0"], "--count must be >= 1"),
+    (["--size", "100000"], "--size must be in 32..4096"),
+    (["--jobs", "-2"], "--jobs must be >= 1"),
+    (["--preview", "{out}/sheet.png"], "is inside --out"),
+])
+def test_cli_refuses_values_that_cannot_be_meant(argv, expect, tmp_path, capsys):
+    out = tmp_path / "set"
+    argv = [a.replace("{out}", str(out)) for a in argv]
+    base = ["fractals", "--out", str(out), "--count", "2", "--size", "64"]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err, err
+    assert not out.exists()

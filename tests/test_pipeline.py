@@ -205,3 +205,15 @@ def test_ranks_draw_their_own_stream_of_mixing_pictures(dataset, tmp_path):
     # independent streams share about draws^2 / count = 53 pictures; readers walking one list in
     # step share about 125 (the same ~1024-picture window)
     assert len(seen[0] & seen[1]) < 90
+
+
+def test_val_shard_is_the_same_in_every_pass(dataset):
+    # a rank's clean and robust evaluations are two passes over its validation loader: both must
+    # see its shard (DALI's reader moves to the next shard after each epoch unless told not to)
+    from dali_ipmix.loader import DaliLoader
+    import torch
+    loader = DaliLoader(imagenet.val_pipeline(dataset / "val", cfg=CFG, batch_size=BATCH, num_threads=1,
+                                              device="cpu", shard_id=0, num_shards=2),
+                        last_batch="partial", device=torch.device("cpu"))
+    passes = [torch.cat([images.flatten(1).sum(1) for images, _ in loader]) for _ in range(2)]
+    assert len(passes[0]) == 6 and torch.equal(passes[0], passes[1])

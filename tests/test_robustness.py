@@ -414,17 +414,35 @@ def test_cli_eps_is_announced_and_autoattack_on_an_adversarially_trained_checkpo
     from dali_ipmix import models
     tmp, ckpt = tiny_run
     base = ["--data", str(tmp / "val"), "--workers", "0", "--no-corruptions", "--pgd-steps", "2"]
-    assert ">= 4 classes" in _one_line_error(capsys, ["eval", str(ckpt), *base, "--autoattack", "-q"])
+    # too few classes for AutoAttack: refused before the clean and PGD passes, no --json
+    import importlib
+    monkeypatch.setattr(importlib.import_module("dali_ipmix.robustness.evaluate"), "evaluate", lambda *a, **kw: pytest.fail("evaluated first"))
+    out = tmp / "few.json"
+    assert ">= 4 classes" in _one_line_error(capsys, ["eval", str(ckpt), *base, "--autoattack", "-q",
+                                                      "--json", str(out)])
+    assert not out.exists()
+    monkeypatch.undo()
+    # a model without adversarial training: the IPMix default radius, printed as such
+    assert main(["eval", str(ckpt), *base]) == 0
+    captured = capsys.readouterr()
+    assert "eps 2/255 = the IPMix protocol default, NOT the 8/255" in captured.out
+    assert "at eps 2/255 (the IPMix protocol's default)" in captured.err
     _write(tmp / "val" / "class_3", 250, 2, size=48)
     adv = tmp / "best_robust.pth"
     torch.save({"model": models.get_model("tiny_cnn", 4).state_dict(), "arch": "tiny_cnn",
                 "args": {"num_classes": 4, "image_size": 32, "preset": "imagenet", "adv_mixup": "aom",
                          "adv_eps": 8 / 255}}, adv)                  # as train.py records it
 
-    # the IPMix default radius is printed as such, and the trained radius is pointed out
-    assert main(["eval", str(adv), *base]) == 0
+    # an adversarially trained checkpoint is attacked at the radius it records, and says so
+    out = tmp / "adv.json"
+    assert main(["eval", str(adv), *base, "--json", str(out)]) == 0
     captured = capsys.readouterr()
-    assert "eps 2/255 = the IPMix protocol default, NOT the 8/255" in captured.out
+    assert json.loads(out.read_text())["pgd"]["eps"] == pytest.approx(8 / 255)
+    assert "at eps 8/255 (the eps of adversarial training that the checkpoint records" in captured.err
+    assert "NOT the 8/255" not in captured.out and "(default (" not in captured.err
+    # --eps overrides it, and the trained radius is pointed out
+    assert main(["eval", str(adv), *base, "--eps", "2/255"]) == 0
+    captured = capsys.readouterr()
     assert "adversarially trained at eps 8/255: pass --eps 8/255" in captured.err
 
     pytest.importorskip("torchattacks")
@@ -441,3 +459,9 @@ def test_cli_eps_is_announced_and_autoattack_on_an_adversarially_trained_checkpo
     assert "NOT the 8/255" not in table and f"AutoAttack eps 8/255" in table
     assert "--no-pgd" in _one_line_error(capsys, ["eval", str(adv), *base, "--no-pgd", "--autoattack"])
     assert "give one" in _one_line_error(capsys, ["eval", str(adv), "--checkpoint", str(ckpt), *base])
+    # an output file goes into a folder that exists: a mistyped one is refused, not created
+    missing = tmp / "no_such_folder" / "r.json"
+    assert "does not exist" in _one_line_error(capsys, ["eval", str(adv), *base, "--json", str(missing)])
+    assert not missing.parent.exists()
+    assert "--image-size 100000: must be in 8..4096" in _one_line_error(
+        capsys, ["eval", str(adv), *base, "--image-size", "100000"])

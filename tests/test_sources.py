@@ -117,7 +117,7 @@ def test_two_gloo_ranks_over_shards_see_every_sample_once_per_epoch(shards, tmp_
               "    data, label = src.reader(name='Reader', shard_id=rank, num_shards=world, shuffle=True)\n"
               "    return fn.pad(fn.get_property(data, key='source_info'), axes=[0], shape=[200]), label\n"
               "names = []\n"
-              "for info, _ in DaliLoader(graph(), last_batch='partial', flatten_views=False):\n"
+              "for info, _ in DaliLoader(graph(), last_batch='partial', views_layout=None):\n"
               "    names += [bytes(row.tolist()).rstrip(b'\\0').decode() for row in info]\n"
               "every = [None] * world\n"
               "dist.all_gather_object(every, names)\n"

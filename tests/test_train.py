@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -201,10 +202,12 @@ def test_failed_checkpoint_write_keeps_previous(dataset, tmp_path, monkeypatch, 
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    # the run goes on, but its last step is not on disk: exit 1, naming the newest checkpoint
     assert train.main(_args(dataset, out, "--max-steps", "2", "--ckpt-every", "1"),
-                      model_factory=tiny_factory) == 0
+                      model_factory=tiny_factory) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "checkpoint_00000001.pth kept" in err
+    assert "the newest on disk is" in err.splitlines()[-1]
     assert [s for s, _ in checkpoint.find_checkpoints(out)] == [1]
     assert not glob.glob(str(out / ".tmp-*"))
     ckpt = torch.load(out / "checkpoint_00000001.pth", weights_only=False)
@@ -270,17 +273,20 @@ def _two_ranks(script, *argv, timeout=120):
     return [p.returncode for p in procs], outs
 
 
+# train.py on one rank; the model it trained is saved as ARGV1<rank>.pt
+SAVE_RANK_MODEL = ("import os, sys, torch, train, test_train\n"
+                   "models = []\n"
+                   "def factory(n):\n"
+                   "    models.append(test_train.tiny_factory(n)); return models[-1]\n"
+                   "rc = train.main(sys.argv[2:], model_factory=factory)\n"
+                   "torch.save(models[0].state_dict(), sys.argv[1] + os.environ['RANK'] + '.pt')\n"
+                   "sys.exit(rc)\n")
+
+
 def test_two_gloo_ranks_hold_identical_weights(dataset, tmp_path):
-    script = ("import os, sys, torch, train, test_train\n"
-              "models = []\n"
-              "def factory(n):\n"
-              "    models.append(test_train.tiny_factory(n)); return models[-1]\n"
-              "rc = train.main(sys.argv[2:], model_factory=factory)\n"
-              "torch.save(models[0].state_dict(), sys.argv[1] + os.environ['RANK'] + '.pt')\n"
-              "sys.exit(rc)\n")
     # 12 images / 2 ranks = 6 per shard: batch 2 gives 3 steps per epoch on each rank
     args = _args(dataset, tmp_path / "run", "--max-steps", "4", "--batch-size", "2")
-    codes, outs = _two_ranks(script, str(tmp_path / "r"), *args, timeout=240)
+    codes, outs = _two_ranks(SAVE_RANK_MODEL, str(tmp_path / "r"), *args, timeout=240)
     assert codes == [0, 0], outs
     w0, w1 = (torch.load(tmp_path / f"r{r}.pt") for r in range(2))
     for k in w0:
@@ -291,7 +297,26 @@ def test_two_gloo_ranks_hold_identical_weights(dataset, tmp_path):
     # only rank 0 writes; the progress is printed once
     assert "summary:" in outs[0] and "summary:" not in outs[1]
     ckpt = torch.load(_latest(tmp_path / "run"), weights_only=False)
-    assert ckpt["world_size"] == 2 and len(ckpt["dali_state"]) == 2
+    assert ckpt["world_size"] == 2 and len(ckpt["loader_state"]["positions"]) == 2
+
+
+def test_two_ranks_evaluate_the_saved_model_on_the_same_images_in_both_passes(dataset, tmp_path):
+    # adversarial mode on 2 gloo ranks without --sync-bn: the clean validation and the robust
+    # check of an epoch measure the model rank 0 saves (its BatchNorm statistics on every rank),
+    # on the same shards (the clean accuracy of both passes agrees)
+    out = tmp_path / "run"
+    args = _args(dataset, out, "--epochs", "1", "--batch-size", "2", "--adv-mixup", "aom",
+                 "--adv-steps", "1", "--adv-val-images", "0")
+    codes, outs = _two_ranks(SAVE_RANK_MODEL, str(tmp_path / "r"), *args, timeout=240)
+    assert codes == [0, 0], outs
+    w0, w1 = (torch.load(tmp_path / f"r{r}.pt") for r in range(2))
+    saved = torch.load(_latest(out), weights_only=False)["model"]
+    for k in w0:                        # buffers included: one model, the saved one
+        torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(w0[k], saved[k], rtol=0, atol=0, msg=k)
+    epoch = _records(out, "epoch")[0]
+    assert epoch["robust_images"] == epoch["val_images"] == 12
+    assert epoch["robust_clean"] == pytest.approx(epoch["val_top1"])
 
 
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step_and_names_it():
@@ -331,7 +356,7 @@ def test_a_demo_cache_that_cannot_be_made_fails_every_rank_in_one_line(tmp_path)
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line, before any work
 
-@pytest.mark.parametrize("case", ["arch", "batch", "val", "output", "ckpt_arch", "crop"])
+@pytest.mark.parametrize("case", ["arch", "batch", "val", "output", "ckpt_arch", "crop", "loop"])
 def test_bad_input_one_line_error(case, dataset, tmp_path, capsys):
     out = tmp_path / "run"
     argv = _args(dataset, out)
@@ -357,6 +382,14 @@ def test_bad_input_one_line_error(case, dataset, tmp_path, capsys):
         torch.save({"model": {}, "arch": "resnet34"}, ckpt)
         argv += ["--arch", "resnet18", "--resume", str(ckpt)]
         expect = "checkpoint of --arch resnet34, but this run uses --arch resnet18"
+    elif case == "loop":        # a file linked to itself among the training pictures
+        loopy = tmp_path / "loopy"
+        shutil.copytree(dataset / "train", loopy / "train", symlinks=True)
+        os.symlink(dataset / "val", loopy / "val")
+        os.symlink("loop.jpg", loopy / "train" / "class1" / "loop.jpg")
+        argv = _args(loopy, out)
+        argv[3] = str(dataset / "mixing")
+        expect = "class1/loop.jpg is a symbolic link loop"
     else:
         argv += ["--crop-scale", "1.5"]
         expect = "--crop-scale must be in"
@@ -553,6 +586,34 @@ def test_a_full_disk_warns_and_later_writes_catch_up(dataset, tmp_path, monkeypa
     assert len(json.load(open(out / "summary.json"))["failed_writes"]) == 4  # ckpt 2, 3 (twice), metrics
 
 
+def test_a_disk_full_from_the_first_checkpoint_on_is_no_success(dataset, tmp_path, monkeypatch, capsys):
+    disk = FullDisk()
+    monkeypatch.setattr(outputs, "os", disk)     # checkpoints and summary.json
+    disk.fill(True)
+    out = tmp_path / "run"
+    assert train.main(_args(dataset, out, "--max-steps", "2", "--ckpt-every", "1"),
+                      model_factory=tiny_factory) == 1
+    captured = capsys.readouterr()
+    assert "checkpoint of step 2: NOT WRITTEN" in captured.out
+    err = captured.err.strip().splitlines()[-1]
+    assert err.startswith("train.py: error: the checkpoint of step 2 could not be written")
+    assert "no checkpoint of this run is on disk" in err
+    assert checkpoint.find_checkpoints(out) == [] and not glob.glob(str(out / ".tmp-*"))
+
+
+def test_resume_auto_on_a_finished_run_says_so_and_changes_nothing(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(_args(dataset, out, "--epochs", "1"), model_factory=tiny_factory) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert train.main(_args(dataset, out, "--epochs", "1", "--resume", "auto"),
+                      model_factory=tiny_factory) == 0
+    printed = capsys.readouterr().out.strip()
+    assert len(printed.splitlines()) == 1 and "the run is complete (all 1 epochs are done, step 3)" in printed
+    assert "larger --epochs" in printed and "summary:" not in printed
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def _stopping_factory(sigterm_at):
     """tiny_factory whose training forward of step ``sigterm_at`` sends this process SIGTERM."""
     def factory(n):
@@ -625,14 +686,15 @@ def test_second_run_into_a_busy_output_dir_is_refused(dataset, tmp_path, capsys)
 # Flags and resumes that do not fit: one line, before any work
 
 @pytest.mark.parametrize("flag, value, expect", [
-    ("--lr", "-1", "--lr must be a finite number > 0"),
-    ("--lr", "nan", "--lr must be a finite number > 0, got nan"),
+    ("--lr", "-1", "--lr must be in (0, 10]"),
+    ("--lr", "nan", "--lr must be in (0, 10], got nan"),
     ("--momentum", "-5", "--momentum must be in (0, 1)"),
     ("--wd", "nan", "--wd must be a finite number >= 0"),
     ("--label-smoothing", "2", "--label-smoothing must be in [0, 1)"),
     ("--jsd-weight", "nan", "--jsd-weight must be a finite number >= 0"),
     ("--print-freq", "0", "--print-freq must be >= 1"),
     ("--max-steps", "-2", "--max-steps must be >= 0"),
+    ("--adv-eval", "autoattack", "AutoAttack's targeted attacks need a model with >= 4 classes"),
 ])
 def test_bad_numbers_are_refused_before_any_work(flag, value, expect, dataset, tmp_path, capsys):
     out = tmp_path / "run"
@@ -642,6 +704,33 @@ def test_bad_numbers_are_refused_before_any_work(flag, value, expect, dataset, t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expect in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--lr", "1e308"], "--lr must be in (0, 10], got 1e+308"),
+    (["--image-size", "100000"], "--image-size must be in 8..4096 px, got 100000"),
+    (["--adv-mixup", "aom", "--adv-lambda-step", "inf"], "--adv-lambda-step must be in [0, 1]"),
+    (["--output-dir", ""], "--output-dir is empty"),
+    (["--no-jsd", "--jsd-weight", "5"], "--jsd-weight 5 has no effect without the JSD loss"),
+    (["--adv-mixup", "aom", "--jsd-weight", "5"], "or an adversarial mode without --adv-jsd"),
+    (["--max-pixels", "0"], "--max-pixels must be >= 1"),
+])
+def test_values_that_cannot_be_meant_are_refused(extra, expect, dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert train.main(_args(dataset, tmp_path / "run", *extra), model_factory=tiny_factory) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_start_that_fails_leaves_no_folder_holding_only_the_lock(dataset, tmp_path, capsys):
+    out = tmp_path / "new"
+    assert train.main(_args(dataset, out, "--resume", "auto"), model_factory=tiny_factory) == 2
+    assert "no checkpoint_*.pth" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()                        # a folder the user made is left, lock file and all
+    assert train.main(_args(dataset, out, "--resume", "auto"), model_factory=tiny_factory) == 2
+    assert out.is_dir()
 
 
 def test_resume_that_does_not_fit_and_labels_out_of_range(dataset, tmp_path, capsys):
@@ -680,12 +769,20 @@ def test_missing_train_dir_is_named_as_given(dataset, tmp_path, capsys):
     assert f"--train-dir {tmp_path / 'nope'}: no such folder" in err and "--data-path" not in err
 
 
-def test_help_states_each_default_once():
-    text = train.get_args_parser().format_help()
+@pytest.mark.parametrize("command", ["train.py", "eval", "bench"])
+def test_help_states_each_default_once(command, capsys):
+    from dali_ipmix import cli
+    if command == "train.py":
+        text = train.get_args_parser().format_help()
+    else:
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = capsys.readouterr().out
     assert "(default: None)" not in text and "(default: False)" not in text
     joined = " ".join(text.split())              # argparse wraps lines
-    assert not re.search(r"\(default[^)]*\) \(default", joined)
-    assert "(default: 4)" in joined               # --workers: the help does not say it itself
+    assert not re.search(r"\(default[^)]*\) \(default", joined) and "(default (" not in joined
+    # a default the help does not say itself is added
+    assert {"train.py": "(default: 4)", "eval": "steps (paper: 20) (default: 20)", "bench": "(default: 32)"}[command] in joined
 
 
 def test_progress_line_counts_to_the_step_it_stops_at(dataset, tmp_path, capsys):

@@ -53,12 +53,23 @@ def _bad_crc_png(img):
     return bytes(data)
 
 
+def bomb_jpeg(img, side=65000):
+    """A decompression bomb: a small JPEG whose frame header claims ``side`` x ``side`` pixels
+    (a few KB; decoding it would take about 12 GB)."""
+    data = bytearray(_jpeg_bytes(img))
+    at = data.index(b"\xff\xc0")                   # SOF0: length, precision, height, width
+    data[at + 5:at + 9] = side.to_bytes(2, "big") * 2
+    return bytes(data)
+
+
 # One file per fault: how it is made and the kinds verify must report.
 BAD = {
     "c0/truncated.jpg": (lambda im, p: p.write_bytes(_jpeg_bytes(im)[: len(_jpeg_bytes(im)) // 2]), ("truncated",)),
     "c0/garbage.jpg": (lambda im, p: p.write_bytes(np.random.default_rng(0).bytes(3000)), ("not_image",)),
     "c0/empty.jpg": (lambda im, p: p.write_bytes(b""), ("empty",)),
     "c0/broken_link.jpg": (lambda im, p: os.symlink(p.parent / "nowhere.jpg", p), ("unreadable",)),
+    "c0/loop.jpg": (lambda im, p: os.symlink(p.name, p), ("unreadable",)),
+    "c2/bomb.jpg": (lambda im, p: p.write_bytes(bomb_jpeg(im)), ("too_large",)),
     "c0/stray_bytes.jpg": (lambda im, p: p.write_bytes(_stray_bytes_jpeg(im)), ("corrupt",)),
     "c1/bad_crc.png": (lambda im, p: p.write_bytes(_bad_crc_png(im)), ("corrupt",)),
     "c0/animation.jpg": (lambda im, p: Image.fromarray(im).save(p, "GIF"), ("unsupported_format",)),
@@ -110,8 +121,9 @@ def _dali_decode(root, rel):
     return np.asarray(out.at(0))
 
 
+# (not the bomb: DALI would try to decode its 65000 x 65000 pixels)
 @pytest.mark.parametrize("rel", sorted(p for p, (_, k) in BAD.items()
-                                       if k[0] not in ("wrong_extension", "outside_classes")))
+                                       if k[0] not in ("wrong_extension", "outside_classes", "too_large")))
 def test_dali_cpu_decoder_agrees_with_verdict(dataset, rel):
     if rel in FATAL:      # fatal: DALI stops on the file
         with pytest.raises(RuntimeError):
@@ -165,7 +177,7 @@ def test_filelist_holds_the_usable_files_and_feeds_a_dali_reader(dataset, report
     printed = capsys.readouterr().out
     for rel in BAD:
         assert rel in printed
-    files, labels, _ = class_folder_files(dataset)
+    files, labels, _ = class_folder_files(dataset, keep_loops=True)
     label_of = dict(zip(files, labels))
     got_files, got_labels = readers.filelist_files(out, root=dataset)
     warnings_listed = {p for p, (_, k) in BAD.items() if p not in FATAL and p in label_of}
@@ -320,3 +332,42 @@ def test_output_paths_are_checked_before_the_scan(case, dataset, tmp_path, capsy
     assert ("does not exist" if case == "missing_folder" else "is a folder") in err
     # nothing scanned, nothing written (no folder made, no temporary file left)
     assert not scanned and sorted(os.listdir(tmp_path)) == ([] if case == "missing_folder" else ["adir"])
+
+
+def test_a_decompression_bomb_is_fatal_from_its_header_alone(dataset, report, tmp_path, capsys):
+    finding = next(f for f in report.findings if f.path == "c2/bomb.jpg")
+    assert finding.fatal and "65000x65000" in finding.detail and "89,478,485" in finding.detail
+    assert readers.MAX_PIXELS == Image.MAX_IMAGE_PIXELS     # Pillow's limit is the default
+    # the limit is a flag: a bomb of 300 x 300 is fine under the default, not under 50,000 pixels
+    small = bomb_jpeg(photo_crops(SIZE, 1)[0], side=300)
+    assert V.check_image(small, ".jpg") == ((), "")
+    assert V.check_image(small, ".jpg", max_pixels=50000)[0] == ("too_large",)
+    # training's error about the file names it and the limit
+    exc = RuntimeError("Failed to decode sample #0 : c2/bomb.jpg")
+    msg = str(V.explain_pipeline_error(exc, [dataset]))
+    assert str(dataset / "c2" / "bomb.jpg") in msg and "65000x65000" in msg and "89,478,485" in msg
+    assert main(["verify", str(dataset), "--jobs", "1", "--max-pixels", "0"]) == 2
+    assert "--max-pixels must be >= 1" in capsys.readouterr().err
+
+
+def test_a_symlink_loop_is_unreadable_for_verify_and_one_line_for_the_readers(dataset, report, tmp_path):
+    finding = next(f for f in report.findings if f.path == "c0/loop.jpg")
+    assert finding.kinds == ("unreadable",) and finding.detail == readers.LINK_LOOP
+    with pytest.raises(UserError, match="c0/loop.jpg is a symbolic link loop"):
+        class_folder_files(dataset, flag="--data")
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    os.symlink("self.png", mix / "self.png")
+    with pytest.raises(UserError, match="self.png is a symbolic link loop"):
+        readers.picture_files(mix)
+    # a verified file list leaves it out, and the reader then never looks at it
+    listed = V.write_filelist(tmp_path / "good.txt", *report.good())
+    files, _, _ = readers.listed_or_found(dataset, listed)
+    assert "c0/loop.jpg" not in files and files
+
+
+@pytest.mark.parametrize("flag, value", [("--jobs", "0"), ("--max-shown", "-1")])
+def test_counts_out_of_range_are_refused(flag, value, dataset, capsys):
+    assert main(["verify", str(dataset), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{flag} must be >=" in err

@@ -5,9 +5,11 @@ import argparse
 import os
 import sys
 
+from dali_ipmix.helpformat import HelpFormatter
 from dali_ipmix.training.precision import AMP_MODES
 
 DEFAULT_CONTENDERS = "official,reference,dali-plain,dali-ipmix,kernel,train,synthetic"
+MIN_GEN_SIZE = 16    # generated pictures smaller than this measure nothing a user has
 
 
 def _int_list(text: str):
@@ -42,6 +44,11 @@ def command_line(args: argparse.Namespace, actions) -> list:
 def _run(args: argparse.Namespace) -> int:
     from dali_ipmix.bench.report import caption, check_out_dir, table, write_outputs
     from dali_ipmix.bench.runner import run_bench
+    from dali_ipmix.errors import UserError
+    if not 0 <= args.hw_decoder_load <= 1:      # NaN fails too
+        raise UserError(f"--hw-decoder-load must be a share in [0, 1], got {args.hw_decoder_load}")
+    if args.gen_size is not None and args.gen_size < MIN_GEN_SIZE:
+        raise UserError(f"--gen-size must be >= {MIN_GEN_SIZE} px, got {args.gen_size}")
     on_row = None
     if args.out:
         check_out_dir(args.out, args.overwrite)
@@ -50,7 +57,8 @@ def _run(args: argparse.Namespace) -> int:
     result = run_bench(
         data=args.data, mixing=args.mixing, contenders=args.contenders, threads=args.threads,
         batch_size=args.batch_size, image_size=args.image_size, warmup=args.warmup,
-        iters=args.iters, device=args.device, backend=args.backend,
+        iters=args.iters, min_seconds=args.min_seconds, repeats=args.repeats,
+        device=args.device, backend=args.backend,
         hw_decoder_load=args.hw_decoder_load, arch=args.arch, amp=args.amp,
         channels_last=args.channels_last, gen_images=args.gen_images,
         gen_pictures=args.gen_pictures, gen_size=args.gen_size, gen_classes=args.gen_classes,
@@ -88,7 +96,7 @@ def register(subparsers) -> None:
                     "data).  Ratios are taken against the official rows when measured, else the "
                     "reference rows.  Prints a table; with --out also writes bench.json, bench.txt "
                     "and bench.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     actions = []
 
     def add(group, *flags, **kw):
@@ -101,7 +109,7 @@ def register(subparsers) -> None:
         "is skipped without --official")
     add(g, "--threads", type=_int_list, default=str(os.cpu_count() or 1),
         help="DALI threads to sweep, e.g. 8,16 (and torch's intra-op threads on --device cpu); "
-        "rows that use no CPU threads (kernel, synthetic) run once")
+        "on GPU the rows on torch's threads (kernel, synthetic) run once")
     add(g, "--workers", type=_int_list, default=None,
         help="DataLoader worker processes to sweep for the official and reference rows "
         "(default: --threads)")
@@ -117,8 +125,15 @@ def register(subparsers) -> None:
     add(g, "--batch-size", "-b", type=int, default=32, help="source images per batch")
     add(g, "--image-size", type=int, default=224, help="crop size (px)")
     add(g, "--warmup", type=int, default=3, help="untimed batches first (plus the prefetch queue)")
-    add(g, "--iters", type=int, default=10,
-        help="timed batches (DataLoader rows: rounded up to whole rounds of their workers)")
+    add(g, "--iters", type=int, default=None,
+        help="timed batches a row, at least (DataLoader rows: whole rounds of their workers); "
+        "default 50 on GPU, 10 on the CPU")
+    add(g, "--min-seconds", type=float, default=None,
+        help="a row's timed window lasts at least this long (more batches if needed); "
+        "default 2 on GPU, 0 on the CPU")
+    add(g, "--repeats", type=int, default=None,
+        help="times the whole sequence of rows is measured, interleaved; the table shows the "
+        "median and min-max; default 3 on GPU, 1 on the CPU")
     add(g, "--arch", default="resnet50", help="torchvision model of the train/synthetic rows")
     add(g, "--amp", choices=AMP_MODES, default="auto",
         help="mixed precision of the training step (auto: bf16 on GPU, off on CPU)")

@@ -1,14 +1,17 @@
-"""One function per contender: build it, warm it up, time ``iters`` batches, free it.
+"""One function per contender: build it, warm it up, time its batches, free it.
 
-Each returns ``{"seconds", "iters", "cpu_s", "setup_s"}``: ``seconds`` covers exactly ``iters``
-batches of ``batch_size`` source images after the warm-up, with CUDA synchronised before the clock
-stops (``iters`` is ``--iters``, rounded up to whole rounds of the workers for a DataLoader, see
-:func:`whole_rounds`); ``cpu_s`` is the CPU time this process and its worker processes spent in
-that window; ``setup_s`` is the time from the start of the contender to its first batch (pipeline
-build, worker start-up, kernel compilation, the model's first step).
-The warm-up also drains the loader's prefetch queue (DALI ``prefetch_queue_depth``, the
-DataLoader's ``prefetch_factor * workers``), so batches made during set-up are never counted as
-if they had been made during the timed window.
+Each returns ``{"seconds", "iters", "warmup", "cpu_s", "setup_s"}``: ``seconds`` covers exactly
+``iters`` batches of ``batch_size`` source images after ``warmup`` untimed ones, with CUDA
+synchronised before the clock starts and before it stops; ``iters`` is at least ``--iters`` and
+the window at least ``--min-seconds`` long (a DataLoader row adds whole rounds of its workers,
+see :func:`whole_rounds`); ``cpu_s`` is the CPU time this process and its worker processes spent
+over that window (read just outside it, so nothing runs between the sync and the clock);
+``setup_s`` is the time from the start of the contender to its first batch (pipeline build,
+worker start-up, kernel compilation, the model's first step).
+The warm-up is ``--warmup`` batches plus the loader's prefetch queue (DALI
+``prefetch_queue_depth``, the DataLoader's ``prefetch_factor * workers``): the batches made
+during set-up are drained and the queue refilled while the loader runs at its pace, so the timed
+window starts and ends in the same steady state and never counts set-up work as its own.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from dali_ipmix.bench.data import BenchData
 
 DALI_PREFETCH = 2          # the pipelines' default prefetch_queue_depth
 LOADER_PREFETCH = 2        # torch DataLoader's default prefetch_factor
+ENDLESS_SAMPLES = 2 ** 40  # a DataLoader row's sampler length: more than any run takes
 # Optimiser of train.py / the official code (SGD, Nesterov momentum); values do not change speed.
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 
@@ -36,7 +40,7 @@ class Setup:
     cfg: C.IPMixConfig            # the training config (JSD triple) at --image-size
     batch_size: int
     warmup: int
-    iters: int
+    iters: int                    # at least this many timed batches ...
     device: str                   # "cpu" or "gpu" (DALI and PyTorch alike)
     backend: str                  # IPMix backend of the dali-ipmix and train rows
     hw_decoder_load: float
@@ -45,6 +49,7 @@ class Setup:
     channels_last: bool
     seed: int
     official: Optional[str] = None   # checkout of the official IPMix code (the official rows)
+    min_seconds: float = 0.0      # ... over a window at least this long
 
     @property
     def loader_dtype(self) -> str:
@@ -94,26 +99,34 @@ def cpu_seconds() -> Dict[int, float]:
 
 
 def timed(setup: Setup, start: float, next_batch: Callable, consume: Callable,
-          extra_warmup: int = 0, iters: Optional[int] = None) -> dict:
-    """Time ``iters`` (default ``setup.iters``) batches after ``setup.warmup + extra_warmup``
-    untimed ones; ``start``: when the contender began (``time.perf_counter()``), for ``setup_s``."""
+          extra_warmup: int = 0, iters: Optional[int] = None, round_size: int = 1) -> dict:
+    """Time at least ``iters`` (default ``setup.iters``) batches over at least
+    ``setup.min_seconds``, in steps of ``round_size`` batches, after ``setup.warmup +
+    extra_warmup`` untimed ones; ``start``: when the contender began (``time.perf_counter()``),
+    for ``setup_s``."""
     iters = setup.iters if iters is None else iters
+    warmup = setup.warmup + extra_warmup
     first = None
-    for _ in range(setup.warmup + extra_warmup):
+    for _ in range(warmup):
         consume(next_batch())
         if first is None:
             setup.sync()
             first = time.perf_counter()
+    cpu_start = cpu_seconds()           # before the sync: nothing between it and the clock
     setup.sync()
-    cpu_start = cpu_seconds()
     timed_start = time.perf_counter()
-    for _ in range(iters):
-        consume(next_batch())
+    done = 0
+    while done < iters or time.perf_counter() - timed_start < setup.min_seconds:
+        for _ in range(round_size):
+            consume(next_batch())
+        done += round_size
     setup.sync()
     end = time.perf_counter()
     cpu_end = cpu_seconds()
-    cpu = sum(t - cpu_start.get(pid, 0.0) for pid, t in cpu_end.items())
-    return {"seconds": end - timed_start, "iters": iters, "cpu_s": cpu,
+    cpu = sum(t - cpu_start[pid] for pid, t in cpu_end.items() if pid in cpu_start) + \
+        sum(t for pid, t in cpu_end.items() if pid not in cpu_start)
+    return {"seconds": end - timed_start, "iters": done, "warmup": warmup, "cpu_s": cpu,
+            "processes": len(set(cpu_start) | set(cpu_end)),
             "setup_s": (first or timed_start) - start}
 
 
@@ -215,18 +228,18 @@ class ReferenceDataset(torch.utils.data.Dataset):
 
 def _loader_sampler(setup: Setup, threads: int, n_files: int):
     """(sampler, timed batches, batches prefetched) for a DataLoader of ``threads`` workers: shuffled
-    with replacement and long enough that the workers never run dry before the last timed batch,
-    so small sets do not end the measurement early."""
+    with replacement and (drawn lazily) practically endless, so that neither a small set nor
+    ``--min-seconds`` ends the measurement early and no epoch end restarts the workers."""
     from torch.utils.data import RandomSampler
     ahead = LOADER_PREFETCH * threads
     iters = whole_rounds(setup.iters, threads)
-    needed = (setup.warmup + iters + 2 * ahead + threads) * setup.batch_size
-    sampler = RandomSampler(range(n_files), replacement=True, num_samples=needed,
+    sampler = RandomSampler(range(n_files), replacement=True, num_samples=ENDLESS_SAMPLES,
                             generator=torch.Generator().manual_seed(setup.seed))
     return sampler, iters, ahead
 
 
-def _time_loader(setup: Setup, start: float, loader, iters: int, ahead: int) -> dict:
+def _time_loader(setup: Setup, start: float, loader, iters: int, ahead: int,
+                 workers: int) -> dict:
     """Times ``loader``'s batches; on GPU each batch (its images: one tensor or a list of views,
     and its labels) is copied to the device from pinned memory, as a training loop does."""
     batches = iter(loader)
@@ -238,7 +251,8 @@ def _time_loader(setup: Setup, start: float, loader, iters: int, ahead: int) -> 
             t.to(device, non_blocking=True)
         labels.to(device, non_blocking=True)
 
-    result = timed(setup, start, lambda: next(batches), to_device, extra_warmup=ahead, iters=iters)
+    result = timed(setup, start, lambda: next(batches), to_device, extra_warmup=ahead, iters=iters,
+                   round_size=workers)
     del batches, loader
     return result
 
@@ -252,7 +266,7 @@ def reference_pipeline(setup: Setup, threads: int, *, jsd: bool) -> dict:
     loader = DataLoader(dataset, batch_size=setup.batch_size, num_workers=threads, drop_last=True,
                         sampler=sampler, prefetch_factor=LOADER_PREFETCH,
                         pin_memory=setup.device == "gpu")
-    return _time_loader(setup, start, loader, iters, ahead)
+    return _time_loader(setup, start, loader, iters, ahead, threads)
 
 
 def official_pipeline(setup: Setup, threads: int, *, jsd: bool) -> dict:
@@ -267,7 +281,7 @@ def official_pipeline(setup: Setup, threads: int, *, jsd: bool) -> dict:
                       batch_size=setup.batch_size, workers=threads,
                       pin_memory=setup.device == "gpu", sampler=sampler,
                       prefetch_factor=LOADER_PREFETCH, mixing_files=files.mixing_files())
-    return _time_loader(setup, start, loader, iters, ahead)
+    return _time_loader(setup, start, loader, iters, ahead, threads)
 
 
 def kernel_alone(setup: Setup, threads: int, *, jsd: bool) -> dict:

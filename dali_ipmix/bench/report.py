@@ -1,4 +1,5 @@
-"""Ratios, the stdout table, the JSON record, machine facts and the threads plot of a bench run."""
+"""Ratios, the summary over repetitions, the stdout table, the JSON record, machine and code facts
+and the threads plot of a bench run."""
 from __future__ import annotations
 
 import importlib
@@ -6,6 +7,8 @@ import io
 import json
 import os
 import platform
+import statistics
+import subprocess
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -51,6 +54,37 @@ def add_ratios(rows: List[dict]) -> List[dict]:
     return rows
 
 
+# figures of a measurement summarised over its repetitions (median, min, max); the ratios are
+# each repetition's own (taken against the baseline and synthetic rows of the same repetition)
+SUMMARISED = ("images_per_s", "vs_baseline", "vs_synthetic", "cpu_cores", "cpu_ms_per_image",
+              "seconds", "iters", "setup_s", "wall_s")
+PEAKS = ("host_rss_peak_mb", "device_torch_peak_mb", "device_used_peak_mb")
+
+
+def summarise(measurements: Sequence[dict]) -> List[dict]:
+    """One row per (row name, threads), in first-measured order: each ``SUMMARISED`` figure as the
+    median over the repetitions that measured it, with ``<figure>_min`` / ``_max``; memory peaks
+    as their maximum; ``repetitions`` counted; the first error, if any repetition failed."""
+    groups: Dict[tuple, List[dict]] = {}
+    for m in measurements:
+        groups.setdefault((m["name"], m["threads"]), []).append(m)
+    rows = []
+    for reps in groups.values():
+        row = {k: v for k, v in reps[0].items() if k != "repetition"}
+        row["repetitions"] = len(reps)
+        row["error"] = next((r["error"] for r in reps if r.get("error")), None)
+        for key in SUMMARISED:
+            values = [r[key] for r in reps if r.get(key) is not None and not r.get("error")]
+            row[key] = statistics.median(values) if values else None
+            row[f"{key}_min"] = min(values) if values else None
+            row[f"{key}_max"] = max(values) if values else None
+        for key in PEAKS:
+            values = [r[key] for r in reps if r.get(key) is not None]
+            row[key] = max(values) if values else None
+        rows.append(row)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Table.
 
@@ -60,7 +94,9 @@ COLUMNS = (  # header, row key, format
     ("of", "thread_kind", "{}"),
     ("views", "views", "{}"),
     ("images/s", "images_per_s", "{:.1f}"),
+    ("min-max", "images_per_s", "range"),
     ("x baseline", "vs_baseline", "{:.2f}"),
+    ("min-max", "vs_baseline", "range2"),
     ("x synthetic", "vs_synthetic", "{:.2f}"),
     ("CPU cores", "cpu_cores", "{:.2f}"),
     ("CPU ms/image", "cpu_ms_per_image", "{:.1f}"),
@@ -74,11 +110,18 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if key == "images_per_s" and row.get("error"):
         return "error"
+    if fmt.startswith("range"):
+        low, high = row.get(f"{key}_min"), row.get(f"{key}_max")
+        if low is None or high is None:
+            return "-"
+        digits = 2 if fmt == "range2" else 1
+        return f"{low:.{digits}f}-{high:.{digits}f}"
     return "-" if value is None else fmt.format(value)
 
 
 def table(rows: Sequence[dict]) -> str:
-    """A fixed-width text table, one line per (row, threads)."""
+    """A fixed-width text table, one line per (row, threads): medians over the repetitions and
+    their min-max."""
     cells = [[h for h, _, _ in COLUMNS]] + [[_cell(r, k, f) for _, k, f in COLUMNS] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     fmt = lambda line: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
@@ -86,20 +129,29 @@ def table(rows: Sequence[dict]) -> str:
     out = [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in cells[1:]]
     errors = [f"{r['name']} (threads {r['threads']}): {r['error']}" for r in rows if r.get("error")]
     base = next((r["baseline_row"] for r in rows if r.get("baseline_row")), None)
-    notes = ["threads: DALI threads (dali) or DataLoader worker processes (workers); '-': none",
-             f"x baseline: images/s over the {base or 'reference'} row with as many views",
+    reps = max((r.get("repetitions", 1) for r in rows), default=1)
+    notes = ["threads: DALI threads (dali), DataLoader worker processes (workers) or torch's "
+             "threads (torch, CPU only); '-': measured once",
+             f"images/s and x ...: median of {reps} repetition(s), min-max beside; ratios are "
+             f"taken within each repetition; x baseline: over the {base or 'reference'} row "
+             f"with as many views",
              "CPU cores / CPU ms/image: CPU time of the process and its workers in the timed window, "
-             "per second / per source image"]
+             "per second / per source image ('-': window too short for the CPU-time counters)"]
     return "\n".join(out + [f"error: {e}" for e in errors] + notes)
 
 
 def caption(result: dict) -> str:
     s, m = result["settings"], result["machine"]
     where = m.get("gpu") or m.get("cpu_model") or "CPU"
-    return (f"{s['device'].upper()} ({where}, {m['cpu_count']} CPUs), {s['image_size']} px, batch "
-            f"{s['batch_size']}, {s['warmup']} warm-up + {s['iters']} timed batches (DataLoader rows: "
-            f"whole rounds of their workers), backend "
-            f"{s['backend']}, model {s['arch']}; images/s = source images (a JSD sample is 3 views)")
+    code = result.get("code") or {}
+    measured = code.get("commit") or code.get("version") or "?"
+    return (f"{s['device'].upper()} ({where}, {m['cpu_count']} CPUs), code {measured[:12]}"
+            f"{' (modified)' if code.get('dirty') else ''}, {s['image_size']} px, batch "
+            f"{s['batch_size']}, {s['warmup']} warm-up batches + the prefetch queue, then >= "
+            f"{s['iters']} timed batches over >= {s.get('min_seconds', 0):g} s a row (DataLoader "
+            f"rows: whole rounds of their workers), {s.get('repeats', 1)} repetition(s) of all "
+            f"rows interleaved, backend {s['backend']}, model {s['arch']}; images/s = source "
+            f"images (a JSD sample is 3 views)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +172,30 @@ def _cpu_model() -> Optional[str]:
     except OSError:
         pass
     return platform.processor() or None
+
+
+def code_version() -> Dict[str, object]:
+    """What was measured: the package's version and, where it runs from a git checkout, the
+    commit (``dirty``: tracked files changed since); ``DALI_IPMIX_COMMIT`` names the commit of a
+    copy without its .git (e.g. a tree carried to a GPU machine)."""
+    import dali_ipmix
+    root = Path(dali_ipmix.__file__).resolve().parent.parent
+    commit, dirty = None, None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=20)
+        if head.returncode == 0:
+            commit = head.stdout.strip()
+            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                     "--untracked-files=no"], capture_output=True, text=True,
+                                    timeout=20)
+            dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if commit is None and os.environ.get("DALI_IPMIX_COMMIT"):
+        commit = os.environ["DALI_IPMIX_COMMIT"]
+    return {"commit": commit, "dirty": dirty, "version": dali_ipmix.__version__,
+            "source": str(root)}
 
 
 def machine_info(device: str) -> Dict[str, object]:
@@ -174,23 +250,27 @@ def plot_png(result: dict, path) -> Path:
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     for i, name in enumerate(dict.fromkeys(r["name"] for r in rows)):
         color = f"C{i % 10}"
-        pts = sorted((r["threads"], r["images_per_s"]) for r in rows
+        pts = sorted((r["threads"], r["images_per_s"], r.get("images_per_s_min") or r["images_per_s"],
+                      r.get("images_per_s_max") or r["images_per_s"]) for r in rows
                      if r["name"] == name and r["threads"] is not None)
         if pts:
-            ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", label=name, color=color)
-        for r in rows:            # rows that use no CPU threads: a level line
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                        yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                        marker="o", label=name, color=color, capsize=3)
+        for r in rows:            # rows measured once (GPU: kernels, model step): a level line
             if r["name"] == name and r["threads"] is None:
                 ax.axhline(r["images_per_s"], linestyle="--", linewidth=1, color=color,
-                           label=f"{name} (no CPU threads)")
+                           label=f"{name} (measured once)")
     threads = sorted({r["threads"] for r in rows if r["threads"] is not None})
     ax.set_xticks(threads or [1])
     ax.set_yscale("log")
-    ax.set_xlabel("CPU threads (DALI threads / DataLoader workers)")
+    ax.set_xlabel("CPU threads (DALI threads / DataLoader workers / torch threads)")
     ax.set_ylabel("source images / s")
     s, m = result["settings"], result["machine"]
     ax.set_title(f"{s['device'].upper()} ({m.get('gpu') or m.get('cpu_model') or 'CPU'}, "
                  f"{m['cpu_count']} CPUs): {s['image_size']} px, batch {s['batch_size']}, "
-                 f"backend {s['backend']}, model {s['arch']}", fontsize=9)
+                 f"backend {s['backend']}, model {s['arch']}; median and min-max of "
+                 f"{s.get('repeats', 1)} repetition(s)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     if rows:
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))

@@ -1,4 +1,5 @@
-"""``run_bench``: every selected row at every thread count, in this process, one after another."""
+"""``run_bench``: every selected row at every thread count, in this process, one after another;
+the whole sequence repeated ``repeats`` times (rows interleaved), summarised by ``report``."""
 from __future__ import annotations
 
 import datetime
@@ -17,7 +18,7 @@ from dali_ipmix import config as C
 from dali_ipmix.bench import contenders as K
 from dali_ipmix.bench.data import bench_data, check_folders
 from dali_ipmix.bench.memory import PeakMemory
-from dali_ipmix.bench.report import add_ratios, machine_info
+from dali_ipmix.bench.report import add_ratios, code_version, machine_info, summarise
 from dali_ipmix.errors import UserError
 from dali_ipmix.training.precision import AMP_MODES, resolve_amp
 
@@ -33,7 +34,9 @@ class Row:
     backend: Optional[str]         # what makes the views; "setup" = the run's --backend
     threads: Optional[str]         # what its thread count is: "dali" (DALI num_threads, swept
     #                                over --threads), "workers" (DataLoader worker processes,
-    #                                swept over --workers) or None (measured once)
+    #                                swept over --workers), "torch" (torch's intra-op threads:
+    #                                swept over --threads on the CPU, measured once on GPU) or
+    #                                None (measured once)
 
     @property
     def views(self) -> int:
@@ -56,15 +59,20 @@ ROWS: Tuple[Row, ...] = (
         partial(K.dali_pipeline, jsd=False, backend="none", draws="uniforms"), "none", "dali"),
     Row("dali-ipmix", "dali-ipmix", False, partial(K.dali_pipeline, jsd=False), "setup", "dali"),
     Row("dali-ipmix-jsd", "dali-ipmix", True, partial(K.dali_pipeline, jsd=True), "setup", "dali"),
-    Row("kernel", "kernel", False, partial(K.kernel_alone, jsd=False), "fused", None),
-    Row("kernel-jsd", "kernel", True, partial(K.kernel_alone, jsd=True), "fused", None),
+    Row("kernel", "kernel", False, partial(K.kernel_alone, jsd=False), "fused", "torch"),
+    Row("kernel-jsd", "kernel", True, partial(K.kernel_alone, jsd=True), "fused", "torch"),
     Row("train", "train", True, K.train_pipeline_step, "setup", "dali"),
-    Row("synthetic", "synthetic", True, K.synthetic_step, None, None),
+    Row("synthetic", "synthetic", True, K.synthetic_step, None, "torch"),
 )
 CONTENDERS = tuple(dict.fromkeys(r.contender for r in ROWS))
 ROW_NAMES = tuple(r.name for r in ROWS)
 MODEL_ROWS = ("train", "synthetic")
 BUSY_LOAD = 0.5     # 1-minute load average above which the run is warned to be disturbed
+# --iters, --min-seconds, --repeats when not given: on GPU long windows, repeated (the figures
+# the project's goals are read from); on the CPU, where rows are slow, one short pass
+TIMING_DEFAULTS = {"gpu": {"iters": 50, "min_seconds": 2.0, "repeats": 3},
+                   "cpu": {"iters": 10, "min_seconds": 0.0, "repeats": 1}}
+CPU_RESOLUTION = 0.1    # cores: the least CPU-time precision a window must allow to be reported
 
 
 def select_rows(names: Optional[Sequence[str]]) -> Tuple[Row, ...]:
@@ -78,11 +86,41 @@ def select_rows(names: Optional[Sequence[str]]) -> Tuple[Row, ...]:
     return tuple(r for r in ROWS if r.name in names or r.contender in names)
 
 
-def thread_counts(row: Row, threads: Sequence[int], workers: Sequence[int]) -> Sequence[int]:
-    """The thread counts ``row`` is measured at (a row that uses no CPU threads: once)."""
+def thread_counts(row: Row, threads: Sequence[int], workers: Sequence[int],
+                  device: str = "cpu") -> Sequence[int]:
+    """The thread counts ``row`` is measured at: every count of its kind; rows on torch's threads
+    only on the CPU (on GPU torch's threads launch kernels: measured once, at the first count)."""
     if row.threads == "workers":
         return workers
-    return threads if row.threads == "dali" else threads[:1]
+    return threads if swept(row, device) else threads[:1]
+
+
+def swept(row: Row, device: str) -> bool:
+    """Whether ``row``'s thread count is a setting of the measurement (shown in ``threads``)."""
+    return row.threads is not None and not (row.threads == "torch" and device == "gpu")
+
+
+def cpu_figures(cpu_s: Optional[float], seconds: Optional[float], images: int, processes: int,
+                cores: int) -> Tuple[Optional[float], Optional[float]]:
+    """(CPU cores kept busy, CPU ms per source image) over a timed window, or (None, None) where
+    the window is too short for the counters: the kernel counts each process's user and system
+    time in whole clock ticks (10 ms), so the difference of two readings is off by up to 2 ticks
+    a process (a 2.5 ms window of one process read 3.96 cores on a 2-core machine).  Reported
+    only where that error is under ``CPU_RESOLUTION`` cores, and never above the usable cores."""
+    if cpu_s is None or not seconds:
+        return None, None
+    try:
+        tick = 1.0 / os.sysconf("SC_CLK_TCK")
+    except (AttributeError, ValueError, OSError):
+        tick = 0.01
+    if 2 * tick * max(processes, 1) / seconds > CPU_RESOLUTION:
+        return None, None
+    busy = min(cpu_s / seconds, cores)
+    return busy, 1e3 * busy * seconds / images
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _dali_gpu_count() -> int:
@@ -116,13 +154,16 @@ def training_config(image_size: int) -> C.IPMixConfig:
                                                  | {image_size})))
 
 
-def _check(threads, batch_size, warmup, iters, backend, amp, arch, rows) -> None:
+def _check(threads, batch_size, warmup, iters, backend, amp, arch, rows, repeats=1,
+           min_seconds=0.0) -> None:
     if not threads or any(int(t) < 1 for t in threads):
         raise UserError(f"--threads must be a list of integers >= 1, e.g. 1,2; got {threads}")
     for flag, value, low in (("--batch-size", batch_size, 1), ("--iters", iters, 1),
-                             ("--warmup", warmup, 0)):
+                             ("--warmup", warmup, 0), ("--repeats", repeats, 1)):
         if value < low:
             raise UserError(f"{flag} must be >= {low}, got {value}")
+    if not 0 <= min_seconds <= 3600:          # also refuses nan and inf
+        raise UserError(f"--min-seconds must be between 0 and 3600, got {min_seconds}")
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)} "
                         f"(the no-IPMix pipeline is the dali-plain row)")
@@ -182,19 +223,19 @@ def measure_row(row: Row, setup: K.Setup, threads: int) -> dict:
         torch.set_num_threads(old_threads)
         _release(cuda)
     seconds, iters, cpu = timing.get("seconds"), timing.get("iters", setup.iters), timing.get("cpu_s")
+    cores, ms_per_image = cpu_figures(cpu, seconds, setup.batch_size * iters,
+                                      timing.get("processes", 1), usable_cores())
     return {
         "name": row.name, "contender": row.contender,
-        "threads": threads if row.threads else None, "thread_kind": row.threads,
+        "threads": threads if swept(row, setup.device) else None, "thread_kind": row.threads,
         "torch_threads": threads if not cuda else old_threads, "views": row.views,
         "batch_size": setup.batch_size,
-        "warmup": setup.warmup, "iters": iters,
+        "warmup": timing.get("warmup"), "iters": iters,
         "images_per_s": setup.batch_size * iters / seconds if seconds else None,
         "seconds": seconds, "setup_s": timing.get("setup_s"),
         # CPU time of the process and its workers over the timed window: cores kept busy, and
         # CPU per image (unlike images/s, hardly moved by other work on a shared machine)
-        "cpu_s": cpu, "cpu_cores": cpu / seconds if cpu is not None and seconds else None,
-        "cpu_ms_per_image": 1e3 * cpu / (setup.batch_size * iters)
-        if cpu is not None and seconds else None,
+        "cpu_s": cpu, "cpu_cores": cores, "cpu_ms_per_image": ms_per_image,
         "wall_s": time.perf_counter() - began,      # the whole row: set-up, warm-up, timing, freeing
         "backend": setup.backend if row.backend == "setup" else row.backend,
         "impl": timing.get("impl"),
@@ -206,16 +247,24 @@ def measure_row(row: Row, setup: K.Setup, threads: int) -> dict:
 
 def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = None,
               threads: Sequence[int] = (os.cpu_count() or 1,), batch_size: int = 32,
-              image_size: int = 224, warmup: int = 3, iters: int = 10, device: str = "auto",
+              image_size: int = 224, warmup: int = 3, iters: Optional[int] = None,
+              min_seconds: Optional[float] = None, repeats: Optional[int] = None,
+              device: str = "auto",
               backend: str = "fused", hw_decoder_load: float = 0.65, arch: str = "resnet50",
               amp: str = "auto", channels_last: bool = False, gen_images: int = 256,
               gen_pictures: int = 64, gen_size: Optional[int] = None, gen_classes: int = 4,
               seed: int = 0, data_filelist=None, mixing_filelist=None,
               workers: Optional[Sequence[int]] = None, official=None,
               command: Optional[Sequence[str]] = None, log=print, on_row=None) -> Dict:
-    """Measure the selected rows at every thread count on the same files; returns the record
-    written to bench.json: ``settings``, ``machine``, ``data``, ``command`` and ``rows`` (one per
-    row and thread count, with images/s and its ratios to the reference and synthetic rows).
+    """Measure the selected rows at every thread count on the same files, the whole sequence
+    ``repeats`` times (rows interleaved); returns the record written to bench.json: ``settings``,
+    ``code`` (the commit measured), ``machine``, ``data``, ``command``, ``measurements`` (every
+    row, thread count and repetition, with its ratios to the baseline and synthetic rows of the
+    same repetition) and ``rows`` (one per row and thread count: median, min and max over the
+    repetitions, see ``report.summarise``).
+
+    Each row is timed over at least ``iters`` batches and ``min_seconds`` (defaults:
+    ``TIMING_DEFAULTS`` for the device) after ``warmup`` batches plus its prefetch queue.
 
     ``data``/``mixing``: class-folder set and mixing pictures; where missing, ``gen_images``
     sources ``gen_size`` px high (default: the Resize(256) of a 224 crop, scaled) and
@@ -237,10 +286,16 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
                             "github.com/hzlsaber/IPMix)")
     threads = [int(t) for t in threads]
     workers = threads if workers is None else [int(w) for w in workers]
-    _check(threads, batch_size, warmup, iters, backend, amp, arch, rows)
+    if not threads or min(threads) < 1:
+        raise UserError(f"--threads must be a list of integers >= 1, e.g. 1,2; got {threads}")
     if not workers or min(workers) < 1:
         raise UserError(f"--workers must be a list of integers >= 1, e.g. 2,16; got {workers}")
     device = resolve_device(device)
+    timing = TIMING_DEFAULTS[device]
+    iters = timing["iters"] if iters is None else iters
+    min_seconds = timing["min_seconds"] if min_seconds is None else float(min_seconds)
+    repeats = timing["repeats"] if repeats is None else repeats
+    _check(threads, batch_size, warmup, iters, backend, amp, arch, rows, repeats, min_seconds)
     amp = resolve_amp(amp, gpu=device == "gpu")
     cfg = training_config(image_size)
     data, mixing = check_folders(data, mixing, data_filelist, mixing_filelist)   # listed once
@@ -263,8 +318,10 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
         setup = K.Setup(data=files, cfg=cfg, batch_size=batch_size, warmup=warmup, iters=iters,
                         device=device, backend=backend, hw_decoder_load=hw_decoder_load, arch=arch,
                         amp=amp, channels_last=channels_last, seed=seed,
-                        official=None if official is None else str(official))
-        results = []
+                        official=None if official is None else str(official),
+                        min_seconds=min_seconds)
+        results, measured = [], []
+        code = code_version()
 
         def record(complete: bool) -> Dict:
             return {
@@ -277,25 +334,36 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
                              "workers": workers,
                              "official": None if official is None else str(official),
                              "batch_size": batch_size, "image_size": image_size, "warmup": warmup,
-                             "iters": iters, "device": device, "backend": backend,
+                             "warmup_note": "plus each row's prefetch queue: the rows' 'warmup' "
+                                            "is what they used",
+                             "iters": iters, "min_seconds": min_seconds, "repeats": repeats,
+                             "device": device, "backend": backend,
                              "hw_decoder_load": hw_decoder_load, "arch": arch, "amp": amp,
                              "channels_last": channels_last, "seed": seed,
                              "ipmix": {"k": cfg.k, "t": cfg.t, "jsd_views": cfg.views,
                                        "patch_sizes": list(cfg.patch_sizes),
                                        "mixing_resize": setup.resize}},
+                "code": code,
                 "machine": {**machine_info(device), "load_average_start": load_start,
                             "load_average_end": _load_average()},
                 "data": files.describe(),
-                "rows": add_ratios([dict(r) for r in results]),
+                "measurements": measured,
+                "rows": summarise(measured),
             }
 
-        for row in rows:
-            for n in thread_counts(row, threads, workers):
-                log(f"bench: {row.name}, {n} thread(s) ...")
-                results.append(measure_row(row, setup, n))
-                r = results[-1]
-                log(f"bench: {row.name}, {n} thread(s): " + (
-                    f"error {r['error']}" if r["error"] else f"{r['images_per_s']:.1f} images/s"))
-                if on_row is not None:
-                    on_row(record(complete=False))
+        for rep in range(repeats):
+            done = []
+            for row in rows:
+                for n in thread_counts(row, threads, workers, device):
+                    log(f"bench: {row.name}, {n} thread(s), repetition {rep + 1}/{repeats} ...")
+                    done.append({**measure_row(row, setup, n), "repetition": rep})
+                    r = done[-1]
+                    log(f"bench: {row.name}, {n} thread(s): " + (
+                        f"error {r['error']}" if r["error"] else f"{r['images_per_s']:.1f} images/s"))
+                    # ratios within this repetition only (the rows so far)
+                    measured = results + add_ratios([dict(m) for m in done])
+                    if on_row is not None:
+                        on_row(record(complete=False))
+            results += add_ratios(done)
+            measured = list(results)
         return record(complete=True)

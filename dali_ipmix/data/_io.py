@@ -50,6 +50,44 @@ def prepare_out_dir(path: Union[str, os.PathLike], overwrite: bool, owned: Seque
     return check_output_folder(out, "--out")
 
 
+def _remove_dead_stages(folder: Path, prefix: str) -> None:
+    """Remove the stage folders (``<prefix><pid>-*``) that a run killed outright (SIGKILL, a power
+    cut) left behind: those whose process no longer exists."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder / name, ignore_errors=True)
+        except OSError:
+            pass                 # alive (another user's process): leave it
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises KeyboardInterrupt meanwhile (its default would end the process without
+    cleaning up), so that a stopped run removes its stage like a Ctrl-C does."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def staged(out: Path, owned: Sequence[str]):
     """Yield a fresh folder to generate into (a hidden sibling of ``out``); when the block ends
@@ -57,12 +95,15 @@ def staged(out: Path, owned: Sequence[str]):
     generated files are removed.  So an interrupted run (Ctrl-C, an error) leaves ``out`` as it
     was, never a partial set that looks complete to the readers."""
     out = Path(out)
+    for prefix, folder in ((f".{out.name}.incomplete-", out.parent), (".incomplete-", out)):
+        _remove_dead_stages(folder, prefix)
     try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-", dir=out.parent))
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-{os.getpid()}-", dir=out.parent))
     except OSError:             # a parent folder we may not write into: stage inside ``out``
-        stage = Path(tempfile.mkdtemp(prefix=".incomplete-", dir=out))
+        stage = Path(tempfile.mkdtemp(prefix=f".incomplete-{os.getpid()}-", dir=out))
     try:
-        yield stage
+        with _sigterm_raises():
+            yield stage
         for name in owned:
             old, new = out / name, stage / name
             if old.is_dir() and not old.is_symlink():
@@ -123,8 +164,12 @@ def contact_sheet(images: Sequence, path: Union[str, os.PathLike], cols: int = 8
 
 
 def resolve_jobs(jobs: Optional[int]) -> int:
-    """``None``/0 means one worker per CPU."""
-    return max(1, int(jobs)) if jobs else max(1, os.cpu_count() or 1)
+    """The worker processes of ``--jobs``: ``None`` means one per CPU; below 1 is refused."""
+    if jobs is None:
+        return max(1, os.cpu_count() or 1)
+    if jobs < 1:
+        raise UserError(f"--jobs must be >= 1 (or left out: one per CPU), got {jobs}")
+    return int(jobs)
 
 
 def _pool_context():

@@ -453,12 +453,14 @@ def _write_one(index: int, out_dir: str, count: int, size: int, seed: int, ifs_r
     return str(path)
 
 
-def _check_args(count: int, size: int, seed: int, ifs_ratio: float) -> None:
+MAX_SIZE = 4096    # each float64 work array of a 4096 px picture is 128 MiB, per worker
 
-    if count < 0:
-        raise UserError(f"--count must be >= 0, got {count}")
-    if size < 32:
-        raise UserError(f"--size must be >= 32 px, got {size}")
+
+def _check_args(count: int, size: int, seed: int, ifs_ratio: float) -> None:
+    if count < 1:
+        raise UserError(f"--count must be >= 1, got {count}")
+    if not 32 <= size <= MAX_SIZE:
+        raise UserError(f"--size must be in 32..{MAX_SIZE} px, got {size}")
     if seed < 0:
         raise UserError(f"--seed must be >= 0, got {seed}")
     if not 0.0 <= ifs_ratio <= 1.0:
@@ -500,8 +502,12 @@ def _run(args: argparse.Namespace) -> int:
     from dali_ipmix.outputs import check_output_file
     start = time.perf_counter()
     _check_args(args.count, args.size, args.seed, args.ifs_ratio)
+    resolve_jobs(args.jobs)
     if args.preview:
-        check_output_file(args.preview, "--preview", args.overwrite, make_folder=True)
+        if Path(args.preview).resolve().is_relative_to(Path(args.out).resolve()):
+            raise UserError(f"--preview {args.preview} is inside --out {args.out}: the readers would "
+                            f"take the sheet for a mixing picture; put it outside --out")
+        check_output_file(args.preview, "--preview", args.overwrite)
     try:
         paths = generate_fractals(args.out, args.count, size=args.size, seed=args.seed,
                                   ifs_ratio=args.ifs_ratio, jobs=args.jobs, overwrite=args.overwrite,

@@ -282,7 +282,7 @@ def _run(args: argparse.Namespace) -> int:
     from dali_ipmix.outputs import check_output_file
     start = time.perf_counter()
     if args.preview:
-        check_output_file(args.preview, "--preview", args.overwrite, make_folder=True)
+        check_output_file(args.preview, "--preview", args.overwrite)
     paths = generate_synth(args.out, classes=args.classes, train_per_class=args.train_per_class,
                            val_per_class=args.val_per_class, seed=args.seed, overwrite=args.overwrite,
                            preview=args.preview, jobs=args.jobs, style=args.style)

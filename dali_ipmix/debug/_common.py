@@ -82,16 +82,20 @@ def has_gpu() -> bool:
         return False
 
 
-def check_new_files(paths: Sequence[Path], overwrite: bool) -> None:
+def check_new_files(paths: Sequence[Path], overwrite: bool, out_dir: Optional[Path] = None) -> None:
     """Refuse to replace files the user already has, unless --overwrite, and a place that cannot
-    take them (the folder is created), before the pipeline runs."""
-    from ..outputs import check_output_file
+    take them (``outputs.check_output_file``), before the pipeline runs.  ``out_dir``: the --out
+    folder that holds ``paths``, created when they are written."""
+    from ..outputs import check_folder_can_be_made, check_output_file
+    if out_dir is not None and not out_dir.exists():
+        check_folder_can_be_made(out_dir, "--out")
+        return
     for path in paths:
         if path.exists() and not overwrite:
             raise UserError(f"{path} exists; pass --overwrite or choose another --out")
         if path.exists() and path.is_dir():
             raise UserError(f"{path} is a folder; choose another --out")
-        check_output_file(path, "--out", overwrite=True, make_folder=True)
+        check_output_file(path, "--out", overwrite=True)
 
 
 @contextlib.contextmanager

@@ -479,12 +479,14 @@ def _title(args, cfg) -> str:
 def _run(args) -> int:
     from ._stats import run_with_stats
     cfg = _common.config_from_args(args)
-    if args.render_timeout <= 0 or args.max_render_nodes < 1 or args.batch_size < 1 or args.iters < 1:
+    if (not 0 < args.render_timeout < math.inf or args.max_render_nodes < 1 or args.batch_size < 1
+            or args.iters < 1):      # NaN fails the first test too
         raise UserError("--render-timeout, --max-render-nodes, --batch-size and --iters must be positive")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
-    _common.check_new_files(graph_files(out, args.format, args.collapse, args.stats), args.overwrite)
+    _common.check_new_files(graph_files(out, args.format, args.collapse, args.stats), args.overwrite,
+                            out_dir=out)
     gpu_here = _common.has_gpu()
     if args.stats and args.device == "gpu" and not gpu_here:
         raise UserError("--stats --device gpu: no CUDA GPU here; use --device cpu")
@@ -505,8 +507,9 @@ def _run(args) -> int:
                     render_timeout=args.render_timeout, max_render_nodes=args.max_render_nodes,
                     build=build)
         if args.stats:
-            report = run_with_stats(pipe, iters=args.iters, batch_size=args.batch_size,
-                                    device=args.device)
+            with _common.bad_files_named(data, mixing, "graph"):   # the batches decode the data
+                report = run_with_stats(pipe, iters=args.iters, batch_size=args.batch_size,
+                                        device=args.device)
             (out / "memory.txt").write_text(report + "\n")
             print(report)
             print(f"wrote {out / 'memory.txt'}")

@@ -288,7 +288,6 @@ def preview(data_dir, mixing_dir, out_png: Path, *, preset: str = "imagenet", cf
               **record}
     png = io.BytesIO()
     sheet.save(png, "PNG")
-    out_png.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out_png, png.getvalue())
     write_atomic(out_png.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
     batch.record = record

@@ -8,6 +8,7 @@ import sys
 from typing import Optional
 
 from ..errors import UserError
+from ..helpformat import HelpFormatter
 from ..outputs import check_output_file, write_atomic
 from .attacks import PGD_EPS, PGD_STEPS
 from .metrics import ECE_BINS, RMS_BIN_SIZE
@@ -23,7 +24,7 @@ def register(subparsers) -> None:
                     "with 200-class logit masks, PGD-Linf error (by default at 2/255, the IPMix protocol; "
                     "adversarially trained models: --eps 8/255) and, with --autoattack, AutoAttack error.  "
                     "Prints a table; --json writes the full report.  All numbers are percentages.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("checkpoint_arg", nargs="?", default=None, metavar="CHECKPOINT",
                    help="the same as --checkpoint")
@@ -54,8 +55,9 @@ def register(subparsers) -> None:
     g = p.add_argument_group("adversarial")
     g.add_argument("--no-pgd", action="store_true", help="skip the PGD evaluation")
     g.add_argument("--eps", "--pgd-eps", dest="pgd_eps", default=None, metavar="E",
-                   help=f"L-inf budget in pixels [0,1] of PGD and AutoAttack (default {PGD_EPS * 255:g}/255: the "
-                   "IPMix paper's CIFAR protocol, not the 8/255 of adversarial training)")
+                   help=f"L-inf budget in pixels [0,1] of PGD and AutoAttack (default: the eps an "
+                   f"adversarially trained checkpoint records, else {PGD_EPS * 255:g}/255, the IPMix "
+                   "paper's CIFAR protocol)")
     g.add_argument("--pgd-alpha", default=None, help="PGD step size (default eps/4; the paper: 0.5/255)")
     g.add_argument("--pgd-steps", type=int, default=PGD_STEPS, help="steps (paper: 20)")
     g.add_argument("--pgd-restarts", type=int, default=1, help="random restarts")
@@ -126,10 +128,13 @@ def settings_from_args(args, loaded):
     recorded = loaded.args
     preset_name = args.preset or (recorded.get("preset") if recorded.get("preset") in C.PRESETS else "imagenet")
     cfg = C.preset(preset_name)
-    size = _positive(args.image_size, "--image-size", 8) or recorded.get("image_size") or cfg.image_size
+    for flag, value in (("--image-size", args.image_size), ("--resize", args.resize)):
+        if value is not None and not C.MIN_IMAGE_SIZE <= value <= C.MAX_IMAGE_SIZE:
+            raise UserError(f"{flag} {value}: must be in {C.MIN_IMAGE_SIZE}..{C.MAX_IMAGE_SIZE} px")
+    size = args.image_size or recorded.get("image_size") or cfg.image_size
     cifar = preset_name == "cifar"
     from pipelines import resize_for
-    resize = _positive(args.resize, "--resize", 8) or resize_for(size, "cifar" if cifar else "imagenet")
+    resize = args.resize or resize_for(size, "cifar" if cifar else "imagenet")
     if resize < size:
         raise UserError(f"--resize {resize} is smaller than the crop --image-size {size}")
     for flag, value in (("--batch-size", args.batch_size), ("--max-images", args.max_images),
@@ -147,12 +152,19 @@ def settings_from_args(args, loaded):
         raise UserError("--device cuda: no CUDA device here; use --device cpu")
     if args.no_pgd and args.autoattack:
         raise UserError("--autoattack runs on the PGD images; drop --no-pgd")
-    eps = PGD_EPS if args.pgd_eps is None else parse_fraction(args.pgd_eps, "--eps")
+    # an adversarially trained model is attacked at its training radius unless --eps says otherwise
+    trained = recorded.get("adv_eps") if recorded.get("adv_mixup") not in (None, "off") else None
+    if args.pgd_eps is not None:
+        eps_source, eps = "--eps", parse_fraction(args.pgd_eps, "--eps")
+    elif trained is not None:
+        eps_source, eps = "checkpoint", float(trained)
+    else:
+        eps_source, eps = "default", PGD_EPS
     alpha = eps / 4 if args.pgd_alpha is None else parse_fraction(args.pgd_alpha, "--pgd-alpha")
     pgd = None if args.no_pgd else PGDSettings(
         eps=eps, alpha=alpha, steps=args.pgd_steps, restarts=args.pgd_restarts,
         max_images=args.pgd_max_images, autoattack=args.autoattack,
-        eps_source="--eps" if args.pgd_eps else "default (IPMix protocol)")
+        eps_source=eps_source)
     if pgd and not (0 <= pgd.eps <= 1 and 0 <= pgd.alpha <= 1):
         raise UserError(f"--eps / --pgd-alpha are in pixel units [0, 1] (e.g. 8/255), "
                         f"got {args.pgd_eps}, {args.pgd_alpha}")
@@ -171,7 +183,9 @@ def settings_from_args(args, loaded):
 def eps_note(pgd, recorded) -> str:
     """The attack radius and where it comes from, with a warning when it is not the radius the
     checkpoint was adversarially trained at (a 2/255 number read as an 8/255 one misleads)."""
-    note = f"PGD{' and AutoAttack' if pgd.autoattack else ''} at eps {pgd.eps * 255:g}/255 ({pgd.eps_source})"
+    from .evaluate import EPS_SOURCES
+    note = (f"PGD{' and AutoAttack' if pgd.autoattack else ''} at eps {pgd.eps * 255:g}/255 "
+            f"({EPS_SOURCES[pgd.eps_source]})")
     trained = recorded.get("adv_eps") if recorded.get("adv_mixup") not in (None, "off") else None
     if trained is not None and abs(trained - pgd.eps) > 1e-9:
         note += (f"; this model was adversarially trained at eps {trained * 255:g}/255: "
@@ -193,7 +207,7 @@ def run(args) -> int:
         raise UserError("nothing to evaluate: give --data VAL_DIR and/or --imagenet-c / --cifar-c / "
                         "--imagenet-r / --imagenet-a")
     if args.json:
-        check_output_file(args.json, "--json", args.overwrite, make_folder=True)
+        check_output_file(args.json, "--json", args.overwrite)
     loaded = load_checkpoint(args.checkpoint, arch=args.arch, num_classes=args.num_classes)
     settings, (mean, std), preset_name = settings_from_args(args, loaded)
     settings.progress = not args.quiet
@@ -202,6 +216,9 @@ def run(args) -> int:
     log(f"dali-ipmix eval: {loaded.arch} ({loaded.num_classes} classes) from {args.checkpoint}, "
         f"preset {preset_name}, crop {settings.image_size} (resize {settings.resize}), {settings.device}")
     if settings.pgd is not None:
+        if settings.pgd.autoattack:      # before any work, not after the clean and PGD passes
+            from ..advmixup import check_autoattack
+            check_autoattack(loaded.num_classes)
         log(eps_note(settings.pgd, loaded.args))
     report = evaluate(model, loaded.num_classes, settings, log=log)
     report = {"checkpoint": os.path.abspath(args.checkpoint), "arch": loaded.arch,

@@ -47,7 +47,14 @@ class PGDSettings:
     random_start: bool = True
     max_images: Optional[int] = None      # PGD on the first share of the clean set (None: all)
     autoattack: bool = False              # AutoAttack (standard) on the same images, same eps
-    eps_source: str = "default (IPMix protocol)"   # how eps was chosen, printed with the numbers
+    eps_source: str = "default"   # how eps was chosen (a key of EPS_SOURCES)
+
+
+# how PGDSettings.eps was chosen -> the words printed with the numbers
+EPS_SOURCES = {"default": "the IPMix protocol's default",
+               "checkpoint": "the eps of adversarial training that the checkpoint records; --eps "
+                              "overrides it",
+               "--eps": "--eps"}
 
 
 @dataclass

@@ -118,6 +118,7 @@ def prepare_output_dir(args, state):
             stamp = time.strftime("%Y%m%d-%H%M%S")
             args.output_dir = os.path.join("runs", f"{'demo-' if state.demo else ''}{args.arch}-{stamp}")
     out = Path(args.output_dir)
+    state.made_output_dir = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
@@ -189,6 +190,26 @@ def delete_previous_run(paths, folder, log):
     if paths:
         log(f"--overwrite: deleted the previous run's files in {folder}: "
             f"{', '.join(sorted(os.path.basename(p) for p in paths))}")
+
+
+class RunComplete(Exception):
+    """``--resume`` of a run that has nothing left to do: said in one line, exit 0, no file touched."""
+
+
+def check_not_complete(args, ckpt):
+    """Raise RunComplete when ``ckpt`` ends the run these flags describe: its last epoch is done
+    (validated), or it is at --max-steps."""
+    if ckpt is None:
+        return
+    step, epoch = ckpt.get("step", 0), ckpt.get("epoch", 0)
+    done = ckpt.get("epoch_done", True) and epoch >= args.epochs
+    if done or (args.max_steps and step >= args.max_steps):
+        what = (f"all {args.epochs} epochs are done" if done else f"it is at --max-steps {args.max_steps}")
+        longer = ("pass a larger --epochs (the lr schedule then spans the new length, so the lr rises "
+                  "again)" if done else "pass a larger --max-steps")
+        raise RunComplete(f"--resume {args.resume}: the run is complete ({what}, step {step}); nothing "
+                          f"was changed in {args.output_dir}. To train longer, {longer}; to start "
+                          f"afresh, --overwrite or another --output-dir")
 
 
 def load_resume_checkpoint(args, num_classes: int):

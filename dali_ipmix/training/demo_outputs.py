@@ -121,6 +121,9 @@ def curves_figure(train_loss: Dict[int, float], val: List[dict], *, title: str, 
         last = val[-1]
         ax_acc.annotate(f"{last['val_top1']:.1f} %", (last["epoch"], last["val_top1"]),
                         textcoords="offset points", xytext=(-10, -16), ha="right")
+    else:                  # stopped inside epoch 1: say why the panel holds no points
+        ax_acc.text(0.5, 0.5, "no validation yet:\nthe run stopped inside epoch 1",
+                    transform=ax_acc.transAxes, ha="center", va="center", color="grey")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.set_ylim(0, 100)

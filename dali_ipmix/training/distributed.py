@@ -3,7 +3,6 @@ them, failing together on a user error, and a SIGTERM / Ctrl-C stop that every r
 same step (README "Training": shards and seeds, Checkpoints)."""
 from __future__ import annotations
 
-import os
 import signal
 from typing import List, Optional, Tuple
 
@@ -11,32 +10,20 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
-
-
-def ranks_from_env() -> Tuple[int, int, int]:
-    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) in a plain process."""
-    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-            int(os.environ.get("LOCAL_RANK", "0")))
+from ..ipmix_loader import ranks_from_env, resolve_device  # noqa: F401  (train.py: ranks_from_env)
 
 
 def pick_device(want: str, local_rank: int) -> Tuple[torch.device, str, Optional[int]]:
-    """(torch device, DALI device, DALI device id) of this rank for ``--device`` (auto: a GPU when
-    both PyTorch and DALI can use one); a GPU rank takes GPU ``local_rank`` (modulo the count)."""
-    cuda_ok = torch.cuda.is_available() and dali_gpu_count() > 0
-    if want == "gpu" and not cuda_ok:
-        raise UserError("--device gpu: no CUDA GPU usable by both PyTorch and DALI here; use --device cpu")
-    if not (cuda_ok if want == "auto" else want == "gpu"):
-        return torch.device("cpu"), "cpu", None
-    torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    return torch.device("cuda", torch.cuda.current_device()), "gpu", torch.cuda.current_device()
-
-
-def dali_gpu_count() -> int:
+    """(torch device, DALI device, DALI device id) of this rank for ``--device`` (the loaders' rule,
+    ``ipmix_loader.resolve_device``: auto is a GPU when both PyTorch and DALI can use one, GPU
+    ``local_rank`` modulo the count); a GPU rank makes its GPU the current one."""
     try:
-        from nvidia.dali.backend import GetCUDADeviceCount
-        return int(GetCUDADeviceCount())
-    except Exception:
-        return 0
+        device, dali_device, device_id = resolve_device(want, local_rank)
+    except ValueError:
+        raise UserError("--device gpu: no CUDA GPU usable by both PyTorch and DALI here; use --device cpu") from None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device, dali_device, device_id
 
 
 def init(device: torch.device):
@@ -70,6 +57,15 @@ def broadcast(values: list, world_size: int) -> list:
     if world_size > 1:
         dist.broadcast_object_list(values, src=0)
     return values
+
+
+def broadcast_buffers(module: torch.nn.Module, world_size: int):
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, so that an evaluation split
+    over the ranks measures one model -- the one rank 0 saves.  Without --sync-bn each rank's
+    statistics follow its own batches (DDP copies rank 0's only at the start of a forward)."""
+    if world_size > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
 
 
 def raise_together(error, world_size: int):

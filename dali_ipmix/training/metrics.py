@@ -219,11 +219,14 @@ def print_summary(args, state, views, progress, setup_time, total, extra_lines=(
           + (f"  AutoAttack {r['autoattack']:.2f}%" if r.get('autoattack') is not None else "")
           + f"  ({r['images']} images)" for r in robust_evals],
         f"  checkpoint: {state.last_checkpoint}" if state.last_checkpoint else "  checkpoint: none",
+        *([f"  checkpoint of step {state.step}: NOT WRITTEN (see the failed writes)"]
+          if state.checkpoint_failed else []),
         f"  metrics: {os.path.join(args.output_dir, METRICS_FILE)}",
         *extra_lines,
     ]
     summary = {"arch": args.arch, "steps": state.step, "best_top1": state.best_top1, "last": last,
-               "img_per_s": img_s, "seconds": total, "robust": robust_evals, "best_robust": best}
+               "img_per_s": img_s, "seconds": total, "robust": robust_evals, "best_robust": best,
+               "checkpoint": state.last_checkpoint, "final_checkpoint_written": not state.checkpoint_failed}
     try:
         write_atomic(os.path.join(args.output_dir, SUMMARY_FILE),
                      json.dumps(dict(summary, failed_writes=state.failed_writes)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from ..config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from ..errors import UserError
 
 # the official recipe (hzlsaber/IPMix imagenet.py) with torchvision's RandomResizedCrop scale
@@ -28,14 +29,19 @@ def recipe_and_demo(key: str) -> str:
     return f"recipe {RECIPE_DEFAULTS[key]}, demo {DEMO_DEFAULTS[key]}"
 
 
+MAX_LR = 10.0      # SGD diverges far below this for every model here; above it is a typo
+JSD_WEIGHT = 12.0  # the official weight of the JSD term (--jsd-weight's default)
+
 # (flag dest, test, what the test asks): numbers argparse cannot bound; NaN fails every test, so a
 # NaN flag is refused here rather than showing up as a NaN loss many steps later.
 NUMBER_RULES = (
-    ("lr", lambda v: 0 < v < math.inf, "a finite number > 0"),
+    ("lr", lambda v: 0 < v <= MAX_LR, f"in (0, {MAX_LR:g}]"),
+    ("image_size", lambda v: v is None or MIN_IMAGE_SIZE <= v <= MAX_IMAGE_SIZE,
+     f"in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} px"),
     ("momentum", lambda v: 0 < v < 1, "in (0, 1) (Nesterov SGD needs a momentum)"),
     ("wd", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("jsd_weight", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    ("jsd_weight", lambda v: v is None or 0 <= v < math.inf, "a finite number >= 0"),
     ("warmup_epochs", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     ("beta", lambda v: v is None or 0 < v < math.inf, "a finite number > 0"),
     ("aug_severity", lambda v: v is None or math.isfinite(v), "a finite number"),
@@ -47,6 +53,7 @@ NUMBER_RULES = (
     ("val_batch_size", lambda v: v is None or v >= 1, ">= 1"),
     ("seed", lambda v: v >= 0, ">= 0"),
     ("mixing_cache_mb", lambda v: v is None or v >= 0, ">= 0 (0 = no cache)"),
+    ("max_pixels", lambda v: v >= 1, ">= 1"),
 )
 
 
@@ -57,3 +64,16 @@ def check_numbers(args):
             raise UserError(f"--{dest.replace('_', '-')} must be {what}, got {value}")
     if args.overwrite and args.resume:
         raise UserError("--overwrite starts afresh and --resume continues a run: give one of them")
+    if args.output_dir is not None and not args.output_dir.strip():
+        raise UserError("--output-dir is empty; give a folder (left out: runs/<arch>-<time>)")
+
+
+def check_jsd_weight(args):
+    """After the adversarial flags (which may turn the JSD triple off): --jsd-weight only weighs
+    the JSD term, so a weight without one is refused rather than silently ignored."""
+    if args.jsd_weight is None:
+        args.jsd_weight = JSD_WEIGHT
+    elif args.no_jsd:
+        raise UserError(f"--jsd-weight {args.jsd_weight:g} has no effect without the JSD loss (--no-jsd"
+                        f"{', or an adversarial mode without --adv-jsd' if args.adv_mixup != 'off' else ''}); "
+                        f"drop it")

@@ -30,6 +30,7 @@ class RunState:
     num_train: int = 0
     num_val: int = 0
     output_lock: Optional[IO] = None    # held while the run lives (checkpoint.lock_output_dir)
+    made_output_dir: bool = False       # this run created --output-dir (so may remove it empty)
     previous_run: List[str] = field(default_factory=list)   # what --overwrite deletes
     net: Optional[nn.Module] = None     # the bare network: what checkpoints hold
     # ``net``, behind the normalisation layer in the adversarial modes (torchvision's name):
@@ -41,6 +42,8 @@ class RunState:
     best_top1: float = 0.0
     history: list = field(default_factory=list)  # epoch and robust records, kept in checkpoints
     last_checkpoint: Optional[str] = None
+    # the newest checkpoint write failed (disk full): the state the run ends in is not on disk
+    checkpoint_failed: bool = False
     failed_writes: FailedWrites = field(default_factory=FailedWrites)
 
     # recorded in checkpoints beside the flags (``dali-ipmix eval`` reads num_classes)
@@ -68,5 +71,10 @@ class RunState:
     def release(self):
         """Unlock the output folder (the kernel would at exit; a test runs many runs in one process)."""
         if self.output_lock is not None:
+            lock = self.output_lock.name
             self.output_lock.close()
             self.output_lock = None
+            folder = os.path.dirname(lock)
+            if self.made_output_dir and os.listdir(folder) == [os.path.basename(lock)]:
+                os.unlink(lock)       # a start that failed leaves no folder holding only the lock
+                os.rmdir(folder)
