@@ -437,3 +437,14 @@ def test_two_ranks_training_from_s3_list_the_bucket_once(aws, dataset, tmp_path)
     assert ("LISTED 0 ['s3://data/shards/mixing', 's3://data/shards/train', 's3://data/shards/val']"
             in outs[0]), outs[0]
     assert "LISTED 1 []" in outs[1], outs[1]
+
+
+def test_the_public_loaders_read_shards_and_s3(shards, aws):
+    from dali_ipmix.ipmix_loader import IPMixLoader, IPMixValLoader
+    train = IPMixLoader("s3://data/shards/train", shards / "mixing", cfg=CFG, batch_size=4,
+                        num_threads=1, device="cpu")
+    assert (train.epoch_size, train.num_classes) == (12, 3)
+    images, labels = next(iter(train))
+    assert images.shape == (4 * CFG.views, 3, 32, 32) and set(labels.tolist()) <= {0, 1, 2}
+    val = IPMixValLoader(shards / "val", cfg=CFG, batch_size=6, num_threads=1, device="cpu")
+    assert sorted(l for _, labels in val for l in labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
