@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,eval,bench,adv,examples]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,eval,bench,adv,examples,s3]'
 	@# Graphviz renders `dali-ipmix graph` (a Debian package; without it the command writes DOT only)
 	@command -v dot >/dev/null || (apt-get update -qq && apt-get install -y -qq graphviz) >/dev/null 2>&1 \
 		|| echo "note: graphviz not installed (needs root); dali-ipmix graph will write DOT only"

@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from dali_ipmix import advmixup
 from dali_ipmix import config as C
-from dali_ipmix import models
+from dali_ipmix import models, s3
 from dali_ipmix.errors import UserError
 from dali_ipmix.helpformat import HelpFormatter
 from dali_ipmix.losses import ipmix_loss
@@ -74,11 +74,12 @@ def get_args_parser(add_help=True):
 
 def add_data_args(g):
     g.add_argument("--data-path", default=None, help="folder with train/ and val/ class folders "
-                   "(omit for the built-in demo)")
+                   "or shard sets (`dali-ipmix shard`), or s3://bucket/prefix of them (omit for the "
+                   "built-in demo; docs/scaling.md)")
     g.add_argument("--train-dir", default=None, help="training class folder (default DATA_PATH/train)")
     g.add_argument("--val-dir", default=None, help="validation class folder (default DATA_PATH/val)")
-    g.add_argument("--mixing-set", default=None, help="folder of mixing pictures (fractals); "
-                   "make one with `dali-ipmix fractals --out DIR --count N`")
+    g.add_argument("--mixing-set", default=None, help="folder of mixing pictures (fractals; or a "
+                   "shard set, s3://); make one with `dali-ipmix fractals --out DIR --count N`")
     g.add_argument("--train-filelist", default=None, metavar="FILE", help="train only on the files "
                    "listed (`dali-ipmix verify TRAIN_DIR --write-filelist FILE` leaves out bad ones)")
     g.add_argument("--val-filelist", default=None, metavar="FILE", help="the same for validation")
@@ -300,34 +301,55 @@ def find_demo_data(args, state):
 
 
 def resolve_data(args, state):
-    root = Path(args.data_path) if args.data_path else None
-    train_dir = Path(args.train_dir) if args.train_dir else root / "train"
-    val_dir = Path(args.val_dir) if args.val_dir else (root / "val" if root else None)
+    root = args.data_path.rstrip("/") if args.data_path else None
+    train_dir = args.train_dir or f"{root}/train"
+    val_dir = args.val_dir or (f"{root}/val" if root else None)
     if val_dir is None:
         raise UserError("--train-dir given without --val-dir (or --data-path with a val/ folder)")
-    if not val_dir.is_dir():
-        raise UserError(f"validation folder {val_dir} does not exist (expected class folders "
-                        f"val/<class>/*.jpg; give --val-dir)")
     train_flag = "--train-dir" if args.train_dir else "--data-path train"
     args.train_dir, args.val_dir = str(train_dir), str(val_dir)
     check_data(args, state, train_flag)
 
 
 def check_data(args, state, train_flag="--data-path train"):
-    """Count the files (into ``state.num_classes``, ``num_train``, ``num_val``) and compare the
-    batch with a shard; raises UserError."""
-    from dali_ipmix import readers
-    files, _, classes = readers.listed_or_found(args.train_dir, args.train_filelist, flag=train_flag)
-    vfiles, _, vclasses = readers.listed_or_found(args.val_dir, args.val_filelist, flag="--val-dir")
-    readers.picture_files(args.mixing_set, flag="--mixing-set", filelist=args.mixing_filelist)
-    if vclasses != classes:
-        raise UserError(f"validation classes of {args.val_dir} ({len(vclasses)}) differ from the training "
-                        f"classes of {args.train_dir} ({len(classes)}); the folder names must match")
-    shard = len(files) // state.world_size
+    """List the data once per run: rank 0 opens the data sources (class folders, shard sets,
+    s3://) and sends the records to the other ranks, so a bucket or a parallel file system is
+    listed once, not once per rank; ``args.train_dir`` / ``val_dir`` / ``mixing_set`` become the
+    records, which the pipelines are built from.  Counts them (into ``state.num_classes``,
+    ``num_train``, ``num_val``); raises UserError on every rank."""
+    found, error = [None, None, None], None
+    if state.is_main:
+        try:
+            found = list(open_data(args, state, train_flag))
+        except UserError as e:        # sent with the records: the other ranks wait in this broadcast
+            error = str(e)
+    *found, error = distributed.broadcast([*found, error], state.world_size)
+    if error:
+        raise UserError(error)
+    train, val, _ = found
+    args.train_dir, args.val_dir, args.mixing_set = found
+    state.num_classes, state.num_train, state.num_val = len(train.classes), train.size, val.size
+
+
+def open_data(args, state, train_flag):
+    """(train, val, mixing) data sources, checked against each other and the batch size."""
+    from dali_ipmix import sources
+    if not s3.is_s3(args.val_dir) and not Path(args.val_dir).is_dir():
+        raise UserError(f"validation folder {args.val_dir} does not exist (expected class folders "
+                        f"val/<class>/*.jpg or a shard set; give --val-dir)")
+    train = sources.open_source(args.train_dir, flag=train_flag, filelist=args.train_filelist)
+    val = sources.open_source(args.val_dir, flag="--val-dir", filelist=args.val_filelist)
+    mixing = sources.open_source(args.mixing_set, flag="--mixing-set", filelist=args.mixing_filelist,
+                                 labelled=False)
+    if val.classes != train.classes:
+        raise UserError(f"validation classes of {args.val_dir} ({len(val.classes)}) differ from the "
+                        f"training classes of {args.train_dir} ({len(train.classes)}); the folder "
+                        f"names must match")
+    shard = train.size // state.world_size
     if args.batch_size > shard:
-        raise UserError(f"--batch-size {args.batch_size} is larger than a shard: {len(files)} training "
+        raise UserError(f"--batch-size {args.batch_size} is larger than a shard: {train.size} training "
                         f"images / {state.world_size} rank(s) = {shard} per rank; lower --batch-size")
-    state.num_classes, state.num_train, state.num_val = len(classes), len(files), len(vfiles)
+    return train, val, mixing
 
 
 def load_data(args, state, cfg):
@@ -643,10 +665,13 @@ def run(args, model_factory=None) -> int:
         return 0
     except RuntimeError as e:
         # a bad file met by DALI mid-run: one line naming it and how to skip it, not a traceback
+        from dali_ipmix.sources import explain_shard_error, local_folders
         from dali_ipmix.verify import SEARCH_LIMIT, explain_pipeline_error
-        data = [d for d in (args.train_dir, args.val_dir) if d]
-        err = explain_pipeline_error(e, data, [args.mixing_set] if args.mixing_set else [],
-                                     search_limit=SEARCH_LIMIT, max_pixels=args.max_pixels)
+        err = explain_shard_error(e, [args.train_dir, args.val_dir, args.mixing_set], SEARCH_LIMIT)
+        if err is None:
+            err = explain_pipeline_error(e, local_folders([args.train_dir, args.val_dir]),
+                                         local_folders([args.mixing_set]), search_limit=SEARCH_LIMIT,
+                                         max_pixels=args.max_pixels)
         if err is None:
             raise
         raise err from None

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "bench": "dali_ipmix.bench",
     "eval": "dali_ipmix.robustness.cli",
     "verify": "dali_ipmix.verify",
+    "shard": "dali_ipmix.shard",
 }
 
 

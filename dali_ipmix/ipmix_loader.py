@@ -28,7 +28,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 import torch
 
 from . import config as C
-from . import readers
+from . import sources
 from .loader import LAST_BATCH_POLICIES, VIEWS_LAYOUTS, DaliLoader
 
 DTYPES = {"float32": "float", "float": "float", torch.float32: "float",
@@ -131,11 +131,14 @@ class _Loader:
             "float16" if self.dali_device == "gpu" else "float")
         self.batch_size, self.num_threads = batch_size, num_threads
         self.data = str(data)
-        # handed to the first graph built (a large data set is listed once), then let go
-        self._listing = readers.listed_or_found(data, filelist, flag=data_arg)
-        files, labels, self.classes = self._listing
-        self.epoch_size = len(files)
-        self._fingerprint = _fingerprint(files, labels)
+        # the data set listed once (class folders, tar shards, s3://), the graphs are built from it
+        self._source = sources.open_source(data, flag=data_arg, filelist=filelist)
+        self.classes = list(self._source.classes)
+        self.epoch_size = self._source.size
+        src = self._source
+        self._fingerprint = _fingerprint(*(
+            (src.files, src.labels) if src.format == "folders" else     # shards: names and size
+            ([os.path.basename(s) for s in src.shards], [src.size] * len(src.shards))))
 
     @property
     def num_classes(self) -> int:
@@ -216,7 +219,8 @@ class IPMixLoader(_Loader):
         if batch_size > shard:
             _bad(owner, "batch_size", f"{batch_size} is larger than a shard: {self.epoch_size} images "
                  f"in {data} / {self.world_size} rank(s) = {shard} per rank; lower batch_size")
-        readers.picture_files(mixing, flag="mixing", filelist=mixing_filelist)
+        self._mixing = sources.open_source(mixing, flag="mixing", filelist=mixing_filelist,
+                                           labelled=False)
         self.mixing, self.seed, self.backend = str(mixing), seed, backend
         self.channels_last, self.views_layout, self.last_batch = channels_last, views_layout, last_batch
         self.views = self.cfg.views
@@ -229,10 +233,9 @@ class IPMixLoader(_Loader):
         import pipelines
         checkpoint, self._position = self._position, None
         pipe = pipelines.train_pipeline(
-            self.preset, self.data, self.mixing, cfg=self.cfg, batch_size=self.batch_size,
+            self.preset, self._source, self._mixing, cfg=self.cfg, batch_size=self.batch_size,
             backend=self.backend, seed=self.seed, enable_checkpointing=True, checkpoint=checkpoint,
-            listing=self._listing, **self._pipeline_kw, **self._where())
-        self._listing = None
+            **self._pipeline_kw, **self._where())
         return DaliLoader(pipe, last_batch=self.last_batch, device=self.device,
                           channels_last=self.channels_last, views_layout=self.views_layout)
 
@@ -302,9 +305,8 @@ class IPMixValLoader(_Loader):
         import pipelines
         from pipelines import imagenet
         pipe = imagenet.val_pipeline(
-            self.data, cfg=self.cfg, batch_size=self.batch_size,
+            self._source, cfg=self.cfg, batch_size=self.batch_size,
             resize=pipelines.resize_for(self.cfg.image_size, self.preset), filelist=self._filelist,
-            listing=self._listing, **self._where())
-        self._listing = None
+            **self._where())
         return DaliLoader(pipe, last_batch="partial", device=self.device,
                           channels_last=self.channels_last)

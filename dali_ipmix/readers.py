@@ -112,8 +112,9 @@ def _image_files(root: Path, top: Path, flag: str, keep_loops: bool = False):
     return files
 
 
-def class_names(root, flag="--data"):
-    """The class folders of ``root`` (sorted: their index is the label)."""
+def class_names(root, flag="--data") -> List[str]:
+    """The class folders of ``root``, sorted (their index is the label).  Lists ``root`` only,
+    not the class folders."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{flag} {root}: no such folder; give a folder of class sub-folders "
@@ -141,7 +142,8 @@ def class_folder_files(root, flag="--data", keep_loops=False):
 def listed_or_found(root, filelist=None, flag="--data"):
     """(files, labels, classes) from a verified file list (``dali-ipmix verify --write-filelist``)
     when one is given, else from the class folders; the class names always come from the folders,
-    whose numbering the file list uses (a bad file the list leaves out is not looked at)."""
+    whose numbering the file list uses (with a list, only ``root`` itself is listed, and a bad
+    file the list leaves out is not looked at)."""
     if filelist is None:
         return class_folder_files(root, flag=flag)
     classes = class_names(root, flag)
@@ -225,20 +227,16 @@ def decode_device(device: str) -> str:
     return "mixed" if device == "gpu" else "cpu"
 
 
-def train_images(data_dir, *, device, size, shard_id=0, num_shards=1, seed=None,
+def train_images(data, *, device, size, shard_id=0, num_shards=1, seed=None,
                  random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3), files=None,
                  hw_decoder_load=0.65):
-    """Class-folder reader + decode fused with RandomResizedCrop + resize (torchvision defaults).
+    """The training reader of ``data`` (a ``sources.DataSource``, or a location that becomes one;
+    ``files``: (files, labels) under a class folder, instead of listing it) + decode fused with
+    RandomResizedCrop + resize (torchvision defaults).
     Returns (images uint8 HWC size x size on ``device``, labels int32 CPU)."""
     from nvidia.dali import fn, types
-    if files is None:
-        files, labels, _ = class_folder_files(data_dir)
-    else:
-        files, labels = files
-    jpegs, labels = fn.readers.file(
-        file_root=str(data_dir), files=files, labels=labels, shard_id=shard_id,
-        num_shards=num_shards, random_shuffle=True, pad_last_batch=True, name=TRAIN_READER,
-        **({} if seed is None else {"seed": seed}))
+    jpegs, labels = _source(data, files, "--data").reader(
+        name=TRAIN_READER, shard_id=shard_id, num_shards=num_shards, shuffle=True, seed=seed)
     extra = {"hw_decoder_load": hw_decoder_load} if device == "gpu" else {}
     images = fn.decoders.image_random_crop(
         jpegs, device=decode_device(device), output_type=types.RGB, random_area=list(random_area),
@@ -248,45 +246,60 @@ def train_images(data_dir, *, device, size, shard_id=0, num_shards=1, seed=None,
     return images, labels
 
 
+def _source(data, files, flag, labelled=True):
+    """``data`` as a ``sources.DataSource``: as is, or a folder with the given (files, labels),
+    or a location listed now."""
+    from . import sources
+    if isinstance(data, sources.DataSource):
+        return data
+    if files is None:
+        return sources.open_source(data, flag=flag, labelled=labelled)
+    files, labels = files if labelled else (files, ())
+    return sources.DataSource(str(data), "folders", flag, (), len(files), root=str(data),
+                              files=list(files), labels=list(labels))
+
+
 MIXING_CACHE_MAX_MB = 4096     # the largest automatic decoder cache for the mixing set
 
 
-def mixing_cache_mb(mixing_dir, files) -> int:
+def mixing_cache_mb(source) -> int:
     """GPU memory (MiB) that holds the whole mixing set decoded: the first picture's decoded size
-    times the number of pictures, with 25 % to spare, at most ``MIXING_CACHE_MAX_MB``."""
-    size = picture_size(Path(mixing_dir) / files[0]) if files else None
+    times the number of pictures, with 25 % to spare, at most ``MIXING_CACHE_MAX_MB``.  The size
+    comes from the shard manifest, or the header of a local first picture (0: unknown, no cache)."""
+    size = source.picture_size
+    if size is None and source.format == "folders" and not source.on_s3 and source.files:
+        size = picture_size(Path(source.root) / source.files[0])
     if size is None:
         return 0                      # an unreadable picture is reported by the reader itself
     width, height = size
-    return min(MIXING_CACHE_MAX_MB, int(width * height * 3 * len(files) * 1.25 / 2 ** 20) + 1)
+    return min(MIXING_CACHE_MAX_MB, int(width * height * 3 * source.size * 1.25 / 2 ** 20) + 1)
 
 
-def mixing_pictures(mixing_dir, *, device, size, resize, seed=None, files=None, stream_seed=None,
+def mixing_pictures(mixing, *, device, size, resize, seed=None, files=None, stream_seed=None,
                     cache_mb="auto"):
-    """The mixing-set reader: its own shuffling and seed; Resize(shorter side -> resize) then
-    RandomCrop(size), as the official code prepares the fractal picture.
+    """The mixing-set reader (``mixing``: a ``sources.DataSource`` or a location; ``files``: the
+    pictures under a folder, instead of listing it): its own shuffling and seed; Resize(shorter
+    side -> resize) then RandomCrop(size), as the official code prepares the fractal picture.
 
     ``stream_seed`` (one per rank): the order the reader walks the pictures in.  DALI's reader
     shuffles its file list with one fixed seed and then picks from a 1024-file buffer, so readers
     given the same list walk the same sequence in step whatever their seed; the official code
     draws its picture independently in every process (``np.random.choice``).  The list is
-    therefore permuted per rank first.
+    therefore permuted per rank first (shard sets: the order of the shards).
 
     On GPU the decoded pictures are kept in the mixed decoder's cache (``cache_mb`` MiB, "auto":
     the whole set, see ``mixing_cache_mb``; 0: none): the same few thousand pictures are drawn
     again and again, and decoding them every batch would cost as much as a third of the source
     decoding.  The first pass over the set fills the cache."""
-    import numpy as np
     from nvidia.dali import fn, types
-    files = picture_files(mixing_dir) if files is None else files
+    source = _source(mixing, files, "--mixing", labelled=False)
     if stream_seed is not None:
-        files = [files[i] for i in np.random.default_rng(stream_seed).permutation(len(files))]
+        source = source.permuted(stream_seed)
     kw = {} if seed is None else {"seed": seed}
-    data, _ = fn.readers.file(file_root=str(mixing_dir), files=files, random_shuffle=True,
-                              name=MIXING_READER, **kw)
+    data, _ = source.reader(name=MIXING_READER, shuffle=True, seed=seed, labelled=False)
     cache = {}
     if device == "gpu":
-        mb = mixing_cache_mb(mixing_dir, files) if cache_mb == "auto" else int(cache_mb)
+        mb = mixing_cache_mb(source) if cache_mb == "auto" else int(cache_mb)
         if mb > 0:
             cache = dict(cache_size=mb, cache_type="threshold", cache_threshold=0)
     pics = fn.decoders.image(data, device=decode_device(device), output_type=types.RGB, **cache)
@@ -296,20 +309,15 @@ def mixing_pictures(mixing_dir, *, device, size, resize, seed=None, files=None, 
     return fn.crop(pics, crop=[size, size], **pos)
 
 
-def val_images(data_dir, *, device, size, resize, shard_id=0, num_shards=1, files=None):
-    """Validation: Resize(shorter -> resize) + CenterCrop(size), no shuffling.  Each rank keeps its
-    shard in every pass (``stick_to_shard``; DALI's reader moves to the next shard after each
-    epoch by default), so passes over it -- the clean and the robust evaluation -- see the same
-    images, the ones ``training.robust`` counts as this rank's."""
+def val_images(data, *, device, size, resize, shard_id=0, num_shards=1, files=None):
+    """Validation (``data`` as in ``train_images``): Resize(shorter -> resize) + CenterCrop(size),
+    no shuffling.  Each rank keeps its shard in every pass (``stick_to_shard``; DALI's reader
+    moves to the next shard after each epoch by default), so passes over it -- the clean and the
+    robust evaluation -- see the same images, the ones ``training.robust`` counts as this rank's."""
     from nvidia.dali import fn, types
-    if files is None:
-        files, labels, _ = class_folder_files(data_dir, flag="--val-data")
-    else:
-        files, labels = files
-    jpegs, labels = fn.readers.file(file_root=str(data_dir), files=files, labels=labels,
-                                    shard_id=shard_id, num_shards=num_shards,
-                                    random_shuffle=False, pad_last_batch=True, stick_to_shard=True,
-                                    name=VAL_READER)
+    jpegs, labels = _source(data, files, "--val-data").reader(
+        name=VAL_READER, shard_id=shard_id, num_shards=num_shards, shuffle=False,
+        stick_to_shard=True)
     images = fn.decoders.image(jpegs, device=decode_device(device), output_type=types.RGB)
     images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True)
     return fn.crop(images, crop=[size, size]), labels

@@ -500,6 +500,9 @@ def _run(args: argparse.Namespace) -> int:
         if value is not None and value < least:
             raise UserError(f"{flag} must be >= {least}, got {value}"
                             + (" (0 lists all)" if flag == "--max-shown" else ""))
+    from .shard import is_shard_set, verify_shards
+    if is_shard_set(args.data_dir):             # `dali-ipmix shard` output: check its members
+        return verify_shards(args.data_dir)
     for flag, target in (("--write-filelist", args.write_filelist), ("--json", args.json)):
         if target:                                   # refuse before the long scan
             check_output_file(target, flag, args.overwrite)
@@ -530,7 +533,8 @@ def register(subparsers) -> None:
                     "non-image and unsupported files (fatal: DALI stops on them) and CMYK, greyscale, "
                     "palette, alpha, misnamed files (warnings: DALI converts or skips them). "
                     "Exit code 0 without fatal problems, 1 with. Nothing is deleted.")
-    p.add_argument("data_dir", metavar="DATA_DIR", help="class-folder data set (e.g. imagenet/train)")
+    p.add_argument("data_dir", metavar="DATA_DIR", help="class-folder data set (e.g. imagenet/train), "
+                   "or a shard set written by `dali-ipmix shard` (every member is checked)")
     p.add_argument("--mixing", action="store_true", help="DATA_DIR is a (flat or nested) mixing-picture folder")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per CPU)")
     p.add_argument("--write-filelist", metavar="FILE", default=None,

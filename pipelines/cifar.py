@@ -5,7 +5,7 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def, types
 
 from dali_ipmix import config as C
-from dali_ipmix import readers
+from dali_ipmix import readers, sources
 from dali_ipmix.augment import training_outputs
 
 PAD = 4
@@ -26,27 +26,26 @@ def train_pipeline(data_dir, mixing_dir, *, cfg: C.IPMixConfig = C.CIFAR, batch_
                    num_threads=4, device="gpu", device_id=None, backend="fused", seed=0,
                    shard_id=0, num_shards=1, extra_outputs=False, enable_checkpointing=False,
                    checkpoint=None, filelist=None, mixing_filelist=None, dtype="float",
-                   mixing_cache_mb="auto", listing=None):
+                   mixing_cache_mb="auto"):
     """Like ``pipelines.imagenet.train_pipeline``: outputs views [V, 3, 32, 32] and labels (with
     ``extra_outputs`` also crops, mixing pictures and tapes).  Validation: the ImageNet
     ``val_pipeline`` with ``resize=32`` (the pictures themselves)."""
-    files = listing or readers.listed_or_found(data_dir, filelist)
-    pictures = readers.picture_files(mixing_dir, filelist=mixing_filelist)
+    data = sources.open_source(data_dir, filelist=filelist)
+    pictures = sources.open_source(mixing_dir, flag="--mixing", filelist=mixing_filelist,
+                                   labelled=False)
     size = cfg.image_size
     rank_seed = seed + 1000 * shard_id
 
     @pipeline_def(enable_conditionals=(backend == "dali"))
     def graph():
-        jpegs, labels = fn.readers.file(file_root=str(data_dir), files=files[0], labels=files[1],
-                                        shard_id=shard_id, num_shards=num_shards,
-                                        random_shuffle=True, pad_last_batch=True,
-                                        name=readers.TRAIN_READER)
+        jpegs, labels = data.reader(name=readers.TRAIN_READER, shard_id=shard_id,
+                                    num_shards=num_shards, shuffle=True)
         images = fn.decoders.image(jpegs, device=readers.decode_device(device), output_type=types.RGB)
         images = fn.resize(images, resize_x=size, resize_y=size)   # CIFAR files are 32 px already
         images = fn.flip(images, horizontal=fn.random.coin_flip())
         images = _padded_random_crop(images, size)
-        pics = readers.mixing_pictures(mixing_dir, device=device, size=size, resize=size + PAD,
-                                       files=pictures, stream_seed=rank_seed,
+        pics = readers.mixing_pictures(pictures, device=device, size=size, resize=size + PAD,
+                                       stream_seed=rank_seed,
                                        cache_mb=mixing_cache_mb)
         return training_outputs(images, pics, labels, cfg, device=device, backend=backend,
                                 extra_outputs=extra_outputs, dtype=dtype)

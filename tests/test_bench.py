@@ -5,6 +5,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,12 +210,12 @@ def test_cpu_time_counts_worker_processes():
 def test_generated_sources_are_photo_sized_jpegs(tmp_path):
     data = bench_data(tmp_path, images=6, pictures=3, size=48, classes=3)
     from PIL import Image
-    sources = sorted(data.train_dir.rglob("*.jpg"))
+    sources = sorted(Path(data.train_dir).rglob("*.jpg"))
     assert len(sources) == 6 and data.classes == 3 and data.generated_images
     with Image.open(sources[0]) as im:
         assert im.format == "JPEG" and im.size == (64, 48)
         assert np.asarray(im).std() > 5                           # not a flat fill
-    with Image.open(next(data.mixing_dir.glob("*.jpg"))) as im:
+    with Image.open(next(Path(data.mixing_dir).glob("*.jpg"))) as im:
         assert im.size == (48, 48)
 
 

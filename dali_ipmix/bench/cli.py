@@ -142,7 +142,8 @@ def register(subparsers) -> None:
 
     g = p.add_argument_group("images (all contenders read the same files)")
     add(g, "--data", default=None, metavar="DIR",
-        help="class-folder image set (DIR/<class>/<image>); default: generated JPEGs")
+        help="class-folder image set (DIR/<class>/<image>), a shard set (`dali-ipmix shard`) or "
+        "s3://bucket/prefix of either (DALI rows only); default: generated JPEGs")
     add(g, "--mixing", default=None, metavar="DIR",
         help="mixing pictures (e.g. from `dali-ipmix fractals`); default: generated JPEGs")
     add(g, "--data-filelist", default=None, metavar="FILE",

@@ -17,7 +17,7 @@ import numpy as np
 
 from dali_ipmix.data._io import smooth_noise, write_jpeg
 from dali_ipmix.errors import UserError
-from dali_ipmix.readers import class_folder_files, listed_or_found, picture_files
+from dali_ipmix.sources import DataSource, open_source
 
 GRAIN_SIGMA = 10.0         # grey levels of per-pixel noise: photo-like JPEG sizes (~0.4 bytes/pixel at quality 90)
 SOURCE_ASPECT = 4 / 3      # width / height of a generated source image
@@ -25,9 +25,11 @@ SOURCE_ASPECT = 4 / 3      # width / height of a generated source image
 
 @dataclass(frozen=True)
 class BenchData:
-    """The two folders every contender reads, and what is in them."""
-    train_dir: Path
-    mixing_dir: Path
+    """The two data sets every contender reads (``sources.DataSource`` records, listed once:
+    class folders, shard sets or ``s3://``; the PIL rows read class folders only), and what is
+    in them."""
+    train_dir: DataSource
+    mixing_dir: DataSource
     images: int
     pictures: int
     classes: int
@@ -39,15 +41,24 @@ class BenchData:
 
     def describe(self) -> dict:
         paths = ("train_dir", "mixing_dir", "train_filelist", "mixing_filelist")
-        return dataclasses.asdict(self) | {k: getattr(self, k) and str(getattr(self, k)) for k in paths}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return fields | {k: getattr(self, k) and str(getattr(self, k)) for k in paths} | {
+            "train_format": self.train_dir.format, "mixing_format": self.mixing_dir.format}
 
     def train_files(self):
         """(files relative to ``train_dir``, labels): the file list's where given, else all found."""
-        files, labels, _ = listed_or_found(self.train_dir, self.train_filelist, flag="--data")
-        return files, labels
+        return list(_folders(self.train_dir).files), list(self.train_dir.labels)
 
     def mixing_files(self):
-        return picture_files(self.mixing_dir, flag="--mixing", filelist=self.mixing_filelist)
+        return list(_folders(self.mixing_dir).files)
+
+
+def _folders(source: DataSource) -> DataSource:
+    if source.format != "folders" or source.on_s3:
+        raise UserError(f"{source.flag} {source.location}: the PIL rows (reference, official) read "
+                        f"local class folders, not {source.format} on {'S3' if source.on_s3 else 'disk'}; "
+                        f"bench this data with the DALI rows (--contenders dali-plain,dali-ipmix,train)")
+    return source
 
 
 def noise_picture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -78,12 +89,12 @@ def write_pictures(root: Path, count: int, size: int, seed: int = 0) -> Path:
     return root
 
 
-def check_folders(data_dir=None, mixing_dir=None) -> None:
-    """One-line UserError naming --data / --mixing if a given folder is missing or holds no images."""
-    if data_dir is not None:
-        class_folder_files(data_dir, flag="--data")
-    if mixing_dir is not None:
-        picture_files(mixing_dir, flag="--mixing")
+def check_folders(data_dir=None, mixing_dir=None, data_filelist=None, mixing_filelist=None):
+    """(data, mixing) sources, None where not given: a one-line UserError naming --data / --mixing
+    if a given location is missing or holds no images.  The sources are listed here, once."""
+    return (None if data_dir is None else open_source(data_dir, flag="--data", filelist=data_filelist),
+            None if mixing_dir is None else open_source(mixing_dir, flag="--mixing",
+                                                        filelist=mixing_filelist, labelled=False))
 
 
 def bench_data(workdir: Path, *, data_dir=None, mixing_dir=None, images: int = 256,
@@ -99,13 +110,13 @@ def bench_data(workdir: Path, *, data_dir=None, mixing_dir=None, images: int = 2
                                  ("--mixing-filelist", mixing_filelist, mixing_dir)):
         if listed is not None and folder is None:
             raise UserError(f"{flag} {listed}: needs the folder it lists ({flag.split('-file')[0]} DIR)")
-    check_folders(data_dir, mixing_dir)   # a wrong folder is reported before any generation
+    # a wrong location is reported before any generation
+    data, mixing = check_folders(data_dir, mixing_dir, data_filelist, mixing_filelist)
     if gen_images:
-        data_dir = write_sources(Path(workdir) / "train", images, size, classes, seed)
+        data = open_source(write_sources(Path(workdir) / "train", images, size, classes, seed))
     if gen_pictures:
-        mixing_dir = write_pictures(Path(workdir) / "mixing", pictures, size, seed)
-    files, _, names = listed_or_found(data_dir, data_filelist, flag="--data")
-    pics = picture_files(mixing_dir, flag="--mixing", filelist=mixing_filelist)
-    return BenchData(Path(data_dir), Path(mixing_dir), len(files), len(pics), len(names),
+        mixing = open_source(write_pictures(Path(workdir) / "mixing", pictures, size, seed),
+                             flag="--mixing", labelled=False)
+    return BenchData(data, mixing, data.size, mixing.size, len(data.classes),
                      gen_images, gen_pictures, size if gen_images or gen_pictures else None,
                      data_filelist and Path(data_filelist), mixing_filelist and Path(mixing_filelist))

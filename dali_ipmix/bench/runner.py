@@ -298,7 +298,7 @@ def run_bench(*, data=None, mixing=None, contenders: Optional[Sequence[str]] = N
     _check(threads, batch_size, warmup, iters, backend, amp, arch, rows, repeats, min_seconds)
     amp = resolve_amp(amp, gpu=device == "gpu")
     cfg = training_config(image_size)
-    check_folders(data, mixing)
+    data, mixing = check_folders(data, mixing, data_filelist, mixing_filelist)   # listed once
     from pipelines import resize_for
     gen_size = gen_size or resize_for(image_size, "imagenet")
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")

@@ -104,8 +104,10 @@ def bad_files_named(data, mixing, use: str):
     try:
         yield
     except RuntimeError as e:
+        from ..sources import explain_shard_error, local_folders
         from ..verify import SEARCH_LIMIT, explain_pipeline_error
-        error = explain_pipeline_error(e, [data], [mixing], search_limit=SEARCH_LIMIT, use=use)
+        error = explain_shard_error(e, [data, mixing], SEARCH_LIMIT) or explain_pipeline_error(
+            e, local_folders([data]), local_folders([mixing]), search_limit=SEARCH_LIMIT, use=use)
         if error is None:
             raise
         raise error from None
@@ -115,13 +117,16 @@ def bad_files_named(data, mixing, use: str):
 # Data.
 
 @contextlib.contextmanager
-def data_folders(data, mixing, seed: int = 0) -> Iterator[Tuple[Path, Path, bool]]:
-    """(data_dir, mixing_dir, generated): the user's folders, or a tiny generated set that lives
-    as long as the ``with`` block."""
+def data_folders(data, mixing, seed: int = 0) -> Iterator[Tuple[object, object, bool]]:
+    """(data, mixing, generated): the user's data sources (class folders, shard sets, s3://;
+    ``sources.open_source``, listed here once), or a tiny generated set of folders that lives as
+    long as the ``with`` block."""
     if (data is None) != (mixing is None):
         raise UserError("--data and --mixing go together: give both, or neither for a tiny generated set")
     if data is not None:
-        yield Path(data), Path(mixing), False
+        from ..sources import open_source
+        yield (open_source(data, flag="--data"),
+               open_source(mixing, flag="--mixing", labelled=False), False)
         return
     from ._tiny_data import make_tiny_data
     with tempfile.TemporaryDirectory(prefix="dali-ipmix-debug-") as tmp:

@@ -64,7 +64,8 @@ class RunState:
 
     def recorded_args(self, args) -> dict:
         """The "args" entry of a checkpoint: the flags and the run's facts that are plain values."""
-        flags = {k: v for k, v in vars(args).items() if isinstance(v, _SCALARS)}
+        flags = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in vars(args).items()
+                 if isinstance(v, (*_SCALARS, os.PathLike))}   # data sources: their location
         return {**flags, **{k: getattr(self, k) for k in self.RECORDED}}
 
     def release(self):

@@ -1,0 +1,292 @@
+"""``dali-ipmix shard SRC OUT``: class folders (or a verified file list of them, or a mixing-picture
+folder) into tar shards in the WebDataset layout, the format ``sources`` reads with DALI's
+``fn.readers.webdataset``; and ``scan_shards``, the check behind ``dali-ipmix verify SHARD_DIR``.
+
+Layout of OUT: ``shard-000000.tar`` ... with ``<key>.<picture extension>`` + ``<key>.cls`` (the
+label as decimal text; no ``.cls`` in a mixing set) per sample, samples shuffled across classes
+with ``--seed``; beside each tar its DALI index (``shard-000000.idx``, the format of DALI's
+``wds2idx``: written here from the offsets as the tar is written, no second pass); and
+``manifest.json``: sample and class counts, class names in label order, per-shard counts, sizes
+and SHA-256.  Every picture first goes through ``verify.check_file`` (the checks of
+``dali-ipmix verify``): pictures that would stop training are left out and listed.
+
+The set is written into a hidden sibling folder and moved into OUT when complete
+(``data._io.staged``), the manifest last: an interrupted run leaves OUT as it was.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from . import sources
+from .data._io import pool_map, prepare_out_dir, staged
+from .errors import UserError
+from .progress import Progress
+
+DEFAULT_SHARD_BYTES = 1 << 30        # ~1 GB shards: few files for the file system, many per rank
+TAR_BLOCK = 512
+SHARD_NAME = "shard-{:06d}"
+KEY = "{:09d}"                       # sample keys: short, so every tar header is one block (USTAR)
+OWNED = re.compile(r"(shard-\d{6}\.(tar|idx)|manifest\.json|left_out\.txt)$")
+
+
+def parse_size(text: str) -> int:
+    """``"1GB"``, ``"500MB"``, ``"64k"``, ``"123"`` (bytes) -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(text), re.I)
+    if not m:
+        raise UserError(f"--shard-size {text}: give a size such as 1GB, 500MB or 64kB")
+    value = float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " ")
+    if value < 1:
+        raise UserError(f"--shard-size {text}: must be at least one byte")
+    return int(value)
+
+
+def _member_bytes(size: int) -> int:
+    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def plan_shards(sizes: List[int], shard_bytes: Optional[int], count: Optional[int],
+                labelled: bool) -> List[range]:
+    """Consecutive sample ranges, one per shard: ``count`` shards of equal sample counts, or
+    shards that stay under ``shard_bytes`` (a shard holds at least one sample)."""
+    n = len(sizes)
+    if count:
+        count = min(count, n)
+        bounds = [round(i * n / count) for i in range(count + 1)]
+        return [range(bounds[i], bounds[i + 1]) for i in range(count)]
+    out, start, used = [], 0, 0
+    for i, size in enumerate(sizes):
+        need = _member_bytes(size) + (_member_bytes(10) if labelled else 0)
+        if i > start and used + need > shard_bytes:
+            out.append(range(start, i))
+            start, used = i, 0
+        used += need
+    out.append(range(start, n))
+    return out
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> int:
+    """Add a member; returns the offset of its data (what DALI's index records)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o444, 0
+    header = tar.offset
+    tar.addfile(info, io.BytesIO(data))
+    return header + TAR_BLOCK
+
+
+def write_shard(path: Path, index_path: Path, samples, labelled: bool) -> dict:
+    """One tar (``samples``: (key, extension, bytes, label)) and its DALI index; returns its
+    manifest entry."""
+    lines = []
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, ext, data, label in samples:
+            parts = [(ext, data)] + ([(sources.LABEL_MEMBER, str(label).encode())] if labelled else [])
+            entry = []
+            for member_ext, payload in parts:
+                name = f"{key}.{member_ext}"
+                entry.append(f"{member_ext} {_add(tar, name, payload)} {len(payload)} {name}")
+            lines.append(" ".join(entry))
+    index_path.write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"tar": path.name, "index": index_path.name, "samples": len(lines),
+            "bytes": path.stat().st_size, "sha256": digest}
+
+
+def _check(root: str, rel: str):
+    from .verify import check_file
+    return check_file(root, (rel, True))
+
+
+def convert(src, out, *, filelist=None, mixing: bool = False, seed: int = 0,
+            shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES, count: Optional[int] = None,
+            overwrite: bool = False, jobs: Optional[int] = None, log=print) -> dict:
+    """Write the shard set of ``src`` into ``out``; returns the manifest."""
+    if sources.s3.is_s3(str(src)) or sources.s3.is_s3(str(out)):
+        raise UserError("dali-ipmix shard reads and writes local folders; upload OUT afterwards "
+                        "(e.g. `aws s3 sync OUT s3://bucket/prefix`)")
+    data = sources.open_source(src, flag="SRC", filelist=filelist, labelled=not mixing)
+    if data.format != "folders":
+        raise UserError(f"SRC {src} is already a shard set")
+    if count is not None and count < 1:
+        raise UserError(f"--shards must be >= 1, got {count}")
+    out = Path(out)
+    if out.resolve() == Path(src).resolve() or Path(src).resolve() in out.resolve().parents:
+        raise UserError(f"OUT {out} is inside SRC {src}; choose a folder outside the data")
+    existing = [p.name for p in out.iterdir() if OWNED.match(p.name)] if out.is_dir() else []
+    out = prepare_out_dir(out, overwrite, owned=())
+    start = time.perf_counter()
+
+    findings = pool_map(functools.partial(_check, data.root), list(data.files), jobs=jobs,
+                        progress="shard: check")
+    bad = [f for f in findings if f is not None and (f.fatal or "unlistable_name" in f.kinds)]
+    dropped = {f.path for f in bad}
+    keep = [i for i, f in enumerate(data.files) if f not in dropped]
+    if not keep:
+        raise UserError(f"SRC {src}: none of the {data.size} pictures is usable (see `dali-ipmix verify "
+                        f"{src}`)")
+    order = [keep[i] for i in np.random.default_rng(seed).permutation(len(keep))]
+    sizes = [os.path.getsize(os.path.join(data.root, data.files[i])) for i in order]
+    labelled = not mixing
+    plan = plan_shards(sizes, shard_bytes, count, labelled)
+
+    def samples(part):
+        for k in part:
+            i = order[k]
+            rel = data.files[i]
+            with open(os.path.join(data.root, rel), "rb") as f:
+                payload = f.read()
+            yield (KEY.format(k), os.path.splitext(rel)[1][1:].lower(), payload,
+                   data.labels[i] if labelled else None)
+            bar.update()
+
+    names = [SHARD_NAME.format(s) for s in range(len(plan))]
+    owned = sorted(set(existing) | {f"{n}.{e}" for n in names for e in ("tar", "idx")}
+                   | ({"left_out.txt"} if bad else set()))
+    entries = []
+    with staged(out, owned + [sources.MANIFEST]) as stage:
+        with Progress("shard: write", len(order)) as bar:
+            for name, part in zip(names, plan):
+                entries.append(write_shard(stage / f"{name}.tar", stage / f"{name}.idx",
+                                           samples(part), labelled))
+        counts = np.bincount([data.labels[i] for i in keep], minlength=len(data.classes)) \
+            if labelled else []
+        from PIL import Image
+        with Image.open(os.path.join(data.root, data.files[order[0]])) as im:   # header only
+            picture_size = list(im.size)
+        manifest = {
+            "format": sources.MANIFEST_FORMAT, "version": 1, "source": str(src),
+            "filelist": filelist and str(filelist), "seed": seed, "samples": len(order),
+            "classes": list(data.classes), "num_classes": len(data.classes),
+            "class_counts": [int(c) for c in counts], "picture_size": picture_size,
+            "shards": entries,
+            "left_out": [{"path": f.path, "kinds": list(f.kinds), "detail": f.detail} for f in bad]}
+        (stage / sources.MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if bad:
+            (stage / "left_out.txt").write_text("".join(f"{f.path}\t{','.join(f.kinds)}\t{f.detail}\n"
+                                                        for f in bad))
+        if (out / sources.MANIFEST).exists():    # the old set stops being readable first
+            (out / sources.MANIFEST).unlink()
+    took = time.perf_counter() - start
+    log(f"shard {src} -> {out}: {len(order)} samples"
+        + (f" of {len(data.classes)} classes" if labelled else " (mixing pictures)")
+        + f" in {len(entries)} shard(s) of ~{np.mean([e['bytes'] for e in entries]) / 2**20:.1f} MB, "
+          f"{took:.1f} s")
+    if bad:
+        log(f"left out {len(bad)} bad picture(s) (listed in {out / 'left_out.txt'}):")
+        for f in bad[:20]:
+            log(f"  {f.path}  {', '.join(f.kinds)}" + (f" ({f.detail})" if f.detail else ""))
+        if len(bad) > 20:
+            log(f"  ... {len(bad) - 20} more")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a shard set (dali-ipmix verify SHARD_DIR)
+
+def scan_shards(base) -> List[str]:
+    """Problems of a shard set, one line each (``shard, member: kinds``): members that stop
+    training (verify's picture checks), bad labels, missing members, truncated tars."""
+    from .verify import PROBLEMS, check_image
+    manifest = sources.read_manifest(str(base), "SHARD_DIR")
+    labelled = bool(manifest.get("classes"))
+    problems = []
+    with Progress("verify shards", manifest["samples"]) as bar:
+        for entry in manifest["shards"]:
+            tar_path = os.path.join(base, entry["tar"])
+            seen, labels = {}, {}
+            try:
+                with tarfile.open(tar_path, "r:") as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        key, _, ext = member.name.partition(".")
+                        data = tar.extractfile(member).read()
+                        if len(data) != member.size:
+                            raise tarfile.ReadError(f"{member.name} ends early")
+                        if ext == sources.LABEL_MEMBER:
+                            labels[key] = data
+                            if not data.strip().isdigit() or int(data) >= len(manifest["classes"]):
+                                problems.append(f"{entry['tar']}, {member.name}: bad label {data[:12]!r}")
+                            continue
+                        seen[key] = member.name
+                        kinds, detail = check_image(data, "." + ext)
+                        if any(PROBLEMS[k].fatal for k in kinds):
+                            problems.append(f"{entry['tar']}, {member.name}: {', '.join(kinds)}"
+                                            + (f" ({detail})" if detail else ""))
+                        bar.update()
+            except (tarfile.TarError, OSError, EOFError) as e:
+                problems.append(f"{entry['tar']}: truncated or corrupt tar ({e})")
+                continue
+            if labelled:
+                problems += [f"{entry['tar']}, {seen[k]}: no .cls member" for k in seen if k not in labels]
+            if len(seen) != entry["samples"]:
+                problems.append(f"{entry['tar']}: {len(seen)} pictures, the manifest says {entry['samples']}")
+    return problems
+
+
+def is_shard_set(path) -> bool:
+    return os.path.isfile(os.path.join(str(path), sources.MANIFEST))
+
+
+def verify_shards(base) -> int:
+    """``dali-ipmix verify SHARD_DIR``: print every problem; exit code 1 if any."""
+    start = time.perf_counter()
+    problems = scan_shards(base)
+    print(f"verify {base} (shard set): {len(problems)} problem(s), {time.perf_counter() - start:.1f} s")
+    for line in problems:
+        print(f"  FATAL {line}")
+    if problems:
+        print("result: training stops on these; write the shard set again from the source folders with "
+              "`dali-ipmix shard SRC OUT --overwrite` (bad pictures are left out)")
+    else:
+        print("result: no fatal problems")
+    return 1 if problems else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+def _run(args: argparse.Namespace) -> int:
+    shard_bytes = None if args.shards else parse_size(args.shard_size)
+    convert(args.src, args.out, filelist=args.filelist, mixing=args.mixing, seed=args.seed,
+            shard_bytes=shard_bytes, count=args.shards, overwrite=args.overwrite, jobs=args.jobs)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "shard", help="pack class folders into tar shards (WebDataset layout, DALI index files)",
+        description="Pack a class-folder data set (SRC/<class>/<image>), a verified file list of one, "
+                    "or with --mixing a folder of mixing pictures, into tar shards in OUT: "
+                    "<key>.<ext> + <key>.cls per sample, shuffled across classes, a DALI index file "
+                    "beside each shard and manifest.json. Pictures that would stop training (the "
+                    "checks of dali-ipmix verify) are left out and listed. Train on OUT wherever a "
+                    "class folder is accepted (--data-path/--train-dir, --mixing-set, bench --data, "
+                    "...), locally or after uploading it to s3://bucket/prefix.")
+    p.add_argument("src", metavar="SRC", help="class-folder data set (e.g. imagenet/train)")
+    p.add_argument("out", metavar="OUT", help="output folder (must be empty or absent unless --overwrite)")
+    p.add_argument("--filelist", metavar="FILE", default=None,
+                   help="shard only the files of this list (`dali-ipmix verify SRC --write-filelist FILE`)")
+    p.add_argument("--mixing", action="store_true", help="SRC is a folder of mixing pictures (no classes)")
+    p.add_argument("--shard-size", default="1GB", metavar="SIZE",
+                   help="largest shard (default %(default)s; e.g. 500MB)")
+    p.add_argument("--shards", type=int, default=None, metavar="N",
+                   help="write N shards of equal sample counts instead of --shard-size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample order (default %(default)s)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="worker processes of the checks (default: one per CPU)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="reuse a non-empty OUT, replacing its shard files and manifest (other files stay)")
+    p.set_defaults(func=_run)

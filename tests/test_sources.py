@@ -1,0 +1,450 @@
+"""Data sources: tar shards (``dali-ipmix shard``, ``fn.readers.webdataset``), class folders and
+shards on a real S3-compatible server (``moto_server`` on 127.0.0.1), listing once, and the
+errors of each."""
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from nvidia.dali import fn, pipeline_def
+
+import train
+from dali_ipmix import config as C
+from dali_ipmix import readers, s3, shard, sources
+from dali_ipmix.errors import UserError
+from dali_ipmix.loader import DaliLoader
+from pipelines import imagenet
+from test_train import _args, _two_ranks, tiny_factory
+
+CFG = C.IMAGENET.replace(k=2, t=2, image_size=32, patch_sizes=(4, 8, 16))
+
+
+@pytest.fixture(scope="module")
+def shards(dataset, tmp_path_factory):
+    """dataset/train as 2 shards, dataset/val as 1, dataset/mixing as 1 (a mixing set)."""
+    out = tmp_path_factory.mktemp("shards")
+    shard.convert(dataset / "train", out / "train", count=2, jobs=1, log=lambda *a: None)
+    shard.convert(dataset / "val", out / "val", count=1, jobs=1, log=lambda *a: None)
+    shard.convert(dataset / "mixing", out / "mixing", mixing=True, count=1, jobs=1,
+                  log=lambda *a: None)
+    return out
+
+
+def _samples(data, batch=12):
+    """{(label, sha of the decoded 32-px picture)} of the whole validation graph over ``data``."""
+    pipe = imagenet.val_pipeline(data, cfg=CFG, batch_size=batch, num_threads=1, device="cpu",
+                                 resize=36)
+    pipe.build()
+    images, labels = pipe.run()
+    return sorted((int(np.asarray(l)[0]), hashlib.sha1(np.asarray(i).tobytes()).hexdigest())
+                  for i, l in zip(images, labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# The converter and the shard reader
+
+def test_shards_hold_the_folders_pictures_and_labels(dataset, shards):
+    from wds2idx import IndexCreator          # DALI's own index tool, from its wheel
+    manifest = json.loads((shards / "train" / "manifest.json").read_text())
+    assert manifest["samples"] == 12 and manifest["classes"] == ["class0", "class1", "class2"]
+    assert manifest["class_counts"] == [4, 4, 4] and [s["samples"] for s in manifest["shards"]] == [6, 6]
+    for s in manifest["shards"]:
+        tar = shards / "train" / s["tar"]
+        assert hashlib.sha256(tar.read_bytes()).hexdigest() == s["sha256"]
+        IndexCreator(str(tar), str(shards / "ref.idx"), verbose=False).create_index()
+        assert (shards / "ref.idx").read_text() == (shards / "train" / s["index"]).read_text()
+    # shuffled across classes: the first shard is not one class
+    with tarfile.open(shards / "train" / "shard-000000.tar") as t:
+        labels = [int(t.extractfile(m).read()) for m in t if m.name.endswith(".cls")]
+    assert len(set(labels)) > 1
+    src = sources.open_source(shards / "train")
+    assert (src.format, src.size, src.classes) == ("webdataset", 12, ("class0", "class1", "class2"))
+    assert _samples(shards / "train") == _samples(dataset / "train")
+
+
+def test_cls_members_become_their_labels():
+    texts = [b"0", b"7", b"417", b"1000", b"999999999", b"000123"]
+
+    @pipeline_def(batch_size=len(texts), num_threads=1, device_id=None)
+    def graph():
+        cls = fn.external_source(source=lambda: [np.frombuffer(t, np.uint8) for t in texts])
+        return sources.cls_label(cls)
+    pipe = graph()
+    pipe.build()
+    labels = [np.asarray(x) for x in pipe.run()[0]]
+    assert all(x.dtype == np.int32 and x.shape == (1,) for x in labels)
+    assert [int(x[0]) for x in labels] == [int(t) for t in texts]
+
+
+def test_two_ranks_over_shards_read_every_sample_once_per_epoch(shards):
+    src = sources.open_source(shards / "train")
+    seen = []
+    for rank in range(2):
+        @pipeline_def(batch_size=3, num_threads=1, device_id=None, seed=rank)
+        def graph():
+            data, label = src.reader(name="Reader", shard_id=rank, num_shards=2, shuffle=True)
+            return fn.get_property(data, key="source_info"), label
+        pipe = graph()
+        pipe.build()
+        assert pipe.reader_meta("Reader")["epoch_size_padded"] == 12
+        names = []
+        for _ in range(2):                     # 6 samples per rank: one epoch
+            info, _ = pipe.run()
+            names += [bytes(np.asarray(i)).decode() for i in info]
+        seen.append(names)
+    assert len(set(seen[0])) == 6 and len(set(seen[1])) == 6
+    assert not set(seen[0]) & set(seen[1]) and len(set(seen[0]) | set(seen[1])) == 12
+
+
+def test_two_gloo_ranks_over_shards_see_every_sample_once_per_epoch(shards, tmp_path):
+    # each rank: the training pipeline's reader on shard RANK of WORLD_SIZE, one epoch through
+    # DaliLoader; the samples' names are gathered over gloo
+    script = ("import sys, json, numpy as np, torch.distributed as dist\n"
+              "from nvidia.dali import fn, pipeline_def\n"
+              "from dali_ipmix import sources\n"
+              "from dali_ipmix.loader import DaliLoader\n"
+              "dist.init_process_group('gloo')\n"
+              "rank, world = dist.get_rank(), dist.get_world_size()\n"
+              "src = sources.open_source(sys.argv[1])\n"
+              "@pipeline_def(batch_size=2, num_threads=1, device_id=None, seed=rank)\n"
+              "def graph():\n"
+              "    data, label = src.reader(name='Reader', shard_id=rank, num_shards=world, shuffle=True)\n"
+              "    return fn.pad(fn.get_property(data, key='source_info'), axes=[0], shape=[200]), label\n"
+              "names = []\n"
+              "for info, _ in DaliLoader(graph(), last_batch='partial', views_layout=None):\n"
+              "    names += [bytes(row.tolist()).rstrip(b'\\0').decode() for row in info]\n"
+              "every = [None] * world\n"
+              "dist.all_gather_object(every, names)\n"
+              "if rank == 0:\n"
+              "    json.dump(every, open(sys.argv[2], 'w'))\n"
+              "dist.destroy_process_group()\n")
+    codes, outs = _two_ranks(script, str(shards / "train"), str(tmp_path / "seen.json"))
+    assert codes == [0, 0], outs
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert [len(s) for s in seen] == [6, 6]
+    assert not set(seen[0]) & set(seen[1]) and len(set(seen[0]) | set(seen[1])) == 12
+
+
+def _batches(pipe, n):
+    loader = DaliLoader(pipe, last_batch="drop")
+    out = []
+    for images, labels in loader:
+        out.append((images.clone(), labels.clone()))
+        if len(out) == n:
+            return out, loader
+
+
+def test_resume_mid_epoch_over_shards_gives_the_same_batches(shards):
+    def build(checkpoint=None):
+        return imagenet.train_pipeline(shards / "train", shards / "mixing", cfg=CFG, batch_size=2,
+                                       num_threads=1, device="cpu", seed=3, resize=36,
+                                       enable_checkpointing=True, checkpoint=checkpoint)
+    whole, _ = _batches(build(), 4)
+    first, loader = _batches(build(), 2)
+    state = loader.checkpoint()
+    rest, _ = _batches(build(state), 2)
+    for (a, la), (b, lb) in zip(whole, first + rest):
+        assert a.equal(b) and la.equal(lb)
+
+
+def test_converter_leaves_out_bad_pictures_and_never_half_writes(dataset, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "train"
+    shutil.copytree(dataset / "train", data)
+    (data / "class1" / "zz.jpg").write_bytes((data / "class1" / "001.jpg").read_bytes()[:500])
+    out = tmp_path / "out"
+    manifest = shard.convert(data, out, count=3, jobs=1)
+    assert manifest["samples"] == 12 and manifest["left_out"][0]["path"] == "class1/zz.jpg"
+    assert "class1/zz.jpg" in capsys.readouterr().out
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match="not empty; pass --overwrite"):
+        shard.convert(data, out, count=2, jobs=1)
+    real, calls = shard.write_shard, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(shard, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shard.convert(data, out, count=2, seed=1, jobs=1, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before     # the old set, untouched
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_filelist_reads_only_the_listed_files_without_walking_the_folders(dataset, tmp_path, monkeypatch):
+    listed = tmp_path / "good.txt"
+    listed.write_text("class0/000.jpg 0\nclass2/002.jpg 2\n")
+
+    def walk(*a, **kw):
+        raise AssertionError("the class folders were walked")
+    monkeypatch.setattr(readers, "_image_files", walk)
+    src = sources.open_source(dataset / "train", filelist=listed)
+    assert (src.files, src.labels, len(src.classes)) == (["class0/000.jpg", "class2/002.jpg"], [0, 2], 3)
+
+
+def test_a_training_run_lists_its_data_once(dataset, shards, tmp_path, monkeypatch):
+    calls = []
+    for name in ("class_folder_files", "picture_files"):
+        real = getattr(readers, name)
+        monkeypatch.setattr(readers, name, lambda *a, _real=real, _name=name, **kw:
+                            calls.append(_name) or _real(*a, **kw))
+    manifests = []
+    real_manifest = sources.read_manifest
+    monkeypatch.setattr(sources, "read_manifest", lambda *a, **kw: manifests.append(a[0]) or
+                        real_manifest(*a, **kw))
+    argv = _args(dataset, tmp_path / "run", "--max-steps", "1", "--epochs", "1")
+    argv[argv.index("--data-path"):argv.index("--data-path") + 2] = [
+        "--train-dir", str(shards / "train"), "--val-dir", str(dataset / "val")]
+    assert train.main(argv, model_factory=tiny_factory) == 0
+    assert sorted(calls) == ["class_folder_files", "picture_files"]     # val folders, mixing set
+    assert manifests == [str(shards / "train")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors of a shard set
+
+def _copy(shards, tmp_path, name="train"):
+    return shutil.copytree(shards / name, tmp_path / name)
+
+
+def test_a_shard_without_its_index_says_how_to_make_it(shards, tmp_path):
+    data = _copy(shards, tmp_path)
+    (data / "shard-000001.idx").unlink()
+    with pytest.raises(UserError, match=r"shard-000001.tar has no index file .*wds2idx"):
+        sources.open_source(data)
+
+
+def test_a_manifest_whose_counts_do_not_match_is_refused(shards, tmp_path):
+    data = _copy(shards, tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["shards"][0]["samples"] += 1
+    manifest["samples"] += 1
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"shard-000000.idx: indexes 6 samples but manifest.json says 7"):
+        sources.open_source(data)
+    manifest["shards"][0]["samples"] -= 1
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="the shards hold 12 samples but the manifest says 13"):
+        sources.open_source(data)
+
+
+def test_a_corrupt_member_mid_run_names_shard_member_and_verify(shards, tmp_path, capsys):
+    from dali_ipmix.cli import main
+    data = _copy(shards, tmp_path)
+    index = (data / "shard-000001.idx").read_text().splitlines()
+    ext, offset, size, member = index[2].split()[:4]          # the second sample's picture
+    with open(data / "shard-000001.tar", "r+b") as f:
+        f.seek(int(offset))
+        f.write(b"\x00garbage" * (int(size) // 8))
+    src = sources.open_source(data)
+    with pytest.raises(RuntimeError) as e:
+        _samples(src)
+    assert sources.explain_shard_error(e.value, [src], search_limit=0) is not None   # unnamed
+    err = sources.explain_shard_error(e.value, [src], search_limit=1000)
+    assert err is not None and f"{data}/shard-000001.tar, {member}: not_image" in str(err)
+    assert f"dali-ipmix verify {data}" in str(err)
+    assert main(["verify", str(data)]) == 1
+    assert f"shard-000001.tar, {member}: not_image" in capsys.readouterr().out
+
+
+def test_a_truncated_member_mid_run_is_named_by_dali(shards, tmp_path):
+    data = _copy(shards, tmp_path)
+    index = (data / "shard-000000.idx").read_text().splitlines()
+    _, offset, size, member = index[1].split()[:4]           # the first sample's picture
+    with open(data / "shard-000000.tar", "r+b") as f:        # the picture ends half-way
+        f.seek(int(offset) + int(size) // 2)
+        f.write(bytes(int(size) - int(size) // 2))
+    src = sources.open_source(data)
+    with pytest.raises(RuntimeError) as e:
+        _samples(src)
+    err = str(sources.explain_shard_error(e.value, [src]))
+    assert f"{data}/shard-000000.tar, member {member}" in err and f"dali-ipmix verify {data}" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# A real S3-compatible server on 127.0.0.1
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server(dataset, shards):
+    """A moto server holding bucket ``data``: train/ val/ mixing/ class folders and
+    shards/{train,val,mixing}."""
+    pytest.importorskip("moto")
+    with s3.loopback_server() as endpoint:
+        s3.upload_tree(dataset, "s3://data", endpoint)
+        s3.upload_tree(shards, "s3://data/shards", endpoint)
+        yield endpoint
+
+
+@pytest.fixture
+def aws(s3_server, monkeypatch):
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    return s3_server
+
+
+def test_s3_folders_and_shards_read_like_the_local_folders(dataset, aws):
+    folders = sources.open_source("s3://data/train")
+    local = sources.open_source(dataset / "train")
+    assert (folders.files, folders.labels, folders.classes) == (local.files, local.labels, local.classes)
+    mixing = sources.open_source("s3://data/mixing", labelled=False)
+    assert mixing.files == readers.picture_files(dataset / "mixing")
+    shards = sources.open_source("s3://data/shards/train/")
+    assert (shards.format, shards.size, shards.classes) == ("webdataset", 12, local.classes)
+    pattern = sources.open_source("s3://data/shards/train/shard-{000001..000001}.tar")
+    assert pattern.size == 6 and pattern.shards == ["s3://data/shards/train/shard-000001.tar"]
+    expected = _samples(dataset / "train")
+    assert _samples(folders) == expected and _samples(shards) == expected
+
+
+def test_training_from_s3_lists_each_prefix_once(aws, tmp_path, monkeypatch, dataset):
+    listed = []
+    real = s3.list_prefix
+    monkeypatch.setattr(s3, "list_prefix", lambda uri, *a: listed.append(uri) or real(uri, *a))
+    argv = _args(dataset, tmp_path / "run", "--max-steps", "2", "--epochs", "1")
+    argv[argv.index("--data-path"):argv.index("--data-path") + 2] = ["--data-path", "s3://data/shards"]
+    argv[argv.index("--mixing-set") + 1] = "s3://data/mixing"
+    assert train.main(argv, model_factory=tiny_factory) == 0
+    assert sorted(listed) == ["s3://data/mixing", "s3://data/shards/train", "s3://data/shards/val"]
+
+
+@pytest.mark.parametrize("case", ["no_bucket", "no_prefix", "no_credentials", "denied", "unreachable"])
+def test_s3_errors_are_one_line_before_any_work(case, aws, monkeypatch, dataset, tmp_path, capsys):
+    uri, expect = {
+        "no_bucket": ("s3://nosuch/train", "bucket nosuch does not exist"),
+        "no_prefix": ("s3://data/nosuch", "no objects under prefix nosuch/ in bucket data"),
+        "no_credentials": ("s3://data/train", "no AWS credentials found"),
+        "denied": ("s3://data/train", "access denied"),
+        "unreachable": ("s3://data/train", "cannot reach http://127.0.0.1:"),
+    }[case]
+    if case == "no_credentials":
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    if case == "unreachable":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    out = tmp_path / "run"
+    argv = _args(dataset, out, "--max-steps", "1")
+    argv[argv.index("--data-path"):argv.index("--data-path") + 2] = [
+        "--train-dir", uri, "--val-dir", str(dataset / "val")]
+    with contextlib.ExitStack() as stack:
+        if case == "denied":      # a server that checks keys (IAM): "test" is no user's key
+            monkeypatch.setenv("AWS_ENDPOINT_URL",
+                               stack.enter_context(s3.loopback_server(INITIAL_NO_AUTH_ACTION_COUNT="0")))
+        start = time.monotonic()
+        assert train.main(argv, model_factory=tiny_factory) == 2
+        assert time.monotonic() - start < 60
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err and uri in err, err
+    assert not out.exists()
+
+
+def test_preview_and_bench_take_shards_and_s3(shards, aws, tmp_path):
+    from dali_ipmix.bench.runner import run_bench
+    from dali_ipmix.cli import main
+    assert main(["preview", "--data", "s3://data/shards/train", "--mixing", str(shards / "mixing"),
+                 "--image-size", "32", "--k", "1", "--t", "1", "--n", "2", "--tile", "32",
+                 "--out", str(tmp_path / "sheet.png")]) == 0
+    assert json.loads((tmp_path / "sheet.json").read_text())["data"] == "s3://data/shards/train"
+    record = run_bench(data=str(shards / "train"), mixing="s3://data/mixing", contenders=["dali-plain"],
+                       threads=[1], batch_size=4, image_size=32, warmup=0, iters=2, device="cpu",
+                       log=lambda m: None)
+    assert record["data"]["train_format"] == "webdataset" and record["data"]["images"] == 12
+    assert record["rows"][0]["error"] is None and record["rows"][0]["images_per_s"] > 0
+    with pytest.raises(UserError, match="the PIL rows .* read local class folders"):
+        run_bench(data=str(shards / "train"), mixing=str(shards / "mixing"), contenders=["reference"],
+                  threads=[1], batch_size=4, image_size=32, warmup=0, iters=1, device="cpu",
+                  log=lambda m: None)
+
+
+def test_a_truncated_shard_is_refused_before_and_named_during_a_run(shards, tmp_path):
+    data = _copy(shards, tmp_path)
+    tar = data / "shard-000001.tar"
+    os.truncate(tar, tar.stat().st_size - 10000)
+    with pytest.raises(UserError, match=r"shard-000001.tar: \d+ bytes but manifest.json says \d+: truncated"):
+        sources.open_source(data)
+    manifest = json.loads((data / "manifest.json").read_text())    # a manifest without sizes:
+    for s in manifest["shards"]:                                     # met when DALI reads it
+        del s["bytes"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    src = sources.open_source(data)
+    with pytest.raises(RuntimeError) as e:
+        _samples(src)
+    err = str(sources.explain_shard_error(e.value, [src]))
+    assert f"{data}/shard-000001.idx, line" in err and "past the end of its shard" in err
+    assert f"dali-ipmix verify {data}" in err
+
+
+def test_shard_command_cuts_by_size_and_refuses_a_bad_size(dataset, tmp_path, capsys):
+    from dali_ipmix.cli import main
+    out = tmp_path / "out"
+    assert main(["shard", str(dataset / "train"), str(out), "--shard-size", "20kB", "--jobs", "1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    sizes = [s["bytes"] for s in manifest["shards"]]
+    assert len(sizes) > 2 and sum(s["samples"] for s in manifest["shards"]) == 12
+    assert all(size <= 20 * 1024 + 10240 for size in sizes)    # tar's end blocks on top
+    assert main(["shard", str(dataset / "train"), str(tmp_path / "o2"), "--shard-size", "big"]) == 2
+    assert "--shard-size big" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_training_on_a_shard_set_with_a_corrupt_member_stops_with_one_line(dataset, shards, tmp_path, capsys):
+    data = _copy(shards, tmp_path)
+    _, offset, size, member = (data / "shard-000000.idx").read_text().splitlines()[3].split()[:4]
+    with open(data / "shard-000000.tar", "r+b") as f:
+        f.seek(int(offset))
+        f.write(b"\x00garbage" * (int(size) // 8))
+    argv = _args(dataset, tmp_path / "run", "--max-steps", "6")
+    argv[argv.index("--data-path"):argv.index("--data-path") + 2] = [
+        "--train-dir", str(data), "--val-dir", str(dataset / "val")]
+    assert train.main(argv, model_factory=tiny_factory) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{data}/shard-000000.tar, {member}: not_image" in err and f"dali-ipmix verify {data}" in err
+
+
+def test_two_ranks_training_from_s3_list_the_bucket_once(aws, dataset, tmp_path):
+    # rank 0 lists each prefix and sends the records; rank 1 lists nothing
+    script = ("import os, sys, train, test_train\n"
+              "from dali_ipmix import s3\n"
+              "calls, real = [], s3.list_prefix\n"
+              "s3.list_prefix = lambda uri, *a: calls.append(uri) or real(uri, *a)\n"
+              "rc = train.main(sys.argv[1:], model_factory=test_train.tiny_factory)\n"
+              "print('LISTED', os.environ['RANK'], sorted(calls))\n"
+              "sys.exit(rc)\n")
+    argv = _args(dataset, tmp_path / "run", "--max-steps", "1", "--epochs", "1", "--batch-size", "2")
+    argv[argv.index("--data-path") + 1] = "s3://data/shards"
+    argv[argv.index("--mixing-set") + 1] = "s3://data/shards/mixing"
+    codes, outs = _two_ranks(script, *argv, timeout=240)
+    assert codes == [0, 0], outs
+    assert ("LISTED 0 ['s3://data/shards/mixing', 's3://data/shards/train', 's3://data/shards/val']"
+            in outs[0]), outs[0]
+    assert "LISTED 1 []" in outs[1], outs[1]
+
+
+def test_the_public_loaders_read_shards_and_s3(shards, aws):
+    from dali_ipmix.ipmix_loader import IPMixLoader, IPMixValLoader
+    train = IPMixLoader("s3://data/shards/train", shards / "mixing", cfg=CFG, batch_size=4,
+                        num_threads=1, device="cpu")
+    assert (train.epoch_size, train.num_classes) == (12, 3)
+    images, labels = next(iter(train))
+    assert images.shape == (4 * CFG.views, 3, 32, 32) and set(labels.tolist()) <= {0, 1, 2}
+    val = IPMixValLoader(shards / "val", cfg=CFG, batch_size=6, num_threads=1, device="cpu")
+    assert sorted(l for _, labels in val for l in labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
