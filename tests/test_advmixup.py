@@ -2,6 +2,7 @@
 with tiny models."""
 import argparse
 import copy
+import os
 import pickle
 
 import numpy as np
@@ -274,21 +275,34 @@ def test_jsd_triple_adds_the_ipmix_loss():
     torch.testing.assert_close(loss.detach(), info["loss_mix"] + info["loss_jsd"])
 
 
-def test_ddp_model_one_backward():
+def _ddp_one_backward():
     import torch.distributed as dist
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        x, y = _batch(4)
-        args = _args("--adv-mixup", "aom", "--adv-steps", "2", "--adv-pgd-weight", "1")
-        loss, _ = A.adv_mixup_loss(model, ddp, x, y, C, args, seed=0, epoch=0, step=0, rank=0,
-                                   autocast_ctx=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-        loss.backward()
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    finally:
-        dist.destroy_process_group()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    x, y = _batch(4)
+    args = _args("--adv-mixup", "aom", "--adv-steps", "2", "--adv-pgd-weight", "1")
+    loss, _ = A.adv_mixup_loss(model, ddp, x, y, C, args, seed=0, epoch=0, step=0, rank=0,
+                               autocast_ctx=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    loss.backward()
+    return all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_ddp_model_one_backward():
+    # In a child process that leaves with os._exit: torch 2.12's gloo process group can deadlock
+    # in its destructor when DDP's reducer releases it in-process (a thread join under the GIL;
+    # about one suite run in ten hung there), which is torch's teardown, not what is tested here.
+    import subprocess
+    import sys
+    code = ("import os, sys; sys.path[:0] = [os.getcwd(), os.path.join(os.getcwd(), 'tests')]\n"
+            "import test_advmixup as t\n"
+            "ok = t._ddp_one_backward()\n"
+            "print('grads finite' if ok else 'grads missing', flush=True)\n"
+            "os._exit(0)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "grads finite", out.stderr[-2000:]
 
 
 def test_adversarial_modes_train_on_one_view_unless_asked():
