@@ -93,9 +93,10 @@ def check_implemented(implemented, where: str, family: Optional[str] = None) -> 
         raise NotImplementedError(f"image op {rec.name!r} ({rec.family}) has no implementation in "
                                   f"{where}: add one (docs/architecture.md, 'Adding an op')")
     if extra:
-        fam = OPS_BY_NAME[extra[0]].family if extra[0] in OPS_BY_NAME else "not in OP_TABLE"
-        raise NotImplementedError(f"{where} implements {extra[0]!r} as a {kind}op, but config.OP_TABLE "
-                                  f"says {fam}")
+        rec = OPS_BY_NAME.get(extra[0])
+        said = f"a {rec.family} op" if rec else "no op"
+        raise NotImplementedError(f"{where} has code for {extra[0]!r} as a {kind}op, and "
+                                  f"config.OP_TABLE says it is {said}")
 
 
 def _ops_where(test) -> frozenset:

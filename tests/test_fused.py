@@ -191,7 +191,8 @@ def test_every_op_dispatches_through_its_record():
                        match="image op 'invert' \\(point\\) has no implementation in here"):
         C.check_implemented(point - {"invert"}, "here", "point")
     with pytest.raises(NotImplementedError,
-                       match="'rotate' as a point op, but config.OP_TABLE says geometric"):
+                       match="code for 'rotate' as a point op, and config.OP_TABLE says it "
+                             "is a geometric op"):
         C.check_implemented(point | {"rotate"}, "here", "point")
     with pytest.raises(ValueError, match="unknown image op 'nope'"):
         fused.image_op(_batch([np.zeros((8, 8, 3), np.uint8)]), torch.zeros(1), torch.zeros(1),
