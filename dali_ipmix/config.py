@@ -95,8 +95,8 @@ def check_implemented(implemented, where: str, family: Optional[str] = None) -> 
     if extra:
         rec = OPS_BY_NAME.get(extra[0])
         said = f"a {rec.family} op" if rec else "no op"
-        raise NotImplementedError(f"{where} has code for {extra[0]!r} as a {kind}op, and "
-                                  f"config.OP_TABLE says it is {said}")
+        raise NotImplementedError(f"{where} has {kind}code for {extra[0]!r}, and config.OP_TABLE "
+                                  f"says it is {said}")
 
 
 def _ops_where(test) -> frozenset:

@@ -191,7 +191,7 @@ def test_every_op_dispatches_through_its_record():
                        match="image op 'invert' \\(point\\) has no implementation in here"):
         C.check_implemented(point - {"invert"}, "here", "point")
     with pytest.raises(NotImplementedError,
-                       match="code for 'rotate' as a point op, and config.OP_TABLE says it "
+                       match="here has point code for 'rotate', and config.OP_TABLE says it "
                              "is a geometric op"):
         C.check_implemented(point | {"rotate"}, "here", "point")
     with pytest.raises(ValueError, match="unknown image op 'nope'"):
