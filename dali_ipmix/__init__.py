@@ -1,8 +1,9 @@
 """dali_ipmix: IPMix (Huang et al., NeurIPS 2023) as NVIDIA DALI pipeline graphs.
 
 Modules, one per concern: ``config`` (op tables, presets), ``tape`` (per-sample random draws),
-``reference`` (NumPy/PIL oracle), ``ops`` (readable DALI backend), ``fused`` (fused torch
-kernel), ``readers`` (data and mixing-set readers), ``augment`` (IPMix in a graph), ``data``
+``reference`` (NumPy/PIL oracle), ``ops`` (readable DALI backend), ``fused`` (the fast backend:
+Triton kernels on the GPU, batched torch on the CPU) and ``fused_node`` (it as one DALI node),
+``readers`` (data and mixing-set readers), ``augment`` (IPMix in a graph), ``data``
 (fractal and demo-data generators), ``ipmix_loader`` (the public loaders: ``IPMixLoader``,
 ``IPMixValLoader``).  Heavy libraries are imported by the modules that need them (DALI when a loader
 is first used).

@@ -9,36 +9,11 @@ Inputs are pixels in [0, 1] (the pipeline built with ``pixel_config(cfg)``) and 
 with its normalisation layer (``with_normalization``), so epsilon is in pixel units and the clamp
 to [0, 1] is exact.
 
-API (what train.py calls)
--------------------------
-``add_adv_args(parser)``            argparse group with every ``--adv-*`` flag.
-``check_adv_args(args)``            fills mode-dependent defaults in ``args``; raises
-                                    ``dali_ipmix.cli.UserError`` on bad combinations.
-``uses_pixels(args)``               True when the pipeline must emit [0, 1] pixels
-                                    (``--adv-mixup``, ``--adv-eval`` or ``--adv-eval-every`` on).
-``spread_batches(loader, total, keep)``  ``loader``'s batches cut to a fixed, evenly spaced
-                                    subset of ``keep`` of its ``total`` samples.
-``pixel_config(cfg)``               the IPMixConfig whose pipelines emit [0, 1] pixels.
-``with_normalization(model, mean, std)`` -> ``robustness.model.Normalized(model, mean, std)``.
-``replay_generator(seed, epoch, step, rank, device="cpu")``  the one seeding rule of every draw.
-``adv_mixup_loss(model_unwrapped, model_for_grad, images01, labels, num_classes, args, *, seed,
-epoch, step, rank, autocast_ctx=None, views=1) -> (loss, info)``
-    Pairs, lambda and noise come from ``replay_generator``; the attack runs on
-    ``model_unwrapped`` (no DDP hooks, no parameter gradients, BN layers in eval mode unless
-    ``--adv-bn train``); the training loss is ONE forward of everything through
-    ``model_for_grad`` (the DDP/compiled model), so gradients are all-reduced once by the
-    caller's ``loss.backward()``.  ``images01``: ``[B*views, 3, H, W]`` sample-major (what
-    ``DaliLoader`` yields); with ``views=3`` (IPMix JSD triple: clean, aug1, aug2) the pairs are
-    built from aug1 and the IPMix JSD loss (``losses.jsd_loss``) is added.  ``info``: detached
-    tensors (no host sync): ``lam_mean/std/min/max``, ``lam_shift`` (mean |lambda - lambda0|),
-    ``label_weight_mean``, ``label_gap`` (mean |t - lambda|), ``attack_loss`` [K] (mean attack
-    loss at each step's probe point), ``loss_mix``, ``loss_pgd``, ``loss_clean``, ``loss_jsd``
-    (present when used), ``correct`` (probed points whose argmax is the dominant label), ``n``,
-    ``perm``, ``lam``.
-``pgd_linf``                        re-exported from ``dali_ipmix.robustness.attacks`` (L-inf PGD:
-                                    random start, sign steps, projection, restarts, worst kept).
-``robust_eval(model, loader, eps, alpha, steps, restarts=1, autoattack=False, *, max_images=0,
-seed=0, autocast_ctx=None) -> dict``  clean / PGD / AutoAttack accuracy (%), counts and gaps.
+What train.py calls, each documented where it is defined: ``add_adv_args`` and
+``check_adv_args`` (the ``--adv-*`` flags, errors as ``errors.UserError``), ``uses_pixels`` and
+``pixel_config`` (pipelines that emit [0, 1] pixels), ``with_normalization``, ``adv_mixup_loss``
+(one training step's loss), ``spread_batches`` and ``robust_eval`` (clean / PGD / AutoAttack
+accuracy); ``pgd_linf`` is the project's one PGD (``robustness.attacks``).
 """
 from __future__ import annotations
 
@@ -513,10 +488,23 @@ def probe(model, x, y_onehot, perm, lam, init, cfg: AdvConfig, autocast_ctx=None
 
 def adv_mixup_loss(model_unwrapped, model_for_grad, images01, labels, num_classes, args, *, seed,
                    epoch, step, rank, autocast_ctx=None, views=1):
-    """(loss, info) of one training step in ``--adv-mixup aom|mixup_pgd`` (see module docstring).
+    """(loss, info) of one training step in ``--adv-mixup aom|mixup_pgd``.
 
     loss = soft_CE(f(x_probe), y_probe) + pgd_weight * CE(f(PGD_K(x)), y)
            + clean_weight * CE(f(x), y) [+ IPMix JSD loss when views == 3]
+
+    Pairs, lambda and noise come from ``replay_generator``; the attack runs on
+    ``model_unwrapped`` (no DDP hooks, no parameter gradients, BN layers in eval mode unless
+    ``--adv-bn train``); the training loss is ONE forward of everything through
+    ``model_for_grad`` (the DDP/compiled model), so gradients are all-reduced once by the
+    caller's ``loss.backward()``.  ``images01``: ``[B*views, 3, H, W]`` sample-major (what
+    ``DaliLoader`` yields); with ``views=3`` (IPMix JSD triple: clean, aug1, aug2) the pairs are
+    built from aug1 and the IPMix JSD loss (``losses.jsd_loss``) is added.  ``info``: detached
+    tensors (no host sync): ``lam_mean/std/min/max``, ``lam_shift`` (mean |lambda - lambda0|),
+    ``label_weight_mean``, ``label_gap`` (mean |t - lambda|), ``attack_loss`` [K] (mean attack
+    loss at each step's probe point), ``loss_mix``, ``loss_pgd``, ``loss_clean``, ``loss_jsd``
+    (present when used), ``correct`` (probed points whose argmax is the dominant label), ``n``,
+    ``perm``, ``lam``.
     """
     cfg = AdvConfig.from_args(args)
     if cfg.mode == "off":

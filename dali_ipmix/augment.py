@@ -2,17 +2,10 @@
 from __future__ import annotations
 
 from . import config as C
+from .ops import branch_free
 from .tape import dali_tape, dali_uniforms
 
 BACKENDS = ("fused", "dali", "none")
-
-
-def _branch_free(fn_):
-    # The readable backend's graph is traced with conditionals on, and DALI's AutoGraph then
-    # converts every function the definition calls; the tape draw has no branches, so it stays
-    # plain Python (faster to build, and the tape module is never rewritten).
-    from nvidia.dali.pipeline import do_not_convert
-    return do_not_convert(fn_)
 
 
 def ipmix(images, pictures, cfg: C.IPMixConfig, *, device: str, backend: str = "fused",
@@ -31,11 +24,11 @@ def ipmix(images, pictures, cfg: C.IPMixConfig, *, device: str, backend: str = "
     if backend not in BACKENDS:
         raise ValueError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "fused":
-        from .fused import fused_ipmix_node
+        from .fused_node import fused_ipmix_node
         uniforms = dali_uniforms(cfg, cfg.n_aug, seed)
         return fused_ipmix_node(images, pictures, uniforms, cfg, device,
                                 out_dtype=torch.float16 if dtype == "float16" else torch.float32)
-    tapes = [_branch_free(dali_tape)(cfg, None if seed is None else seed + i) for i in range(cfg.n_aug)]
+    tapes = [branch_free(dali_tape)(cfg, None if seed is None else seed + i) for i in range(cfg.n_aug)]
     if backend == "none":
         from .ops import normalize
         view = normalize(images, cfg, dtype)
@@ -69,7 +62,7 @@ def training_outputs(images, pictures, labels, cfg: C.IPMixConfig, *, device: st
         if draws not in DRAWS:
             raise ValueError(f"draws {draws!r}: choose one of {', '.join(DRAWS)}")
         if draws == "tapes":
-            made = fn.stack(*[_branch_free(dali_tape)(cfg) for _ in range(cfg.n_aug)], axis=0)
+            made = fn.stack(*[branch_free(dali_tape)(cfg) for _ in range(cfg.n_aug)], axis=0)
         else:
             made = dali_uniforms(cfg, cfg.n_aug)
         return views, labels, made.gpu() if device == "gpu" else made

@@ -2,7 +2,7 @@
 
 All numbers come from the official code (hzlsaber/IPMix, ``IPMix_utils.py``, ``cifar.py``,
 ``imagenet.py``); where the paper differs, the code's value is the default and the paper's is an
-option (see ``IPMixConfig``).  Every backend (the DALI graph, the fused torch kernel and the
+option (see ``IPMixConfig``).  Every backend (the readable DALI graph, the fused backend and the
 NumPy/PIL reference) imports its tables from here.
 """
 from __future__ import annotations
@@ -39,8 +39,12 @@ class ImageOp:
         return image_size / self.size_divisor if self.size_divisor else self.maxval
 
 
-# The official ``augmentations`` order, then the five ``augmentations_all`` adds: an op's index
-# means the same op in every backend and in recorded tapes, with or without --all-ops.
+# The official ``augmentations`` order, then the five ``augmentations_all`` adds.  An op's place
+# here is fixed: a new op, default or --all-ops only, is appended at the end.  A tape's op index is
+# the op's place in ``cfg.ops`` (the table in this order: all of it with --all-ops, else its
+# default ops), so appending keeps every recorded tape's indices, with or without --all-ops.
+# Each backend keeps, beside its code, one entry per op (or per family) and checks at import
+# that it covers this table (``check_implemented``): see docs/architecture.md, "Adding an op".
 OP_TABLE: Tuple[ImageOp, ...] = (
     ImageOp("equalize", "point", histogram=True),
     ImageOp("posterize", "point", scale=-1, maxval=4, offset=4, truncate=True, identity=8.0),   # bits
@@ -64,11 +68,35 @@ OP_TABLE: Tuple[ImageOp, ...] = (
             all_ops_only=True),
 )
 OPS_BY_NAME = {op.name: op for op in OP_TABLE}
+FAMILIES = ("point", "geometric", "enhance")
 
-IMAGE_OPS: Tuple[str, ...] = tuple(op.name for op in OP_TABLE if not op.all_ops_only)
-ALL_IMAGE_OPS: Tuple[str, ...] = tuple(op.name for op in OP_TABLE)
-ALL_OPS_EXTRA: Tuple[str, ...] = ALL_IMAGE_OPS[len(IMAGE_OPS):]
-assert ALL_IMAGE_OPS[:len(IMAGE_OPS)] == IMAGE_OPS, "the --all-ops extras come last"
+
+def op_lists(table: Tuple[ImageOp, ...]) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """(default ops, --all-ops ops) of an op table: the names in table order, the second with
+    every op, the first without the --all-ops extras."""
+    return (tuple(op.name for op in table if not op.all_ops_only), tuple(op.name for op in table))
+
+
+IMAGE_OPS, ALL_IMAGE_OPS = op_lists(OP_TABLE)
+
+
+def check_implemented(implemented, where: str, family: Optional[str] = None) -> None:
+    """Raise unless ``implemented`` (names) are exactly the ops of the table -- of ``family`` when
+    given: what a backend calls at import, so that an op without code (or code for an op that is
+    not in the table, or of another family) is an error, never a silent fall-through."""
+    want = {op.name for op in OP_TABLE if family is None or op.family == family}
+    missing = [n for n in ALL_IMAGE_OPS if n in want and n not in implemented]
+    extra = sorted(set(implemented) - want)
+    kind = f"{family} " if family else ""
+    if missing:
+        rec = OPS_BY_NAME[missing[0]]
+        raise NotImplementedError(f"image op {rec.name!r} ({rec.family}) has no implementation in "
+                                  f"{where}: add one (docs/architecture.md, 'Adding an op')")
+    if extra:
+        rec = OPS_BY_NAME.get(extra[0])
+        said = f"a {rec.family} op" if rec else "no op"
+        raise NotImplementedError(f"{where} has {kind}code for {extra[0]!r}, and config.OP_TABLE "
+                                  f"says it is {said}")
 
 
 def _ops_where(test) -> frozenset:
@@ -77,6 +105,8 @@ def _ops_where(test) -> frozenset:
 
 SIGNED_OPS = _ops_where(lambda op: op.signed)
 PARAMLESS_OPS = _ops_where(lambda op: op.identity is None)
+if any(op.family not in FAMILIES for op in OP_TABLE):
+    raise ValueError(f"config.OP_TABLE: an op's family must be one of {', '.join(FAMILIES)}")
 POINT_OPS = _ops_where(lambda op: op.family == "point")
 GEOMETRIC_OPS = _ops_where(lambda op: op.family == "geometric")
 ENHANCE_OPS = _ops_where(lambda op: op.family == "enhance")
@@ -203,7 +233,8 @@ def preset(name: str, **overrides) -> IPMixConfig:
 
 
 def op_index(name: str, all_ops: bool = True) -> int:
-    """Index of an image op in the op table (the value stored in parameter tapes)."""
+    """Index of an image op in ``cfg.ops`` (the value stored in parameter tapes); with
+    ``all_ops`` also its place in ``OP_TABLE``."""
     table = ALL_IMAGE_OPS if all_ops else IMAGE_OPS
     if name not in table:
         raise ValueError(f"unknown image op {name!r}: choose one of {', '.join(table)}")

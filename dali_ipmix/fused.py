@@ -5,12 +5,15 @@ parameter tapes as the DALI graph (``dali_ipmix.ops``) and the NumPy/PIL referen
 (``dali_ipmix.reference``).  Two implementations compute the same thing:
 
 * ``impl="triton"`` -- the Triton kernels of ``dali_ipmix.triton_kernels`` (2t + 2 launches per
-  batch, decoding the raw uniforms too); what the DALI node runs on the GPU.
+  batch, decoding the raw uniforms too); what the DALI node (``dali_ipmix.fused_node``) runs on
+  the GPU.
 * ``impl="torch"`` -- the batched eager torch code below (no Python loop over samples, only over
   the k chains and t steps); what the DALI node runs on the CPU (tests, the demo).
 
 Images are uint8 ``[B, H, W, 3]`` between steps, exactly like PIL, so chains accumulate the same
-uint8 rounding as the official code.  How the torch code computes each op:
+uint8 rounding as the official code.  How the torch code computes each op (one entry per op in
+the table of its family: ``_POINT_LUTS``, ``_AFFINE_COLUMNS``, ``_DEGENERATE``, checked against
+``config.OP_TABLE`` at import):
 
 * point ops -- equalize, posterize, solarize, invert, autocontrast -- build one 256-entry lookup
   table per sample and channel (``[B, 3, 256]``) and apply it with one gather.  Equalize and
@@ -19,7 +22,7 @@ uint8 rounding as the official code.  How the torch code computes each op:
   with a per-sample 2x3 matrix in PIL's AFFINE convention (output pixel centre mapped through the
   matrix in double precision, fill 0 outside, bilinear of the edge-clamped neighbours,
   TRUNCATED to uint8 -- PIL does not round).  Rotation matrices for whole degrees are PIL's own
-  (``rotation_table``), so they are bit-identical.
+  (``exact_tables``), so they are bit-identical.
 * ImageEnhance ops -- color, contrast, brightness, sharpness -- are ``Image.blend(degenerate,
   image, factor)`` in float32 with truncation and clipping, the degenerate image computed like
   Pillow (grey ``L``, contrast's integer mean, black, the 3x3 ``SMOOTH`` filter).
@@ -36,20 +39,19 @@ where torch's ``pow`` may differ from NumPy's by 1 ulp (rare pixels).  On CUDA, 
 from __future__ import annotations
 
 import math
-import time
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import config as C
 from . import noise
-from .exact_tables import image_tables
+from .exact_tables import ImageTables, image_tables
 from . import tape as T
 from .tape import CF, SF, TapeLayout
 
-__all__ = ["image_op", "mixing_op", "chain_step", "ipmix_views", "ipmix_views_from_uniforms", "fused_ipmix_node",
-           "benchmark", "rotation_table", "default_impl", "IMPLS"]
+__all__ = ["image_op", "mixing_op", "chain_step", "chains", "finish", "ipmix_views",
+           "ipmix_views_from_uniforms", "default_impl", "IMPLS"]
 
 
 _F32_1_13 = float(np.float32(1) / np.float32(13))     # Pillow divides the kernel in float32
@@ -89,15 +91,34 @@ def _op_mask(op: torch.Tensor, ops: Tuple[str, ...], names) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Geometric ops: one PIL-style inverse affine warp.
 
-def rotation_table(height: int, width: int, device) -> torch.Tensor:
-    """PIL's exact rotation matrices for the integer angles 0..359 on a ``width`` x ``height``
-    image: float64 ``[360, 6]`` (cached per size and device)."""
-    return image_tables(height, width, device).rot
+def _rotate_columns(m, one, H, W, rot):
+    # angle % 360 (Python semantics), made robust to an inexact m / 360 under compilation
+    ang = m - 360.0 * torch.floor(m * (1.0 / 360.0))
+    ang = torch.where(ang >= 360.0, ang - 360.0, ang)
+    ang = torch.where(ang < 0, ang + 360.0, ang)
+    whole = ang == torch.floor(ang)
+    idx = torch.floor(ang).clamp(0, 359).to(torch.long)
+    exact = rot.index_select(0, idx)                                 # [B, 6]
+    # Non-integer angles (never produced by tapes): same formula with torch's cos/sin.
+    a = -(ang * (math.pi / 180.0))
+    c = torch.round(torch.cos(a) * 1e15) / 1e15
+    s = torch.round(torch.sin(a) * 1e15) / 1e15
+    cx, cy = W / 2, H / 2
+    approx = torch.stack([c, s, (c * -cx + s * -cy) + cx, -s, c, (-s * -cx + c * -cy) + cy], 1)
+    return list(torch.where(whole[:, None], exact, approx).unbind(1))
 
 
-def _consts(height: int, width: int, device):
-    # (rotation matrices, k / 255, 255 / k): see dali_ipmix.exact_tables
-    return image_tables(height, width, device)
+# geometric op -> its AFFINE data (a, b, c, d, e, f) as float64 [B] columns, None where it keeps
+# the identity's; from (magnitude, ones, H, W, PIL's rotation matrices)
+_AFFINE_COLUMNS = {
+    "rotate": _rotate_columns,
+    "shear_x": lambda m, one, H, W, rot: [None, m, None, None, None, None],
+    "shear_y": lambda m, one, H, W, rot: [None, None, None, m, None, None],
+    "translate_x": lambda m, one, H, W, rot: [None, None, m, None, None, None],
+    "translate_y": lambda m, one, H, W, rot: [None, None, None, None, None, m],
+    "mirror": lambda m, one, H, W, rot: [-one, None, one * W, None, None, None],
+}
+C.check_implemented(_AFFINE_COLUMNS, "dali_ipmix.fused._AFFINE_COLUMNS", "geometric")
 
 
 def _affine_matrices(op, mag, ops, H, W, rot):
@@ -107,36 +128,13 @@ def _affine_matrices(op, mag, ops, H, W, rot):
     one = torch.ones_like(m)
     zero = torch.zeros_like(m)
     cols = [one, zero, zero, zero, one, zero]
-
-    def put(name, values):
-        if name not in ops:
-            return
-        sel = op == ops.index(name)
-        for c, v in enumerate(values):
+    for i, name in enumerate(ops):
+        if _family(name) != "geometric":
+            continue
+        sel = op == i
+        for c, v in enumerate(_AFFINE_COLUMNS[name](m, one, H, W, rot)):
             if v is not None:
                 cols[c] = torch.where(sel, v, cols[c])
-
-    put("shear_x", [None, m, None, None, None, None])
-    put("shear_y", [None, None, None, m, None, None])
-    put("translate_x", [None, None, m, None, None, None])
-    put("translate_y", [None, None, None, None, None, m])
-    put("mirror", [-one, None, one * W, None, None, None])
-    if "rotate" in ops:
-        # angle % 360 (Python semantics), made robust to an inexact m / 360 under compilation
-        ang = m - 360.0 * torch.floor(m * (1.0 / 360.0))
-        ang = torch.where(ang >= 360.0, ang - 360.0, ang)
-        ang = torch.where(ang < 0, ang + 360.0, ang)
-        whole = ang == torch.floor(ang)
-        idx = torch.floor(ang).clamp(0, 359).to(torch.long)
-        exact = rot.index_select(0, idx)                                 # [B, 6]
-        # Non-integer angles (never produced by tapes): same formula with torch's cos/sin.
-        a = -(ang * (math.pi / 180.0))
-        c = torch.round(torch.cos(a) * 1e15) / 1e15
-        s = torch.round(torch.sin(a) * 1e15) / 1e15
-        cx, cy = W / 2, H / 2
-        approx = torch.stack([c, s, (c * -cx + s * -cy) + cx, -s, c, (-s * -cx + c * -cy) + cy], 1)
-        rmat = torch.where(whole[:, None], exact, approx)
-        put("rotate", list(rmat.unbind(1)))
     return torch.stack(cols, 1).reshape(B, 6)
 
 
@@ -178,9 +176,9 @@ def _warp(x: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
     return v.to(torch.uint8).reshape(B, H, W, Cc)
 
 
-def _geometric(x, op, mag, ops, consts):
+def _geometric(x, op, mag, ops, tables: ImageTables):
     B, H, W, _ = x.shape
-    return _warp(x, _affine_matrices(op, mag, ops, H, W, consts[0]))
+    return _warp(x, _affine_matrices(op, mag, ops, H, W, tables.rot))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,30 +236,37 @@ def _autocontrast_lut(h: torch.Tensor, cutoff: torch.Tensor, ident: torch.Tensor
     return torch.where((hi <= lo).unsqueeze(-1), ident, lut)
 
 
-def _point_ops(x, op, mag, ops, consts):
+def _posterize_lut(ident, h, m3, mag, tables):
+    # ImageOps.posterize(img, int(m)): i & ~(2^(8-bits) - 1)
+    shift = (8 - torch.trunc(m3)).clamp(0, 8).to(torch.int64)
+    return torch.bitwise_left_shift(torch.bitwise_right_shift(ident, shift), shift)
+
+
+# point op -> its lookup tables int64 [B, 3, 256], from (the identity tables, the histograms
+# [B, 3, 256] when an op of ``ops`` needs them, the magnitude as [B, 1, 1] and as [B], the tables)
+_POINT_LUTS = {
+    "equalize": lambda ident, h, m3, mag, tables: _equalize_lut(h, ident),
+    "posterize": _posterize_lut,
+    "solarize": lambda ident, h, m3, mag, tables: torch.where(ident.to(torch.float32) < m3, ident,
+                                                              255 - ident),
+    "invert": lambda ident, h, m3, mag, tables: 255 - ident,
+    "autocontrast": lambda ident, h, m3, mag, tables: _autocontrast_lut(h, mag, ident,
+                                                                        tables.scale),
+}
+C.check_implemented(_POINT_LUTS, "dali_ipmix.fused._POINT_LUTS", "point")
+
+
+def _point_ops(x, op, mag, ops, tables: ImageTables):
     B, H, W, Cc = x.shape
     dev = x.device
     ident = torch.arange(256, device=dev, dtype=torch.int64).expand(B, Cc, 256)
     lut = ident
     m3 = mag.reshape(B, 1, 1)
     o3 = op.reshape(B, 1, 1)
-    h = _histogram(x) if any(n in ops for n in C.HISTOGRAM_OPS) else None
+    h = _histogram(x) if any(C.OPS_BY_NAME[n].histogram for n in ops) else None
     for i, name in enumerate(ops):
-        if name not in C.POINT_OPS:
-            continue
-        if name == "posterize":
-            # ImageOps.posterize(img, int(m)): i & ~(2^(8-bits) - 1)
-            shift = (8 - torch.trunc(m3)).clamp(0, 8).to(torch.int64)
-            cand = torch.bitwise_left_shift(torch.bitwise_right_shift(ident, shift), shift)
-        elif name == "solarize":
-            cand = torch.where(ident.to(torch.float32) < m3, ident, 255 - ident)
-        elif name == "invert":
-            cand = 255 - ident
-        elif name == "equalize":
-            cand = _equalize_lut(h, ident)
-        else:  # autocontrast
-            cand = _autocontrast_lut(h, mag, ident, consts[2])
-        lut = torch.where(o3 == i, cand, lut)
+        if _family(name) == "point":
+            lut = torch.where(o3 == i, _POINT_LUTS[name](ident, h, m3, mag, tables), lut)
     lut = lut.clamp(0, 255)                                           # Image.point clips
     off = torch.arange(Cc, device=dev, dtype=torch.int64) * 256
     idx = (x.to(torch.int64) + off).reshape(B, -1)
@@ -297,21 +302,32 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:, :1], mid, p[:, -1:]], 1)
 
 
-def _blend_ops(x, op, mag, ops):
-    B, H, W, Cc = x.shape
+def _contrast_mean(x, xf):
+    """ImageEnhance.Contrast's degenerate: int(mean(L) + 0.5), in integers, [B, 1, 1, 1]."""
+    H, W = x.shape[1], x.shape[2]
+    s = _gray_l(x).to(torch.int64).sum((1, 2))
+    n = H * W
+    return _bcast(torch.div(2 * s + n, 2 * n, rounding_mode="floor").to(torch.float32))
+
+
+# enhance op -> the degenerate image ``Image.blend`` starts from, float32 broadcastable to
+# [B, H, W, 3], from (the uint8 images, the same as float32)
+_DEGENERATE = {
+    "color": lambda x, xf: _gray_l(x).to(torch.float32).unsqueeze(-1),
+    "contrast": _contrast_mean,
+    "brightness": lambda x, xf: torch.zeros_like(xf),
+    "sharpness": lambda x, xf: _smooth(x),
+}
+C.check_implemented(_DEGENERATE, "dali_ipmix.fused._DEGENERATE", "enhance")
+
+
+def _blend_ops(x, op, mag, ops, tables: ImageTables):
     xf = x.to(torch.float32)
     o4 = _bcast(op)
-    deg = torch.zeros_like(xf)                                        # brightness: black
-    if "color" in ops:
-        gray = _gray_l(x).to(torch.float32).unsqueeze(-1)
-        deg = torch.where(o4 == ops.index("color"), gray, deg)
-    if "contrast" in ops:
-        s = _gray_l(x).to(torch.int64).sum((1, 2))
-        n = H * W
-        mean = torch.div(2 * s + n, 2 * n, rounding_mode="floor").to(torch.float32)
-        deg = torch.where(o4 == ops.index("contrast"), _bcast(mean), deg)
-    if "sharpness" in ops:
-        deg = torch.where(o4 == ops.index("sharpness"), _smooth(x), deg)
+    deg = torch.zeros_like(xf)
+    for i, name in enumerate(ops):
+        if _family(name) == "enhance":
+            deg = torch.where(o4 == i, _DEGENERATE[name](x, xf), deg)
     # Blend.c: (float) in1 + alpha * (in2 - in1), truncated, clipped to [0, 255]
     v = deg + _bcast(mag.to(torch.float32)) * (xf - deg)
     return torch.trunc(v).clamp(0, 255).to(torch.uint8)
@@ -320,17 +336,31 @@ def _blend_ops(x, op, mag, ops):
 # ---------------------------------------------------------------------------------------------
 # Public: image ops.
 
-def _image_ops(x, op, mag, ops, consts):
+# op family -> the batched torch code of its ops (each family's table above has one entry per op)
+_FAMILY_KERNELS = {"point": _point_ops, "geometric": _geometric, "enhance": _blend_ops}
+if set(_FAMILY_KERNELS) != set(C.FAMILIES):
+    raise NotImplementedError(f"dali_ipmix.fused._FAMILY_KERNELS has {sorted(_FAMILY_KERNELS)}, "
+                              f"config.FAMILIES {sorted(C.FAMILIES)}")
+
+
+def _family(name: str) -> str:
+    rec = C.OPS_BY_NAME.get(name)
+    if rec is None:
+        raise ValueError(f"unknown image op {name!r}: choose among {', '.join(C.ALL_IMAGE_OPS)}")
+    if rec.family not in _FAMILY_KERNELS:
+        raise NotImplementedError(f"image op {name!r}: family {rec.family!r} has no torch code in "
+                                  f"dali_ipmix.fused._FAMILY_KERNELS")
+    return rec.family
+
+
+def _image_ops(x, op, mag, ops, tables: ImageTables):
     out = x
-    if any(n in C.POINT_OPS for n in ops):
-        out = _where_apply(_op_mask(op, ops, C.POINT_OPS),
-                           lambda a, o, m: _point_ops(a, o, m, ops, consts), out, x, op, mag)
-    if any(n in C.GEOMETRIC_OPS for n in ops):
-        out = _where_apply(_op_mask(op, ops, C.GEOMETRIC_OPS),
-                           lambda a, o, m: _geometric(a, o, m, ops, consts), out, x, op, mag)
-    if any(n in C.ENHANCE_OPS for n in ops):
-        out = _where_apply(_op_mask(op, ops, C.ENHANCE_OPS), lambda a, o, m: _blend_ops(a, o, m, ops),
-                           out, x, op, mag)
+    for family, kernel in _FAMILY_KERNELS.items():
+        members = [n for n in ops if _family(n) == family]
+        if members:
+            out = _where_apply(_op_mask(op, ops, members),
+                               lambda a, o, m, kernel=kernel: kernel(a, o, m, ops, tables),
+                               out, x, op, mag)
     return out
 
 
@@ -347,17 +377,18 @@ def image_op(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor,
         raise ValueError(f"image_op wants uint8 [B, H, W, 3], got {x.dtype} {tuple(x.shape)}")
     op = torch.as_tensor(op, device=x.device).to(torch.long).reshape(-1)
     mag = torch.as_tensor(mag, device=x.device).to(torch.float32).reshape(-1)
-    if _impl(impl) == "triton":
+    if checked_impl(impl) == "triton":
         from . import triton_kernels as TK
-        # the kernels index the full op table: map this table's indices onto it (-1: unchanged)
-        to_all = torch.tensor([C.ALL_IMAGE_OPS.index(n) for n in ops] + [-1], device=x.device)
-        op_all = to_all[torch.where((op >= 0) & (op < len(ops)), op, len(ops))]
-        rotate = op_all == C.ALL_IMAGE_OPS.index("rotate")
-        if not torch.equal(mag[rotate], torch.floor(mag[rotate])):
-            raise ValueError("impl='triton' rotates by whole degrees only (what tapes hold); use "
-                             "impl='torch' for fractional angles")
-        return TK.one_step(x, x, {"active_img": torch.ones_like(mag), "op": op_all, "mag": mag})
-    return _image_ops(x, op, mag, ops, _consts(x.shape[1], x.shape[2], x.device))
+        for name in ops:
+            _family(name)                                # one-line error for unknown names
+        if "rotate" in ops:
+            rotate = op == ops.index("rotate")
+            if not torch.equal(mag[rotate], torch.floor(mag[rotate])):
+                raise ValueError("impl='triton' rotates by whole degrees only (what tapes hold); "
+                                 "use impl='torch' for fractional angles")
+        return TK.one_step(x, x, {"active_img": torch.ones_like(mag), "op": op, "mag": mag},
+                           ops=ops)
+    return _image_ops(x, op, mag, ops, image_tables(x.shape[1], x.shape[2], x.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +405,7 @@ def _to_uint8(v: torch.Tensor, overflow: str) -> torch.Tensor:
 
 
 def _div255(x, inv255):
-    """x / 255 in float32, correctly rounded (a table look-up: see ``_consts``)."""
+    """x / 255 in float32, correctly rounded (a table look-up: ``exact_tables.ImageTables.inv255``)."""
     return inv255[x.to(torch.int64)]
 
 
@@ -435,18 +466,18 @@ def mixing_op(x1: torch.Tensor, x2: torch.Tensor, mix: torch.Tensor, a: torch.Te
     seed = as_t(seed, torch.float32).reshape(B)
     window = as_t(window, torch.float32).reshape(B, 4)
     x2 = x2.to(dev)
-    if _impl(impl) == "triton":
+    if checked_impl(impl) == "triton":
         from . import triton_kernels as TK
         fields = dict(zip(("top", "left", "height", "width"), window.unbind(1)))
         fields.update(active_p=torch.ones_like(a), mix=mix, a=a, b=b, p=p, seed=seed)
         return TK.one_step(x1, x2, fields, overflow)
     return _mixings(x1, x2, mix, a, b, p, seed, window, overflow,
-                    _consts(x1.shape[1], x1.shape[2], dev))
+                    image_tables(x1.shape[1], x1.shape[2], dev))
 
 
-def _mixings(x1, x2, mix, a, b, p, seed, window, overflow, consts):
+def _mixings(x1, x2, mix, a, b, p, seed, window, overflow, tables: ImageTables):
     B, H, W, _ = x1.shape
-    inv255 = consts[1]
+    inv255 = tables.inv255
     q = x1
     q = _where_apply(mix == 0, lambda u, v, aa, bb: _mix_add(u, v, aa, bb, overflow, inv255),
                      q, x1, x2, a, b)
@@ -459,7 +490,7 @@ def _mixings(x1, x2, mix, a, b, p, seed, window, overflow, consts):
 # ---------------------------------------------------------------------------------------------
 # The IPMix views.
 
-def chain_step(cur, x, f, st, ops, self_mix_on, overflow, consts):
+def chain_step(cur, x, f, st, ops, self_mix_on, overflow, tables: ImageTables):
     """One chain step for a batch (``reference.chain_step``): st float32 [B, len(STEP_FIELDS)]."""
     col = lambda n: st[:, SF[n]]  # noqa: E731
     act_img = col("active_img") > 0
@@ -471,13 +502,13 @@ def chain_step(cur, x, f, st, ops, self_mix_on, overflow, consts):
     src = torch.where(_bcast(act_img), cur, x)
     op = torch.where(act_img, col("op"), col("self_op")).to(torch.long)
     mag = torch.where(act_img, col("mag"), col("self_mag"))
-    r = _where_apply(act_img | self_mix, lambda s, o, m: _image_ops(s, o, m, ops, consts),
+    r = _where_apply(act_img | self_mix, lambda s, o, m: _image_ops(s, o, m, ops, tables),
                      src, src, op, mag)
     partner = torch.where(_bcast(self_mix), r, f)
     window = torch.stack([col("top"), col("left"), col("height"), col("width")], 1)
     mixed = _where_apply(
         act_p,
-        lambda c, pr, mx, a, b, p, sd, win: _mixings(c, pr, mx, a, b, p, sd, win, overflow, consts),
+        lambda c, pr, mx, a, b, p, sd, win: _mixings(c, pr, mx, a, b, p, sd, win, overflow, tables),
         cur, cur, partner, col("mix").to(torch.long), col("a"), col("b"), col("p"), col("seed"),
         window)
     return torch.where(_bcast(act_img), r, mixed)
@@ -512,7 +543,8 @@ def finish(x, chains_out, weights, skip, cfg, A, out_dtype, channels_last_out):
 IMPLS = ("torch", "triton")
 
 
-def _impl(impl: str) -> str:
+def checked_impl(impl: str) -> str:
+    """``impl`` when it names an implementation (``IMPLS``), else a one-line error."""
     if impl not in IMPLS:
         raise ValueError(f"impl {impl!r}: choose one of {', '.join(IMPLS)}")
     return impl
@@ -542,7 +574,7 @@ def _prepare(x, f, tapes, cfg):
     return x, f, tapes
 
 
-def chains(X, F, steps, cfg, consts):
+def chains(X, F, steps, cfg, tables: ImageTables):
     """The k chain results (``reference.chains`` for a batch): X, F uint8 [N, H, W, 3], steps
     [N, k, t, len(STEP_FIELDS)]; a list of k uint8 [N, H, W, 3]."""
     ops = tuple(cfg.ops)
@@ -551,12 +583,12 @@ def chains(X, F, steps, cfg, consts):
         cur = X
         for j in range(cfg.t):
             cur = chain_step(cur, X, F, steps[:, i, j].contiguous(), ops, cfg.self_mix,
-                             cfg.overflow, consts)
+                             cfg.overflow, tables)
         outs.append(cur)
     return outs
 
 
-def _views_impl(x, f, tapes, cfg, out_dtype, channels_last_out, consts):
+def _views_impl(x, f, tapes, cfg, out_dtype, channels_last_out, tables: ImageTables):
     A = cfg.n_aug
     B = x.shape[0]
     lay = TapeLayout(cfg.k, cfg.t)
@@ -564,7 +596,7 @@ def _views_impl(x, f, tapes, cfg, out_dtype, channels_last_out, consts):
     skip, chain_f, steps = lay.unpack(tp)
     X = x.repeat(A, 1, 1, 1) if A > 1 else x
     F = f.repeat(A, 1, 1, 1) if A > 1 else f
-    return finish(X, chains(X, F, steps, cfg, consts), chain_f[:, :, CF["weight"]], skip, cfg, A,
+    return finish(X, chains(X, F, steps, cfg, tables), chain_f[:, :, CF["weight"]], skip, cfg, A,
                   out_dtype, channels_last_out)
 
 
@@ -583,11 +615,11 @@ def ipmix_views(x: torch.Tensor, f: torch.Tensor, tapes, cfg: C.IPMixConfig,
     through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the import.
     """
     x, f, tapes = _prepare(x, f, tapes, cfg)
-    if _impl(impl) == "triton":
+    if checked_impl(impl) == "triton":
         from . import triton_kernels as TK
         return TK.views(x, f, tapes, cfg, out_dtype, channels_last_out)
-    consts = _consts(x.shape[1], x.shape[2], x.device)
-    return _views_impl(x, f, tapes, cfg, out_dtype, channels_last_out, consts)
+    tables = image_tables(x.shape[1], x.shape[2], x.device)
+    return _views_impl(x, f, tapes, cfg, out_dtype, channels_last_out, tables)
 
 
 def ipmix_views_from_uniforms(x: torch.Tensor, f: torch.Tensor, uniforms: torch.Tensor,
@@ -596,131 +628,9 @@ def ipmix_views_from_uniforms(x: torch.Tensor, f: torch.Tensor, uniforms: torch.
     """Like ``ipmix_views`` but from raw uniforms [B, A, ``tape.uniform_size(cfg)``] (what the
     DALI graph draws): returns (views, tapes [B, A, L]).  The Triton implementation decodes them
     in a kernel, the torch one with ``tape.decode`` in NumPy."""
-    if _impl(impl) == "triton":
+    if checked_impl(impl) == "triton":
         from . import triton_kernels as TK
         tapes = TK.decode(uniforms.to(x.device), cfg)
     else:
         tapes = torch.from_numpy(T.decode_flat(uniforms.cpu().numpy(), cfg)).to(x.device)
     return ipmix_views(x, f, tapes, cfg, out_dtype, channels_last_out, impl), tapes
-
-
-# ---------------------------------------------------------------------------------------------
-# DALI integration.
-
-_BATCH_FUNCTION = None
-
-
-def _batch_function():
-    """DALI's batch-level Python operator: whole dense batches in and out as single DLPack
-    tensors, and on GPU the callback is given DALI's CUDA stream.  It is the operator behind
-    ``nvidia.dali.plugin.jax.fn.jax_function``, used here with torch tensors (DALI's
-    ``dl_tensor_python_function`` hands over one capsule per sample instead)."""
-    global _BATCH_FUNCTION
-    if _BATCH_FUNCTION is None:
-        import nvidia.dali.python_function_plugin  # noqa: F401  (registers the operator)
-        from nvidia.dali import ops
-
-        class BatchFunction(ops.python_op_factory("_JaxFunction", "_JaxFunction", "_JaxFunction",
-                                                  generated=False)):
-            _impl_module = __name__
-            ops.register_cpu_op("_JaxFunction")
-            ops.register_gpu_op("_JaxFunction")
-
-            def __init__(self, function, device="cpu", **kwargs):
-                self.function = function
-                super().__init__(function_id=id(function), device=device, **kwargs)
-
-        _BATCH_FUNCTION = BatchFunction
-    return _BATCH_FUNCTION
-
-
-class _NodeCallback:
-    """Called by DALI once per batch: images, mixing pictures and uniforms in; views and tapes
-    out.  On GPU everything is enqueued on DALI's own stream, so nothing is synchronised."""
-
-    def __init__(self, cfg, out_dtype, channels_last_out, impl, gpu):
-        self.cfg, self.out_dtype, self.channels_last_out = cfg, out_dtype, channels_last_out
-        self.impl, self.gpu = impl, gpu
-
-    def _compute(self, x, f, u):
-        return ipmix_views_from_uniforms(x, f, u, self.cfg, self.out_dtype,
-                                         self.channels_last_out, self.impl)
-
-    def __call__(self, *args):
-        if not self.gpu:
-            x, f, u = (torch.from_dlpack(t.__dlpack__(None)) for t in args)
-            return tuple(o.__dlpack__() for o in self._compute(x, f, u))
-        stream, *inputs = args
-        device = torch.device("cuda", torch.cuda.current_device())
-        on_dali = torch.cuda.ExternalStream(stream, device=device) if stream else \
-            torch.cuda.current_stream(device)
-        with torch.cuda.device(device), torch.cuda.stream(on_dali):
-            x, f, u = (torch.from_dlpack(t.__dlpack__(stream)) for t in inputs)
-            return tuple(o.__dlpack__(stream=stream) for o in self._compute(x, f, u))
-
-
-def fused_ipmix_node(images, pictures, uniforms, cfg: C.IPMixConfig, device: str = "gpu",
-                     out_dtype: torch.dtype = torch.float32, channels_last_out: bool = False,
-                     impl: Optional[str] = None):
-    """Inside a ``@pipeline_def``: all IPMix views of every sample, computed by the fused backend.
-
-    images, pictures: uint8 HWC DataNodes of one uniform size S x S; uniforms: the raw draws,
-    ``tape.dali_uniforms(cfg, cfg.n_aug)`` ([A, U] per sample).  ``device`` "cpu" or "gpu": where
-    the work runs (CPU inputs are moved there).  ``impl``: "triton" or "torch" (default
-    ``default_impl``: Triton on GPU, eager torch on the CPU).  Returns (views, tapes): views
-    [V, 3, S, S] per sample (layout "FCHW", the views as frames; [V, S, S, 3] "FHWC" with
-    ``channels_last_out``), tapes [A, L] (the decoded records, for replay).
-
-    One operator call per batch, on dense batch tensors (no per-sample Python); on GPU the
-    kernels run on DALI's stream.  Works with the default executor (async, pipelined, dynamic);
-    like every Python operator it cannot be serialized.
-    """
-    if device not in ("cpu", "gpu"):
-        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    if device == "gpu":
-        images, pictures, uniforms = images.gpu(), pictures.gpu(), uniforms.gpu()
-    elif "gpu" in (images.device, pictures.device, uniforms.device):
-        raise ValueError("device='cpu' needs CPU images, pictures and uniforms")
-    impl = _impl(impl or default_impl("cuda" if device == "gpu" else "cpu"))
-    layout = "FHWC" if channels_last_out else "FCHW"
-    op = _batch_function()(_NodeCallback(cfg, out_dtype, channels_last_out, impl, device == "gpu"),
-                           device=device, num_outputs=2, output_layouts=[layout, ""],
-                           preserve=True)
-    views, tapes = op(images, pictures, uniforms)
-    return views, tapes
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing.
-
-def benchmark(batch: int = 64, size: int = 224, iters: int = 5, device=None,
-              cfg: Optional[C.IPMixConfig] = None, seed: int = 0, out_dtype=torch.float32,
-              impl: Optional[str] = None) -> float:
-    """Source images per second of the fused backend alone (each image yields ``cfg.views``
-    outputs), from raw uniforms as in the pipeline.
-
-    Random-texture images; one warm-up call (Triton compilation on CUDA) is not timed.
-    ``device`` defaults to CUDA when available, ``impl`` to ``default_impl(device)``."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    impl = impl or default_impl(device)
-    if cfg is None:
-        cfg = C.IMAGENET if size == C.IMAGENET.image_size else C.IMAGENET.replace(
-            image_size=size, patch_sizes=tuple(s for s in C.IMAGENET.patch_sizes if s < size) + (size,))
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen).to(device)
-    f = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen).to(device)
-    u = torch.rand((batch, cfg.n_aug, T.uniform_size(cfg)), generator=gen).to(device)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    ipmix_views_from_uniforms(x, f, u, cfg, out_dtype, impl=impl)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        ipmix_views_from_uniforms(x, f, u, cfg, out_dtype, impl=impl)
-    sync()
-    return batch * iters / (time.perf_counter() - t0)

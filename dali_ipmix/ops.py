@@ -24,21 +24,24 @@ import numpy as np
 
 from . import config as C
 from . import noise
-from .tape import CF, SF, TapeLayout
+from .tape import SF, TapeLayout
 
-_OPS = {}
+# image op name -> its DALI implementation ``fn(image, mag, size)`` (filled by ``image_op_fn``)
+DALI_IMAGE_OPS = {}
 
 
 def image_op_fn(name):
     """Register ``fn(image, mag, size)`` as the DALI implementation of image op ``name``."""
     def deco(fn_):
-        _OPS[name] = _leaf(fn_)
+        DALI_IMAGE_OPS[name] = branch_free(fn_)
         return fn_
     return deco
 
 
-def _leaf(fn_):
-    """Branch-free functions skip AutoGraph conversion (it dominates graph-build time)."""
+def branch_free(fn_):
+    """``fn_`` kept out of AutoGraph: a graph traced with conditionals on has DALI convert every
+    function its definition calls, which dominates graph-build time; a function without branches
+    (an op, the tape draw) needs no conversion and stays plain Python."""
     from nvidia.dali.pipeline import do_not_convert
     return do_not_convert(fn_)
 
@@ -241,7 +244,7 @@ def autocontrast(image, mag, size):
     return _u8(dmath.clamp(dmath.floor(dmath.max(v, 0.0)), 0.0, 255.0))
 
 
-assert set(_OPS) == set(C.ALL_IMAGE_OPS)
+C.check_implemented(DALI_IMAGE_OPS, "dali_ipmix.ops (@image_op_fn)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +265,7 @@ def select(branches, index, *args):
 
 def image_op(image, op, mag, cfg: C.IPMixConfig):
     """One image op per sample: ``op`` indexes ``cfg.ops``; ``mag`` the PIL magnitude."""
-    branches = [_OPS[name] for name in cfg.ops]
+    branches = [DALI_IMAGE_OPS[name] for name in cfg.ops]
     return select(branches, op, image, mag, cfg.image_size)
 
 
@@ -334,15 +337,15 @@ def mixing_op(x1, x2, mix, s, cfg: C.IPMixConfig):
         # x/255*255 round-trips exactly, so mask ops select uint8 values directly.
         return lambda x1, x2: fn_(None, None, s, size, cfg, x1, x2)
 
-    branches = [_leaf(arith(_add)), _leaf(arith(_multiply)), _leaf(masked(_random_pixels)),
-                _leaf(masked(_random_elems))]
+    branches = [branch_free(arith(_add)), branch_free(arith(_multiply)),
+                branch_free(masked(_random_pixels)), branch_free(masked(_random_elems))]
     return select(branches, mix, x1, x2)
 
 
 def patch_mix(cur, partner, s, cfg: C.IPMixConfig):
     """The official ``patch_mixing``: the op inside the window, ``cur`` outside."""
     mixed = mixing_op(cur, partner, s["mix"], s, cfg)
-    return _leaf(_paste)(cur, mixed, s, cfg.image_size)
+    return branch_free(_paste)(cur, mixed, s, cfg.image_size)
 
 
 def _paste(cur, mixed, s, size):
@@ -375,15 +378,12 @@ def chain_step(cur, x, f, step, cfg: C.IPMixConfig):
 def chains(x, f, tape_node, cfg: C.IPMixConfig):
     """The k chain results (uint8 HWC DataNodes) of one tape (a CPU DataNode [L])."""
     layout = TapeLayout(cfg.k, cfg.t)
-    steps0 = 1 + cfg.k * len(CF)
     results = []
     for i in range(cfg.k):
         cur = x
         for j in range(cfg.t):
-            start = steps0 + (i * cfg.t + j) * len(SF)
-            cur = chain_step(cur, x, f, tape_node[start:start + len(SF)], cfg)
+            cur = chain_step(cur, x, f, tape_node[layout.step_slice(i, j)], cfg)
         results.append(cur)
-    assert steps0 + cfg.k * cfg.t * len(SF) == layout.size
     return results
 
 
@@ -397,11 +397,12 @@ def normalize(image, cfg: C.IPMixConfig, dtype: str = "float"):
 
 def ipmix_view(x, f, tape_node, cfg: C.IPMixConfig):
     """One IPMix view: (1 - m) x + m sum_i w_i chain_i on [0, 1] floats, normalised once."""
+    layout = TapeLayout(cfg.k, cfg.t)
     acc = None
     for i, cur in enumerate(chains(x, f, tape_node, cfg)):
-        term = _f32(cur) * tape_node[1 + i * len(CF) + CF["weight"]]
+        term = _f32(cur) * tape_node[layout.chain_field(i, "weight")]
         acc = term if acc is None else acc + term
-    m = tape_node[0]
+    m = tape_node[layout.SKIP]
     mixed = _f32(x) * (1.0 - m) + acc * m                     # in [0, 255]
     return _normalize_float(mixed, cfg)
 
@@ -480,7 +481,7 @@ def run_image_op(name: str, images, magnitude=None, device: str = "cpu") -> np.n
         magnitude = C.IDENTITY_MAGNITUDE.get(name, 0.0)
     mags = np.broadcast_to(np.asarray(magnitude, np.float32), (len(imgs),))
     size = imgs[0].shape[0]
-    return _run_graph(lambda x, m: _OPS[name](x, m, size),
+    return _run_graph(lambda x, m: DALI_IMAGE_OPS[name](x, m, size),
                       [imgs, [np.asarray(v, np.float32) for v in mags]], device)
 
 

@@ -38,7 +38,7 @@ _PIL_OPS = {
     "brightness": lambda im, m: ImageEnhance.Brightness(im).enhance(m),
     "sharpness": lambda im, m: ImageEnhance.Sharpness(im).enhance(m),
 }
-assert set(_PIL_OPS) == set(C.ALL_IMAGE_OPS)
+C.check_implemented(_PIL_OPS, "dali_ipmix.reference._PIL_OPS")
 
 
 def image_op(img: np.ndarray, name: str, magnitude=None) -> np.ndarray:

@@ -57,6 +57,17 @@ class TapeLayout:
     def size(self) -> int:
         return 1 + self.k * len(CHAIN_FIELDS) + self.k * self.t * len(STEP_FIELDS)
 
+    SKIP = 0                  # the skip weight's offset
+
+    def chain_field(self, i: int, name: str) -> int:
+        """The offset of chain ``i``'s field ``name`` (``CHAIN_FIELDS``)."""
+        return 1 + i * len(CHAIN_FIELDS) + CF[name]
+
+    def step_slice(self, i: int, j: int) -> slice:
+        """The offsets of step ``j`` of chain ``i``: its ``STEP_FIELDS`` record."""
+        start = 1 + self.k * len(CHAIN_FIELDS) + (i * self.t + j) * len(STEP_FIELDS)
+        return slice(start, start + len(STEP_FIELDS))
+
     def unpack(self, tape):
         """Split tapes ``[..., size]`` (NumPy or torch) into ``skip [...]``,
         ``chains [..., k, C]`` and ``steps [..., k, t, S]`` views."""
@@ -65,7 +76,7 @@ class TapeLayout:
             raise ValueError(f"tape has {tape.shape[-1]} values, layout k={self.k} t={self.t} "
                              f"needs {self.size}")
         c0, s0 = 1, 1 + self.k * len(CHAIN_FIELDS)
-        skip = tape[..., 0]
+        skip = tape[..., self.SKIP]
         chains = tape[..., c0:s0].reshape(lead + (self.k, len(CHAIN_FIELDS)))
         steps = tape[..., s0:].reshape(lead + (self.k, self.t, len(STEP_FIELDS)))
         return skip, chains, steps

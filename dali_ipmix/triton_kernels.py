@@ -45,24 +45,29 @@ from .exact_tables import image_tables
 
 # ---------------------------------------------------------------------------------------------
 # Constants shared with the rest of the package (op indices, tape offsets), as Triton constexprs.
-# ALL_IMAGE_OPS extends IMAGE_OPS, so an op index means the same op with or without --all-ops.
+# The ops ``_image_op`` has a branch for, each known by its place in ``config.OP_TABLE``; a tape's
+# op index (a place in ``cfg.ops``) is mapped onto that place by ``_table_op``.
 
-_OPS = C.ALL_IMAGE_OPS
-OP_EQUALIZE = tl.constexpr(_OPS.index("equalize"))
-OP_POSTERIZE = tl.constexpr(_OPS.index("posterize"))
-OP_ROTATE = tl.constexpr(_OPS.index("rotate"))
-OP_SOLARIZE = tl.constexpr(_OPS.index("solarize"))
-OP_SHEAR_X = tl.constexpr(_OPS.index("shear_x"))
-OP_SHEAR_Y = tl.constexpr(_OPS.index("shear_y"))
-OP_TRANSLATE_X = tl.constexpr(_OPS.index("translate_x"))
-OP_TRANSLATE_Y = tl.constexpr(_OPS.index("translate_y"))
-OP_MIRROR = tl.constexpr(_OPS.index("mirror"))
-OP_INVERT = tl.constexpr(_OPS.index("invert"))
-OP_AUTOCONTRAST = tl.constexpr(_OPS.index("autocontrast"))
-OP_COLOR = tl.constexpr(_OPS.index("color"))
-OP_CONTRAST = tl.constexpr(_OPS.index("contrast"))
-OP_BRIGHTNESS = tl.constexpr(_OPS.index("brightness"))
-OP_SHARPNESS = tl.constexpr(_OPS.index("sharpness"))
+STEP_KERNEL_OPS = ("equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y",
+                   "translate_x", "translate_y", "mirror", "invert", "autocontrast", "color",
+                   "contrast", "brightness", "sharpness")
+C.check_implemented(STEP_KERNEL_OPS, "dali_ipmix.triton_kernels (STEP_KERNEL_OPS and a branch "
+                                     "of _image_op)")
+OP_EQUALIZE = tl.constexpr(C.op_index("equalize"))
+OP_POSTERIZE = tl.constexpr(C.op_index("posterize"))
+OP_ROTATE = tl.constexpr(C.op_index("rotate"))
+OP_SOLARIZE = tl.constexpr(C.op_index("solarize"))
+OP_SHEAR_X = tl.constexpr(C.op_index("shear_x"))
+OP_SHEAR_Y = tl.constexpr(C.op_index("shear_y"))
+OP_TRANSLATE_X = tl.constexpr(C.op_index("translate_x"))
+OP_TRANSLATE_Y = tl.constexpr(C.op_index("translate_y"))
+OP_MIRROR = tl.constexpr(C.op_index("mirror"))
+OP_INVERT = tl.constexpr(C.op_index("invert"))
+OP_AUTOCONTRAST = tl.constexpr(C.op_index("autocontrast"))
+OP_COLOR = tl.constexpr(C.op_index("color"))
+OP_CONTRAST = tl.constexpr(C.op_index("contrast"))
+OP_BRIGHTNESS = tl.constexpr(C.op_index("brightness"))
+OP_SHARPNESS = tl.constexpr(C.op_index("sharpness"))
 
 MIX_ADD = tl.constexpr(C.MIXING_OPS.index("add"))
 MIX_MULTIPLY = tl.constexpr(C.MIXING_OPS.index("multiply"))
@@ -275,6 +280,16 @@ def _decode_kernel(u_ptr, rec_ptr, tab_a, tab_m, tab_b, tab_f, tab_sign, sizes_p
 # Per-image tables for the step: histograms -> equalize / autocontrast LUTs, contrast's mean.
 
 @triton.jit
+def _table_op(st, act_img, ops_map, NOPS: tl.constexpr):
+    """The op of a step record (its image op, else its self-mix op) as its place in
+    ``config.OP_TABLE``, through ``ops_map`` (``cfg.ops`` -> table); -1 (unchanged) for an index
+    outside ``cfg.ops``."""
+    op = tl.where(act_img, tl.load(st + F_OP), tl.load(st + F_SELF_OP)).to(tl.int32)
+    known = (op >= 0) & (op < NOPS)
+    return tl.where(known, tl.load(ops_map + tl.where(known, op, 0)), -1)
+
+
+@triton.jit
 def _step_record(rec_ptr, q, j, A: tl.constexpr, K: tl.constexpr, T: tl.constexpr,
                  L: tl.constexpr):
     """Step j of chain image q (sample-major, then view, then chain): a pointer to its tape
@@ -304,15 +319,16 @@ def _step_source(x_ptr, src_ptr, q, b, act_img, HW3, FIRST: tl.constexpr):
 
 
 @triton.jit
-def _tables_kernel(x_ptr, rec_ptr, src_ptr, lut_ptr, mean_ptr, scale_ptr, j,
+def _tables_kernel(x_ptr, rec_ptr, src_ptr, lut_ptr, mean_ptr, scale_ptr, ops_map, j,
                    A: tl.constexpr, K: tl.constexpr, T: tl.constexpr, L: tl.constexpr,
-                   H: tl.constexpr, W: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr):
+                   H: tl.constexpr, W: tl.constexpr, NOPS: tl.constexpr, FIRST: tl.constexpr,
+                   BLOCK: tl.constexpr):
     q = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     HW = H * W
     HW3 = HW * 3
     st, b, act_img, act_p, self_mix = _step_record(rec_ptr, q, j, A, K, T, L)
-    op = tl.where(act_img, tl.load(st + F_OP), tl.load(st + F_SELF_OP)).to(tl.int32)
+    op = _table_op(st, act_img, ops_map, NOPS)
     mag = tl.where(act_img, tl.load(st + F_MAG), tl.load(st + F_SELF_MAG))
     runs = act_img | self_mix
     cur, img = _step_source(x_ptr, src_ptr, q, b, act_img, HW3, FIRST)
@@ -530,9 +546,9 @@ def _mixing(cur, partner, mix, a, b, p, seed, pix, ch, inv255, eps, CLAMP: tl.co
 
 @triton.jit
 def _step_kernel(x_ptr, f_ptr, rec_ptr, src_ptr, dst_ptr, lut_ptr, mean_ptr, rot_ptr, inv255,
-                 eps, j, A: tl.constexpr, K: tl.constexpr, T: tl.constexpr, L: tl.constexpr,
-                 H: tl.constexpr, W: tl.constexpr, FIRST: tl.constexpr, CLAMP: tl.constexpr,
-                 BP: tl.constexpr):
+                 ops_map, eps, j, A: tl.constexpr, K: tl.constexpr, T: tl.constexpr,
+                 L: tl.constexpr, H: tl.constexpr, W: tl.constexpr, NOPS: tl.constexpr,
+                 FIRST: tl.constexpr, CLAMP: tl.constexpr, BP: tl.constexpr):
     q = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     HW = H * W
@@ -557,7 +573,7 @@ def _step_kernel(x_ptr, f_ptr, rec_ptr, src_ptr, dst_ptr, lut_ptr, mean_ptr, rot
     out = cur
     r = cur
     if act_img | (mixes & self_mix):
-        op = tl.where(act_img, tl.load(st + F_OP), tl.load(st + F_SELF_OP)).to(tl.int32)
+        op = _table_op(st, act_img, ops_map, NOPS)
         mag = tl.where(act_img, tl.load(st + F_MAG), tl.load(st + F_SELF_MAG))
         r = _image_op(op_img, op, mag, lut_ptr + q * 768, tl.load(mean_ptr + q), rot_ptr,
                       pix, rows, cols, ch, mask, H, W)
@@ -687,10 +703,17 @@ def decode(uniforms: torch.Tensor, cfg: C.IPMixConfig) -> torch.Tensor:
     return out.reshape(lead + (L,))
 
 
-def chains(x: torch.Tensor, f: torch.Tensor, tapes: torch.Tensor, cfg: C.IPMixConfig):
+def _ops_map(ops, device: torch.device) -> torch.Tensor:
+    """int32 [len(ops)]: each op's place in ``config.OP_TABLE`` (cached per op list and device)."""
+    return _cached(("ops", tuple(ops), device.type, device.index),
+                   lambda: _as_device([C.op_index(n) for n in ops], device, torch.int32))
+
+
+def chains(x: torch.Tensor, f: torch.Tensor, tapes: torch.Tensor, cfg: C.IPMixConfig, ops=None):
     """The chain results uint8 [B * A * k, H, W, 3] (sample-major, then view, then chain) of
     tapes [B, A, L] on images x and mixing pictures f uint8 [B, H, W, 3]; 2 launches a step.
-    Returns None when t = 0 (every chain is x)."""
+    The tapes' op indices index ``ops`` (default ``cfg.ops``).  Returns None when t = 0 (every
+    chain is x)."""
     B, H, W, _ = x.shape
     A = tapes.shape[1]
     L = tapes.shape[2]
@@ -701,15 +724,17 @@ def chains(x: torch.Tensor, f: torch.Tensor, tapes: torch.Tensor, cfg: C.IPMixCo
     bufs = [torch.empty((Q, H, W, 3), dtype=torch.uint8, device=x.device) for _ in range(min(2, cfg.t))]
     lut = torch.empty((Q, 3, 256), dtype=torch.int32, device=x.device)
     mean = torch.zeros((Q,), dtype=torch.int32, device=x.device)
-    common = dict(A=A, K=cfg.k, T=cfg.t, L=L, H=H, W=W)
+    ops = cfg.ops if ops is None else tuple(ops)
+    ops_map = _ops_map(ops, x.device)
+    common = dict(A=A, K=cfg.k, T=cfg.t, L=L, H=H, W=W, NOPS=len(ops))
     src = bufs[0]                      # not read at step 0
     for j in range(cfg.t):
         dst = bufs[j % 2]
         first = j == 0
-        _launch(_tables_kernel, (Q, 3), x, tapes, src, lut, mean, tab.scale, j,
+        _launch(_tables_kernel, (Q, 3), x, tapes, src, lut, mean, tab.scale, ops_map, j,
                 FIRST=first, BLOCK=BLOCK_SCAN, **common)
         _launch(_step_kernel, (Q, triton.cdiv(H * W, BLOCK_PIXELS)), x, f, tapes, src, dst, lut,
-                mean, tab.rot, tab.inv255, float(np.float32(C.MULTIPLY_EPS)), j,
+                mean, tab.rot, tab.inv255, ops_map, float(np.float32(C.MULTIPLY_EPS)), j,
                 FIRST=first, CLAMP=cfg.overflow == "clamp", BP=BLOCK_PIXELS, num_warps=STEP_WARPS,
                 **common)
         src = dst
@@ -752,9 +777,11 @@ def views(x: torch.Tensor, f: torch.Tensor, tapes: torch.Tensor, cfg: C.IPMixCon
 _ONE_STEP = C.IMAGENET.replace(k=1, t=1, jsd=False)
 
 
-def one_step(x: torch.Tensor, partner: torch.Tensor, fields: dict, overflow: str = "wrap"):
+def one_step(x: torch.Tensor, partner: torch.Tensor, fields: dict, overflow: str = "wrap",
+             ops=C.IMAGE_OPS):
     """One chain step on every image of x (uint8 [B, H, W, 3]), its tape fields given by name
-    (``tape.STEP_FIELDS``) as [B] tensors; ``partner`` is the mixing picture."""
+    (``tape.STEP_FIELDS``) as [B] tensors, the op field indexing ``ops``; ``partner`` is the
+    mixing picture."""
     _check_device(x)
     lay = T.TapeLayout(1, 1)
     B = x.shape[0]
@@ -764,4 +791,5 @@ def one_step(x: torch.Tensor, partner: torch.Tensor, fields: dict, overflow: str
     chain_fields[:, 0, 0, T.CF["depth"]] = 1.0
     for name, value in fields.items():
         steps[:, 0, 0, 0, T.SF[name]] = value.reshape(B).to(device=x.device, dtype=torch.float32)
-    return chains(x.contiguous(), partner.contiguous(), tapes, _ONE_STEP.replace(overflow=overflow))
+    return chains(x.contiguous(), partner.contiguous(), tapes, _ONE_STEP.replace(overflow=overflow),
+                  ops)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from dali_ipmix import config as C, fused, reference as R, tape as T
+from dali_ipmix import config as C, fused, fused_node, reference as R, tape as T
 from conftest import MAGNITUDES
 
 CFG = C.IMAGENET.replace(image_size=64, patch_sizes=(4, 8, 16, 32, 64))
@@ -123,7 +123,7 @@ def test_dali_node_equals_direct_call(photos64, partners64):
         x = fn.external_source(lambda: photos64[:B], batch=True, layout="HWC")
         f = fn.external_source(lambda: partners64[:B], batch=True, layout="HWC")
         u = T.dali_uniforms(cfg, cfg.n_aug)
-        views, tapes = fused.fused_ipmix_node(x, f, u, cfg, device="cpu")
+        views, tapes = fused_node.fused_ipmix_node(x, f, u, cfg, device="cpu")
         return views, tapes, u
 
     pipe = graph()
@@ -163,7 +163,7 @@ def test_gpu_dali_node_equals_direct_call(photos64, partners64):
         x = fn.external_source(lambda: photos64[:B], batch=True, layout="HWC")
         f = fn.external_source(lambda: partners64[:B], batch=True, layout="HWC")
         u = T.dali_uniforms(cfg, cfg.n_aug)
-        views, tapes = fused.fused_ipmix_node(x, f, u, cfg, device="gpu",
+        views, tapes = fused_node.fused_ipmix_node(x, f, u, cfg, device="gpu",
                                               out_dtype=torch.float16)
         return views, tapes, u
 
@@ -180,3 +180,40 @@ def test_gpu_dali_node_equals_direct_call(photos64, partners64):
         torch.testing.assert_close(got, direct.cpu(), atol=0, rtol=0)
         torch.testing.assert_close(torch.from_dlpack(tapes.as_tensor()).cpu(), direct_tapes.cpu(),
                                    atol=0, rtol=0)                       # a GPU output
+
+
+def test_every_op_dispatches_through_its_record():
+    # an op the table has but a backend's family table lacks, or one filed under another family,
+    # is refused (never a silent fall-through to another op's code)
+    point = set(C.POINT_OPS)
+    C.check_implemented(point, "here", "point")
+    with pytest.raises(NotImplementedError,
+                       match="image op 'invert' \\(point\\) has no implementation in here"):
+        C.check_implemented(point - {"invert"}, "here", "point")
+    with pytest.raises(NotImplementedError,
+                       match="here has point code for 'rotate', and config.OP_TABLE says it "
+                             "is a geometric op"):
+        C.check_implemented(point | {"rotate"}, "here", "point")
+    with pytest.raises(ValueError, match="unknown image op 'nope'"):
+        fused.image_op(_batch([np.zeros((8, 8, 3), np.uint8)]), torch.zeros(1), torch.zeros(1),
+                       ("invert", "nope"))
+
+
+def test_torch_ops_follow_the_given_op_list(photos64):
+    # op indices index the op list they were drawn with (cfg.ops), not the table's order
+    ops = ("sharpness", "invert", "rotate", "autocontrast", "solarize", "mirror")
+    mags = [0.6, 0, -8, 7.2, 128, 0]
+    out = fused.image_op(_batch(photos64), torch.arange(6), torch.tensor(mags), ops).numpy()
+    for i, (n, m) in enumerate(zip(ops, mags)):
+        assert _diff(out[i], R.image_op(photos64[i], n, float(np.float32(m)))).max() == 0, n
+
+
+def test_dali_node_refuses_an_untested_dali():
+    for version in ("2.4.0", "2.4.1", "2.4.0.dev20260101"):
+        fused_node.check_dali_version(version)
+    from dali_ipmix.errors import UserError
+    for version in ("2.5.0", "1.30.0", "3.4.0", "unknown"):
+        with pytest.raises(UserError, match=r"tested with DALI 2\.4\.x only, and this is DALI "
+                                            + version.replace(".", r"\.")
+                                            + r": install 'nvidia-dali-cuda120==2\.4\.\*'"):
+            fused_node.check_dali_version(version)

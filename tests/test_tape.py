@@ -189,3 +189,27 @@ def test_dali_tape_seeded():
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert len({tuple(r) for r in a}) == 8        # every sample draws its own tape
+
+
+def test_op_indices_stay_when_an_op_is_appended():
+    # a new op is appended to the table: the default ops and the --all-ops ops keep their indices,
+    # so recorded tapes (op index = place in cfg.ops) still mean the same ops
+    default, every = C.op_lists(C.OP_TABLE)
+    assert (default, every) == (C.IMAGE_OPS, C.ALL_IMAGE_OPS)
+    for trial in (C.ImageOp("trial", "point"), C.ImageOp("trial", "point", all_ops_only=True)):
+        new_default, new_every = C.op_lists(C.OP_TABLE + (trial,))
+        assert new_every == every + ("trial",)
+        assert new_default[:len(default)] == default
+        assert new_default == default + (() if trial.all_ops_only else ("trial",))
+
+
+def test_layout_offsets_match_unpack():
+    layout = T.TapeLayout(3, 2)
+    tape = np.arange(layout.size, dtype=np.float32)
+    skip, chains, steps = layout.unpack(tape)
+    assert tape[layout.SKIP] == skip
+    for i in range(3):
+        for name in T.CHAIN_FIELDS:
+            assert tape[layout.chain_field(i, name)] == chains[i, T.CF[name]]
+        for j in range(2):
+            np.testing.assert_array_equal(tape[layout.step_slice(i, j)], steps[i, j])

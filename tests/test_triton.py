@@ -58,6 +58,18 @@ def test_mixed_ops_and_unknown_index_in_one_batch(photos64):
 
 
 @cpu
+def test_ops_follow_the_given_op_list(photos64):
+    # op indices index the op list they were drawn with (cfg.ops), whatever the table's order:
+    # the kernels map them onto the table (not a prefix of it here)
+    ops = ("sharpness", "invert", "rotate", "autocontrast", "solarize", "mirror")
+    mags = [0.6, 0, -8, 7.2, 128, 0]
+    out = fused.image_op(_batch(photos64), torch.arange(6), torch.tensor(mags), ops,
+                         impl="triton").numpy()
+    for i, (n, m) in enumerate(zip(ops, mags)):
+        assert _diff(out[i], R.image_op(photos64[i], n, float(np.float32(m)))).max() == 0, n
+
+
+@cpu
 def test_fractional_rotation_is_refused(photos64):
     with pytest.raises(ValueError, match="whole degrees"):
         fused.image_op(_batch(photos64), torch.full((6,), OPS.index("rotate")),
