@@ -281,6 +281,8 @@ def prepare_run(args, state):
                 error = e
         distributed.raise_together(error, state.world_size)
     checkpoint.check_not_complete(args, ckpt)   # every rank holds ckpt: they all stop here
+    if state.is_main:
+        checkpoint.sign_lock(state.output_lock)
     return ckpt
 
 

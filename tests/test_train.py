@@ -604,14 +604,16 @@ def test_a_disk_full_from_the_first_checkpoint_on_is_no_success(dataset, tmp_pat
 def test_resume_auto_on_a_finished_run_says_so_and_changes_nothing(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(_args(dataset, out, "--epochs", "1"), model_factory=tiny_factory) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    def files():   # contents and modification times: not even the lock file is written again
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.is_file()}
+    before = files()
     capsys.readouterr()
     assert train.main(_args(dataset, out, "--epochs", "1", "--resume", "auto"),
                       model_factory=tiny_factory) == 0
     printed = capsys.readouterr().out.strip()
     assert len(printed.splitlines()) == 1 and "the run is complete (all 1 epochs are done, step 3)" in printed
     assert "larger --epochs" in printed and "summary:" not in printed
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert files() == before
 
 
 def _stopping_factory(sigterm_at):

@@ -146,7 +146,6 @@ def lock_output_dir(out):
     when the process ends, however it ends, so a crashed run leaves no stale lock.  Returns the
     open lock file to keep (None where the file system has no locks)."""
     import fcntl
-    import socket
     f = open(os.path.join(str(out), LOCK_FILE), "a+")
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -161,10 +160,20 @@ def lock_output_dir(out):
         print(f"train.py: warning: cannot lock --output-dir {out} ({e.strerror or e}); a second run "
               f"into it would not be refused", file=sys.stderr, flush=True)
         return None
-    f.truncate(0)
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
     return f
+
+
+def sign_lock(lock) -> None:
+    """Write this run's pid, host and start into the held lock file (what a refused second run
+    names).  Called once the run is going to train: a ``--resume`` of a finished run holds the
+    lock only to read, and leaves the folder exactly as it found it."""
+    if lock is None:
+        return
+    import socket
+    lock.seek(0)
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
 
 
 def previous_run_files(out):
