@@ -665,8 +665,8 @@ def run(args, model_factory=None) -> int:
         return 0
     except RuntimeError as e:
         # a bad file met by DALI mid-run: one line naming it and how to skip it, not a traceback
-        from dali_ipmix.sources import explain_shard_error, local_folders
-        from dali_ipmix.verify import SEARCH_LIMIT, explain_pipeline_error
+        from dali_ipmix.sources import local_folders
+        from dali_ipmix.verify import SEARCH_LIMIT, explain_pipeline_error, explain_shard_error
         err = explain_shard_error(e, [args.train_dir, args.val_dir, args.mixing_set], SEARCH_LIMIT)
         if err is None:
             err = explain_pipeline_error(e, local_folders([args.train_dir, args.val_dir]),
