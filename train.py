@@ -706,7 +706,7 @@ def train(args, state, model_factory, t_start) -> int:
         state.log("note: this is the built-in demo (synthetic data, small model); the real recipe is "
                   "--data-path IMAGENET --mixing-set FRACTALS with the defaults (ResNet-50, 224 px)")
     setup_time = time.perf_counter() - t_start
-    progress = metrics.Progress(writer, epochs=args.epochs, end_step=end_step,
+    progress = metrics.StepWindow(writer, epochs=args.epochs, end_step=end_step,
                                 world_size=state.world_size, device=state.torch_device,
                                 is_main=state.is_main)
     stop = distributed.StopRequest(state.distributed)
