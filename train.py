@@ -667,8 +667,8 @@ def run(args, model_factory=None) -> int:
         return 0
     except RuntimeError as e:
         # a bad file met by DALI mid-run: one line naming it and how to skip it, not a traceback
-        from dali_ipmix.sources import explain_shard_error, local_folders
-        from dali_ipmix.verify import SEARCH_LIMIT, explain_pipeline_error
+        from dali_ipmix.sources import local_folders
+        from dali_ipmix.verify import SEARCH_LIMIT, explain_pipeline_error, explain_shard_error
         err = explain_shard_error(e, [args.train_dir, args.val_dir, args.mixing_set], SEARCH_LIMIT)
         if err is None:
             err = explain_pipeline_error(e, local_folders([args.train_dir, args.val_dir]),
@@ -708,7 +708,7 @@ def train(args, state, model_factory, t_start) -> int:
         state.log("note: this is the built-in demo (synthetic data, small model); the real recipe is "
                   "--data-path IMAGENET --mixing-set FRACTALS with the defaults (ResNet-50, 224 px)")
     setup_time = time.perf_counter() - t_start
-    progress = metrics.Progress(writer, epochs=args.epochs, end_step=end_step,
+    progress = metrics.StepWindow(writer, epochs=args.epochs, end_step=end_step,
                                 world_size=state.world_size, device=state.torch_device,
                                 is_main=state.is_main)
     stop = distributed.StopRequest(state.distributed)

@@ -13,7 +13,7 @@ What train.py calls, each documented where it is defined: ``add_adv_args`` and
 ``check_adv_args`` (the ``--adv-*`` flags, errors as ``errors.UserError``), ``uses_pixels`` and
 ``pixel_config`` (pipelines that emit [0, 1] pixels), ``with_normalization``, ``adv_mixup_loss``
 (one training step's loss), ``spread_batches`` and ``robust_eval`` (clean / PGD / AutoAttack
-accuracy); ``pgd_linf`` is the project's one PGD (``robustness.attacks``).
+accuracy); ``pgd_linf`` is the project's one PGD (``attacks``, shared with ``dali-ipmix eval``).
 """
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import attacks
+from .attacks import check_autoattack, describe_autoattack, pgd_linf  # noqa: F401  (train.py: check_autoattack)
 from .errors import UserError
-from .robustness.attacks import pgd_linf   # the project's one PGD (random start, restarts, worst kept)
-from .robustness.model import Normalized
+from .models import Normalized
 
 MODES = ("off", "aom", "mixup_pgd")
 PROBES = ("mixed", "endpoints")
@@ -261,7 +262,7 @@ class AdvConfig:
 # The model takes pixels
 
 def with_normalization(model: nn.Module, mean, std) -> nn.Module:
-    """``model`` fed [0, 1] pixels: ``Normalized(model, mean, std)`` (the evaluation package's
+    """``model`` fed [0, 1] pixels: ``Normalized(model, mean, std)`` (``models.Normalized``, the
     wrapper, one class for training and evaluation); ``.model`` is the bare network."""
     return Normalized(model, mean, std)
 
@@ -576,60 +577,12 @@ def adv_mixup_loss(model_unwrapped, model_for_grad, images01, labels, num_classe
 # ---------------------------------------------------------------------------------------------
 # Robust evaluation
 
-AUTOATTACK_INSTALL = "pip install torchattacks==3.5.1"
-
-
-def check_autoattack(num_classes: int) -> None:
-    """Refuse AutoAttack where it cannot run (torchattacks missing, fewer than 4 classes): called
-    before any work by train.py and `dali-ipmix eval`, and by ``autoattack_standard``."""
-    try:
-        import torchattacks  # noqa: F401
-    except ImportError:
-        raise UserError(f"AutoAttack needs the torchattacks package: {AUTOATTACK_INSTALL} "
-                        f"(or evaluate with PGD only)") from None
-    if num_classes < 4:    # APGD-T's targeted DLR loss reads the 3rd and 4th largest logits
-        raise UserError(f"AutoAttack's targeted attacks need a model with >= 4 classes, this one has "
-                        f"{num_classes}; evaluate it with PGD only")
-
-
-def autoattack_standard(model, eps: float, num_classes: int, seed: int = 0):
-    """AutoAttack 'standard' (Croce & Hein) built from torchattacks 3.5.1 parts with the official
-    settings, which torchattacks' own ``AutoAttack`` does not use (it keeps 10 iterations and
-    ``n_classes - 1`` targets): APGD-CE and APGD-T (100 iterations), FAB-T (100 iterations),
-    Square (5000 queries, p_init 0.8, no schedule rescaling); 9 target classes (fewer if the
-    model has fewer than 10 classes).  Applied in sequence to the images not yet fooled."""
-    check_autoattack(num_classes)
-    import torchattacks as ta
-    n = min(num_classes, 10)    # torchattacks runs n - 1 targets; official AA uses 9
-    attacks = [
-        ta.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", rho=0.75, seed=seed),
-        ta.APGDT(model, norm="Linf", eps=eps, steps=100, n_restarts=1, rho=0.75, n_classes=n, seed=seed),
-        ta.FAB(model, norm="Linf", eps=eps, steps=100, n_restarts=1, multi_targeted=True,
-               n_classes=n, seed=seed),
-        ta.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, p_init=0.8,
-                  resc_schedule=False, seed=seed),
-    ]
-    return ta.MultiAttack(attacks)
-
-
-def _describe(attack) -> str:
-    apgd, apgdt, fab, square = attack.attacks
-    return (f"torchattacks {_torchattacks_version()}: APGD-CE ({apgd.steps} it), APGD-T ({apgdt.steps} it, "
-            f"{apgdt.n_target_classes} targets), FAB-T ({fab.steps} it, {fab.n_target_classes} targets), "
-            f"Square ({square.n_queries} queries)")
-
-
-def _torchattacks_version() -> str:
-    import torchattacks
-    return getattr(torchattacks, "__version__", "?")
-
-
 def spread_batches(loader, total: int, keep: int):
     """``loader``'s ``(x, y)`` batches cut to ``keep`` of its ``total`` samples, evenly spaced over
-    the stream (``robustness.datasets.subset_indices``): validation lists are sorted by class, so
+    the stream (``readers.subset_indices``): validation lists are sorted by class, so
     the first ``keep`` would cover only the first classes.  The whole loader is consumed (a DALI
     iterator left mid-epoch would resume there next time), so the subset is the same every pass."""
-    from .robustness.datasets import subset_indices
+    from .readers import subset_indices
     if not keep or keep >= total:
         yield from loader
         return
@@ -685,7 +638,7 @@ def robust_eval(model, loader, eps, alpha, steps, restarts=1, autoattack=False, 
             ok_worst = ok_pgd
             if autoattack:
                 if attack is None:
-                    attack = autoattack_standard(model, eps, clean_logits.shape[1], seed)
+                    attack = attacks.autoattack_standard(model, eps, clean_logits.shape[1], seed)
                 devices = [x.device.index or 0] if x.device.type == "cuda" else []
                 with torch.random.fork_rng(devices=devices):    # torchattacks re-seeds the global RNG
                     x_aa = attack(x.contiguous(), y)     # FAB .view()s gradients shaped like x
@@ -710,6 +663,6 @@ def robust_eval(model, loader, eps, alpha, steps, restarts=1, autoattack=False, 
            "worst": pct["worst"], "clean_minus_pgd": pct["clean"] - pct["pgd"],
            "pgd_minus_aa": pct["pgd"] - pct["autoattack"] if autoattack else None,
            "eps": eps, "alpha": alpha, "steps": steps, "restarts": restarts,
-           "autoattack_impl": _describe(attack) if attack is not None else None}
+           "autoattack_impl": describe_autoattack(attack) if attack is not None else None}
     out.update({f"n_{k}": v for k, v in n.items() if k != "images" and (autoattack or k != "autoattack")})
     return out

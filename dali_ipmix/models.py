@@ -12,15 +12,30 @@ first two are the ones adversarial training papers use):
 
 ``get_model(arch, num_classes)`` returns one of these, or else
 ``torchvision.models.get_model(arch, weights=None, num_classes=num_classes)``.  None of the models
-normalises its input; wrap it with :func:`dali_ipmix.advmixup.with_normalization` to feed
-pixels in [0, 1].
+normalises its input; wrap it in ``Normalized`` (defined here, used by the adversarial mode and
+``dali-ipmix eval``) to feed pixels in [0, 1].
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class Normalized(nn.Module):
+    """``model((x - mean) / std)`` for pixels ``x`` in [0, 1], NCHW: corruptions and the PGD
+    budget stay in pixel space."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return self.model((x - self.mean) / self.std)
 
 
 class PreActBlock(nn.Module):

@@ -9,7 +9,7 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from .errors import UserError
 
@@ -228,14 +228,13 @@ def decode_device(device: str) -> str:
 
 
 def train_images(data, *, device, size, shard_id=0, num_shards=1, seed=None,
-                 random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3), files=None,
-                 hw_decoder_load=0.65):
-    """The training reader of ``data`` (a ``sources.DataSource``, or a location that becomes one;
-    ``files``: (files, labels) under a class folder, instead of listing it) + decode fused with
-    RandomResizedCrop + resize (torchvision defaults).
+                 random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3), hw_decoder_load=0.65):
+    """The training reader of ``data`` (a ``sources.DataSource``: the pipelines open it, so this
+    module stays below ``sources``) + decode fused with RandomResizedCrop + resize (torchvision
+    defaults).
     Returns (images uint8 HWC size x size on ``device``, labels int32 CPU)."""
     from nvidia.dali import fn, types
-    jpegs, labels = _source(data, files, "--data").reader(
+    jpegs, labels = data.reader(
         name=TRAIN_READER, shard_id=shard_id, num_shards=num_shards, shuffle=True, seed=seed)
     extra = {"hw_decoder_load": hw_decoder_load} if device == "gpu" else {}
     images = fn.decoders.image_random_crop(
@@ -244,19 +243,6 @@ def train_images(data, *, device, size, shard_id=0, num_shards=1, seed=None,
     images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
                        antialias=True)
     return images, labels
-
-
-def _source(data, files, flag, labelled=True):
-    """``data`` as a ``sources.DataSource``: as is, or a folder with the given (files, labels),
-    or a location listed now."""
-    from . import sources
-    if isinstance(data, sources.DataSource):
-        return data
-    if files is None:
-        return sources.open_source(data, flag=flag, labelled=labelled)
-    files, labels = files if labelled else (files, ())
-    return sources.DataSource(str(data), "folders", flag, (), len(files), root=str(data),
-                              files=list(files), labels=list(labels))
 
 
 MIXING_CACHE_MAX_MB = 4096     # the largest automatic decoder cache for the mixing set
@@ -275,10 +261,8 @@ def mixing_cache_mb(source) -> int:
     return min(MIXING_CACHE_MAX_MB, int(width * height * 3 * source.size * 1.25 / 2 ** 20) + 1)
 
 
-def mixing_pictures(mixing, *, device, size, resize, seed=None, files=None, stream_seed=None,
-                    cache_mb="auto"):
-    """The mixing-set reader (``mixing``: a ``sources.DataSource`` or a location; ``files``: the
-    pictures under a folder, instead of listing it): its own shuffling and seed; Resize(shorter
+def mixing_pictures(mixing, *, device, size, resize, seed=None, stream_seed=None, cache_mb="auto"):
+    """The mixing-set reader (``mixing``: a ``sources.DataSource``): its own shuffling and seed; Resize(shorter
     side -> resize) then RandomCrop(size), as the official code prepares the fractal picture.
 
     ``stream_seed`` (one per rank): the order the reader walks the pictures in.  DALI's reader
@@ -292,7 +276,7 @@ def mixing_pictures(mixing, *, device, size, resize, seed=None, files=None, stre
     again and again, and decoding them every batch would cost as much as a third of the source
     decoding.  The first pass over the set fills the cache."""
     from nvidia.dali import fn, types
-    source = _source(mixing, files, "--mixing", labelled=False)
+    source = mixing
     if stream_seed is not None:
         source = source.permuted(stream_seed)
     kw = {} if seed is None else {"seed": seed}
@@ -309,15 +293,42 @@ def mixing_pictures(mixing, *, device, size, resize, seed=None, files=None, stre
     return fn.crop(pics, crop=[size, size], **pos)
 
 
-def val_images(data, *, device, size, resize, shard_id=0, num_shards=1, files=None):
+def val_images(data, *, device, size, resize, shard_id=0, num_shards=1):
     """Validation (``data`` as in ``train_images``): Resize(shorter -> resize) + CenterCrop(size),
     no shuffling.  Each rank keeps its shard in every pass (``stick_to_shard``; DALI's reader
     moves to the next shard after each epoch by default), so passes over it -- the clean and the
     robust evaluation -- see the same images, the ones ``training.robust`` counts as this rank's."""
     from nvidia.dali import fn, types
-    jpegs, labels = _source(data, files, "--val-data").reader(
+    jpegs, labels = data.reader(
         name=VAL_READER, shard_id=shard_id, num_shards=num_shards, shuffle=False,
         stick_to_shard=True)
     images = fn.decoders.image(jpegs, device=decode_device(device), output_type=types.RGB)
     images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True)
     return fn.crop(images, crop=[size, size]), labels
+
+
+def unreadable_reason(path: Path, words: str, max_pixels: int = MAX_PIXELS) -> str:
+    """Why the picture ``path`` failed to read, in words for an error line: a broken link, too many
+    pixels, gone, unreadable, empty, else ``words`` (the decoder's complaint).  Shared by
+    ``dali-ipmix verify`` and ``dali-ipmix eval``."""
+    if path.is_symlink() and not path.exists():
+        return "it is a broken link"
+    too_large = too_many_pixels(picture_size(path), max_pixels)
+    if too_large:
+        return too_large
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "it no longer exists"
+    except OSError as e:
+        return f"it cannot be read ({e.strerror})"
+    return "it is empty (0 bytes)" if size == 0 else words
+
+
+def subset_indices(n: int, limit: Optional[int]) -> "np.ndarray":
+    """``limit`` indices spread evenly over ``range(n)`` (files are sorted by class, so every class
+    keeps a share); all of them without a limit."""
+    import numpy as np
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, max(1, limit)).round().astype(np.int64))

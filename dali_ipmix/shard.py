@@ -1,6 +1,6 @@
 """``dali-ipmix shard SRC OUT``: class folders (or a verified file list of them, or a mixing-picture
 folder) into tar shards in the WebDataset layout, the format ``sources`` reads with DALI's
-``fn.readers.webdataset``; and ``scan_shards``, the check behind ``dali-ipmix verify SHARD_DIR``.
+``fn.readers.webdataset`` (``dali-ipmix verify SHARD_DIR`` checks a set: ``verify.scan_shards``).
 
 Layout of OUT: ``shard-000000.tar`` ... with ``<key>.<picture extension>`` + ``<key>.cls`` (the
 label as decimal text; no ``.cls`` in a mixing set) per sample, samples shuffled across classes
@@ -190,69 +190,6 @@ def convert(src, out, *, filelist=None, mixing: bool = False, seed: int = 0,
         if len(bad) > 20:
             log(f"  ... {len(bad) - 20} more")
     return manifest
-
-
-# ---------------------------------------------------------------------------------------------
-# Checking a shard set (dali-ipmix verify SHARD_DIR)
-
-def scan_shards(base) -> List[str]:
-    """Problems of a shard set, one line each (``shard, member: kinds``): members that stop
-    training (verify's picture checks), bad labels, missing members, truncated tars."""
-    from .verify import PROBLEMS, check_image
-    manifest = sources.read_manifest(str(base), "SHARD_DIR")
-    labelled = bool(manifest.get("classes"))
-    problems = []
-    with Progress("verify shards", manifest["samples"]) as bar:
-        for entry in manifest["shards"]:
-            tar_path = os.path.join(base, entry["tar"])
-            seen, labels = {}, {}
-            try:
-                with tarfile.open(tar_path, "r:") as tar:
-                    for member in tar:
-                        if not member.isfile():
-                            continue
-                        key, _, ext = member.name.partition(".")
-                        data = tar.extractfile(member).read()
-                        if len(data) != member.size:
-                            raise tarfile.ReadError(f"{member.name} ends early")
-                        if ext == sources.LABEL_MEMBER:
-                            labels[key] = data
-                            if not data.strip().isdigit() or int(data) >= len(manifest["classes"]):
-                                problems.append(f"{entry['tar']}, {member.name}: bad label {data[:12]!r}")
-                            continue
-                        seen[key] = member.name
-                        kinds, detail = check_image(data, "." + ext)
-                        if any(PROBLEMS[k].fatal for k in kinds):
-                            problems.append(f"{entry['tar']}, {member.name}: {', '.join(kinds)}"
-                                            + (f" ({detail})" if detail else ""))
-                        bar.update()
-            except (tarfile.TarError, OSError, EOFError) as e:
-                problems.append(f"{entry['tar']}: truncated or corrupt tar ({e})")
-                continue
-            if labelled:
-                problems += [f"{entry['tar']}, {seen[k]}: no .cls member" for k in seen if k not in labels]
-            if len(seen) != entry["samples"]:
-                problems.append(f"{entry['tar']}: {len(seen)} pictures, the manifest says {entry['samples']}")
-    return problems
-
-
-def is_shard_set(path) -> bool:
-    return os.path.isfile(os.path.join(str(path), sources.MANIFEST))
-
-
-def verify_shards(base) -> int:
-    """``dali-ipmix verify SHARD_DIR``: print every problem; exit code 1 if any."""
-    start = time.perf_counter()
-    problems = scan_shards(base)
-    print(f"verify {base} (shard set): {len(problems)} problem(s), {time.perf_counter() - start:.1f} s")
-    for line in problems:
-        print(f"  FATAL {line}")
-    if problems:
-        print("result: training stops on these; write the shard set again from the source folders with "
-              "`dali-ipmix shard SRC OUT --overwrite` (bad pictures are left out)")
-    else:
-        print("result: no fatal problems")
-    return 1 if problems else 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -369,58 +369,7 @@ FORMATS: Dict[str, Format] = {
 
 def local_folders(items) -> List[str]:
     """The local class or picture folders among ``items`` (sources, paths, None): where
-    ``verify.explain_pipeline_error`` may look for a bad file."""
+    ``verify.explain_pipeline_error`` may look for a bad file (shard sets:
+    ``verify.explain_shard_error``)."""
     return [str(x) for x in items if x is not None and not s3.is_s3(str(x))
             and (not isinstance(x, DataSource) or x.format == "folders")]
-
-
-# DALI's webdataset reader names a sample "<shard.tar>:<offset>:<member>" in its errors
-_BAD_INDEX = re.compile(r'Malformed index file at "(?P<index>[^"]+)" line (?P<line>\d+)')
-_MEMBER = re.compile(r"(?P<shard>[^\s'\"]+\.tar):(?P<offset>\d+):(?P<member>[^\s'\"]+)")
-
-
-def explain_shard_error(exc: BaseException, data: Sequence, search_limit: int = 0) -> Optional[UserError]:
-    """A one-line ``UserError`` for a DALI error about a shard member (corrupt, truncated),
-    naming the shard, the member and the command that lists every bad member; None when the
-    error is not about a shard set's member.  DALI names the member when the data ends early
-    ("shard.tar:offset:member"); for undecodable bytes it does not, and local shard sets of at
-    most ``search_limit`` samples are then checked (``shard.scan_shards``) to name it."""
-    from .verify import _UNNAMED
-    shard_sets = [s for s in data if isinstance(s, DataSource) and s.format == "webdataset"]
-    if not shard_sets:
-        return None
-    text = str(exc)
-    hint = "write the shards again with `dali-ipmix shard ... --overwrite` (bad pictures are left out)"
-    bad_index = _BAD_INDEX.search(text)
-    if bad_index is not None:        # the tar is shorter than its index says
-        return UserError(f"{bad_index.group('index')}, line {bad_index.group('line')}: points past the "
-                         f"end of its shard (truncated); list every bad shard with `dali-ipmix verify "
-                         f"{shard_sets[0].root}`, then copy the shard set again or {hint}")
-    m = _MEMBER.search(text)
-    if m is not None:
-        owner = next((s for s in shard_sets if m.group("shard") in s.shards), shard_sets[0])
-        return UserError(f"{m.group('shard')}, member {m.group('member')}: reading stopped on this "
-                         f"member (DALI: {_first_error_line(text)}); list every bad member with "
-                         f"`dali-ipmix verify {owner.root}`, then {hint}")
-    unnamed = _UNNAMED.search(text)
-    if unnamed is None:
-        return None
-    from .shard import scan_shards
-    for s in shard_sets:
-        if not s.on_s3 and s.size <= search_limit:
-            problems = scan_shards(s.root)
-            if problems:
-                return UserError(f"{s.root}/{problems[0]}: reading stopped on this member (found by "
-                                 f"checking the shards after DALI's '{unnamed.group(0)}'); list every "
-                                 f"bad member with `dali-ipmix verify {s.root}`, then {hint}")
-    if any(not isinstance(s, DataSource) or s.format != "webdataset" for s in data if s is not None):
-        return None          # it may be a class folder's file: verify.explain_pipeline_error's turn
-    commands = " and ".join(f"`dali-ipmix verify {s.root}`" for s in shard_sets)
-    return UserError(f"DALI could not decode a shard member and does not say which ({unnamed.group(0)}); "
-                     f"list every bad member with {commands}, then {hint}")
-
-
-def _first_error_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    pick = next((line for line in lines if _MEMBER.search(line)), lines[-1] if lines else "")
-    return pick[:200]

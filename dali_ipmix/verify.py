@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shlex
+import tarfile
 import time
 import zlib
 from collections import Counter
@@ -29,11 +30,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-from .errors import UserError
+from . import sources
 from .data._io import pool_map, resolve_jobs
+from .errors import UserError
 from .outputs import check_output_file, write_atomic
+from .progress import Progress
 from .readers import (IMAGE_EXTENSIONS, LINK_LOOP, MAX_PIXELS, class_folder_files, picture_files,
-                      picture_size, special_kind, too_many_pixels)
+                      special_kind, too_many_pixels, unreadable_reason)
 
 
 class Kind(NamedTuple):
@@ -374,21 +377,6 @@ def _locate(name: str, folders: Sequence[Path]) -> Tuple[Path, Optional[Path]]:
     return p, None
 
 
-def _why(path: Path, words: str, max_pixels: int = MAX_PIXELS) -> str:
-    if path.is_symlink() and not path.exists():
-        return "it is a broken link"
-    too_large = too_many_pixels(picture_size(path), max_pixels)
-    if too_large:
-        return too_large
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return "it no longer exists"
-    except OSError as e:
-        return f"it cannot be read ({e.strerror})"
-    return "it is empty (0 bytes)" if size == 0 else words
-
-
 def _folders(dirs) -> List[Path]:
     dirs = [dirs] if isinstance(dirs, (str, os.PathLike)) else list(dirs)
     return [Path(d).absolute() for d in dirs]
@@ -432,7 +420,7 @@ def explain_pipeline_error(exc: BaseException, data_dirs: Iterable, mixing_dirs:
             name = m.group("path").strip()
             path, folder = _locate(name, folders)
             words = m.groupdict().get("why") or f"DALI: {m.group(0).strip()}"
-            why = _why(path, words, max_pixels) if folder else words
+            why = unreadable_reason(path, words, max_pixels) if folder else words
             hint = skip_hint(folder if folder else "DIR", folder in mixing, use)
             return UserError(f"{path}: {stopped} stopped on this file, {why}; {hint}")
     m = _UNNAMED.search(text)
@@ -458,6 +446,118 @@ def explain_pipeline_error(exc: BaseException, data_dirs: Iterable, mixing_dirs:
 
 # ---------------------------------------------------------------------------------------------------
 # The command
+# DALI's webdataset reader names a sample "<shard.tar>:<offset>:<member>" in its errors
+_BAD_INDEX = re.compile(r'Malformed index file at "(?P<index>[^"]+)" line (?P<line>\d+)')
+_MEMBER = re.compile(r"(?P<shard>[^\s'\"]+\.tar):(?P<offset>\d+):(?P<member>[^\s'\"]+)")
+
+
+def explain_shard_error(exc: BaseException, data: Sequence, search_limit: int = 0) -> Optional[UserError]:
+    """A one-line ``UserError`` for a DALI error about a shard member (corrupt, truncated),
+    naming the shard, the member and the command that lists every bad member; None when the
+    error is not about a shard set's member.  DALI names the member when the data ends early
+    ("shard.tar:offset:member"); for undecodable bytes it does not, and local shard sets of at
+    most ``search_limit`` samples are then checked (``scan_shards``) to name it."""
+    shard_sets = [s for s in data if isinstance(s, sources.DataSource) and s.format == "webdataset"]
+    if not shard_sets:
+        return None
+    text = str(exc)
+    hint = "write the shards again with `dali-ipmix shard ... --overwrite` (bad pictures are left out)"
+    bad_index = _BAD_INDEX.search(text)
+    if bad_index is not None:        # the tar is shorter than its index says
+        return UserError(f"{bad_index.group('index')}, line {bad_index.group('line')}: points past the "
+                         f"end of its shard (truncated); list every bad shard with `dali-ipmix verify "
+                         f"{shard_sets[0].root}`, then copy the shard set again or {hint}")
+    m = _MEMBER.search(text)
+    if m is not None:
+        owner = next((s for s in shard_sets if m.group("shard") in s.shards), shard_sets[0])
+        return UserError(f"{m.group('shard')}, member {m.group('member')}: reading stopped on this "
+                         f"member (DALI: {_first_error_line(text)}); list every bad member with "
+                         f"`dali-ipmix verify {owner.root}`, then {hint}")
+    unnamed = _UNNAMED.search(text)
+    if unnamed is None:
+        return None
+    for s in shard_sets:
+        if not s.on_s3 and s.size <= search_limit:
+            problems = scan_shards(s.root)
+            if problems:
+                return UserError(f"{s.root}/{problems[0]}: reading stopped on this member (found by "
+                                 f"checking the shards after DALI's '{unnamed.group(0)}'); list every "
+                                 f"bad member with `dali-ipmix verify {s.root}`, then {hint}")
+    if any(not isinstance(s, sources.DataSource) or s.format != "webdataset" for s in data if s is not None):
+        return None          # it may be a class folder's file: verify.explain_pipeline_error's turn
+    commands = " and ".join(f"`dali-ipmix verify {s.root}`" for s in shard_sets)
+    return UserError(f"DALI could not decode a shard member and does not say which ({unnamed.group(0)}); "
+                     f"list every bad member with {commands}, then {hint}")
+
+
+def _first_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    pick = next((line for line in lines if _MEMBER.search(line)), lines[-1] if lines else "")
+    return pick[:200]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a shard set (dali-ipmix verify SHARD_DIR)
+
+def scan_shards(base) -> List[str]:
+    """Problems of a shard set, one line each (``shard, member: kinds``): members that stop
+    training (verify's picture checks), bad labels, missing members, truncated tars."""
+    manifest = sources.read_manifest(str(base), "SHARD_DIR")
+    labelled = bool(manifest.get("classes"))
+    problems = []
+    with Progress("verify shards", manifest["samples"]) as bar:
+        for entry in manifest["shards"]:
+            tar_path = os.path.join(base, entry["tar"])
+            seen, labels = {}, {}
+            try:
+                with tarfile.open(tar_path, "r:") as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        key, _, ext = member.name.partition(".")
+                        data = tar.extractfile(member).read()
+                        if len(data) != member.size:
+                            raise tarfile.ReadError(f"{member.name} ends early")
+                        if ext == sources.LABEL_MEMBER:
+                            labels[key] = data
+                            if not data.strip().isdigit() or int(data) >= len(manifest["classes"]):
+                                problems.append(f"{entry['tar']}, {member.name}: bad label {data[:12]!r}")
+                            continue
+                        seen[key] = member.name
+                        kinds, detail = check_image(data, "." + ext)
+                        if any(PROBLEMS[k].fatal for k in kinds):
+                            problems.append(f"{entry['tar']}, {member.name}: {', '.join(kinds)}"
+                                            + (f" ({detail})" if detail else ""))
+                        bar.update()
+            except (tarfile.TarError, OSError, EOFError) as e:
+                problems.append(f"{entry['tar']}: truncated or corrupt tar ({e})")
+                continue
+            if labelled:
+                problems += [f"{entry['tar']}, {seen[k]}: no .cls member" for k in seen if k not in labels]
+            if len(seen) != entry["samples"]:
+                problems.append(f"{entry['tar']}: {len(seen)} pictures, the manifest says {entry['samples']}")
+    return problems
+
+
+def is_shard_set(path) -> bool:
+    return os.path.isfile(os.path.join(str(path), sources.MANIFEST))
+
+
+def verify_shards(base) -> int:
+    """``dali-ipmix verify SHARD_DIR``: print every problem; exit code 1 if any."""
+    start = time.perf_counter()
+    problems = scan_shards(base)
+    print(f"verify {base} (shard set): {len(problems)} problem(s), {time.perf_counter() - start:.1f} s")
+    for line in problems:
+        print(f"  FATAL {line}")
+    if problems:
+        print("result: training stops on these; write the shard set again from the source folders with "
+              "`dali-ipmix shard SRC OUT --overwrite` (bad pictures are left out)")
+    else:
+        print("result: no fatal problems")
+    return 1 if problems else 0
+
+
 def format_report(report: Report, took: float, jobs: int, max_shown: int = 50) -> str:
     counts = report.counts()
     fatal = {k: n for k, n in counts.items() if PROBLEMS[k].fatal}
@@ -500,7 +600,6 @@ def _run(args: argparse.Namespace) -> int:
         if value is not None and value < least:
             raise UserError(f"{flag} must be >= {least}, got {value}"
                             + (" (0 lists all)" if flag == "--max-shown" else ""))
-    from .shard import is_shard_set, verify_shards
     if is_shard_set(args.data_dir):             # `dali-ipmix shard` output: check its members
         return verify_shards(args.data_dir)
     for flag, target in (("--write-filelist", args.write_filelist), ("--json", args.json)):

@@ -23,3 +23,19 @@ def train_pipeline(preset: str, data_dir, mixing_dir, *, cfg, **kwargs):
     return imagenet.train_pipeline(data_dir, mixing_dir, cfg=cfg,
                                    resize=resize_for(cfg.image_size, preset),
                                    **kwargs)
+
+
+def cpu_threads() -> int:
+    """DALI CPU threads for a pipeline run on the host by the debugging tools and the demo's
+    pictures: the cores this process may use, at most 4."""
+    import os
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def samples(tensor_list) -> list:
+    """A DALI TensorList (CPU or GPU) as a list of NumPy arrays, one per sample."""
+    import numpy as np
+    as_cpu = getattr(tensor_list, "as_cpu", None)
+    tl = as_cpu() if as_cpu is not None else tensor_list
+    return [np.asarray(tl.at(i)) for i in range(len(tl))]

@@ -149,10 +149,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def shorten_autoattack(monkeypatch, steps: int, queries: int):
-    """``advmixup.autoattack_standard`` builds the same four attacks with fewer iterations (the
+    """``attacks.autoattack_standard`` builds the same four attacks with fewer iterations (the
     three gradient attacks ``steps``, Square ``queries``): a CPU-time budget for tests."""
-    from dali_ipmix import advmixup
-    standard = advmixup.autoattack_standard
+    from dali_ipmix import attacks
+    standard = attacks.autoattack_standard
 
     def shortened(*a, **kw):
         attack = standard(*a, **kw)
@@ -160,4 +160,4 @@ def shorten_autoattack(monkeypatch, steps: int, queries: int):
             sub.steps = steps
         attack.attacks[3].n_queries = queries
         return attack
-    monkeypatch.setattr(advmixup, "autoattack_standard", shortened)
+    monkeypatch.setattr(attacks, "autoattack_standard", shortened)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import shorten_autoattack
 from dali_ipmix import advmixup as A
-from dali_ipmix import models
+from dali_ipmix import attacks, models
 from dali_ipmix.data import cifar as cifar_data
 from dali_ipmix.errors import UserError
 
@@ -434,12 +434,12 @@ def test_pgd_accuracy_falls_to_zero_as_eps_grows(trained):
 
 def test_autoattack_official_settings_and_runs(trained, monkeypatch):
     pytest.importorskip("torchattacks")
-    aa = A.autoattack_standard(trained, 8 / 255, num_classes=C)
+    aa = attacks.autoattack_standard(trained, 8 / 255, num_classes=C)
     apgd, apgdt, fab, square = aa.attacks
     assert apgd.steps == apgdt.steps == fab.steps == 100 and square.n_queries == 5000
     assert apgdt.n_target_classes == fab.n_target_classes == C - 1 and fab.multi_targeted
     assert not square.rescale_schedule and all(a.eps == 8 / 255 for a in aa.attacks)
-    assert A.autoattack_standard(trained, 8 / 255, num_classes=100).attacks[1].n_target_classes == 9
+    assert attacks.autoattack_standard(trained, 8 / 255, num_classes=100).attacks[1].n_target_classes == 9
 
     shorten_autoattack(monkeypatch, steps=10, queries=50)
     x, y = _toy(8, 11)

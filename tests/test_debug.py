@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from dali_ipmix import cli, config as C, reference as R
-from dali_ipmix.debug import _common, _sheet, doctor, graph, preview, stages
+import pipelines
+from dali_ipmix.debug import _common, doctor, graph, preview, stages
 from dali_ipmix.debug._tiny_data import make_tiny_data
+from dali_ipmix.sheet import tile_image, to_display
 
 TINY = dict(image_size=32, k=1, t=1)
 HAS_DOT = shutil.which("dot") is not None
@@ -139,10 +141,10 @@ def test_preview_sheet_and_draws_replay(data, tmp_path):
         for a, view in enumerate(sample["views"]):
             # the sheet shows what it says: crop, picture and the pipeline's final view
             tiles = view["sheet_tiles"]
-            final = _common.to_display(batch.views[b][a + 1], cfg)
+            final = to_display(batch.views[b][a + 1], cfg)
             for column, image in (("crop", crop), ("picture", pic), ("final", final)):
                 x0, y0, x1, y1 = tiles[column]
-                np.testing.assert_array_equal(sheet[y0:y1, x0:x1], np.asarray(_sheet.tile_image(image, 40)))
+                np.testing.assert_array_equal(sheet[y0:y1, x0:x1], np.asarray(tile_image(image, 40)))
             # the JSON holds the raw tape, and the readable draws alone rebuild it
             raw = np.asarray(view["tape"], np.float32)
             np.testing.assert_array_equal(raw, batch.tapes[b][a])
@@ -188,13 +190,13 @@ def test_stages_expose_every_step_of_the_training_graph(data, tmp_path):
     # exposing the steps does not change the graph: same views as the training pipeline
     plain = _common.train_pipeline(*data, cfg, "imagenet", batch_size=2, device="cpu", backend="dali", seed=3)
     plain.build()
-    views = _common.samples(plain.run()[0])
+    views = pipelines.samples(plain.run()[0])
     assert json.loads((tmp_path / "index.json").read_text()) == index
     for b, sample in enumerate(index["samples"]):
         crop = np.asarray(Image.open(tmp_path / sample["crop"]))
         for a, view in enumerate(sample["views"]):
             final = np.asarray(Image.open(tmp_path / view["final"]))
-            np.testing.assert_array_equal(final, _common.to_display(views[b][a + 1], cfg))
+            np.testing.assert_array_equal(final, to_display(views[b][a + 1], cfg))
             for chain in view["chains"]:
                 prev = crop
                 for st in chain["steps"]:

@@ -13,9 +13,10 @@ class Terminal(io.StringIO):
 
 def test_line_on_a_terminal_counts_and_is_erased():
     stream = Terminal()
-    assert list(track(range(5), "verify", stream=stream, delay=0)) == list(range(5))
+    assert list(track(range(5), "verify", stream=stream, delay=0, interval=0)) == list(range(5))
     text = stream.getvalue()
-    assert "verify 1/5   20%" in text and text.endswith("\r\033[K")
+    assert "verify 1/5   20%" in text and "verify 5/5  100%" in text
+    assert text.endswith("\r") and text.split("\r")[-2].strip() == ""      # erased
 
 
 def test_silent_when_not_a_terminal_or_quick():

@@ -16,7 +16,7 @@ from conftest import photo_crops, shorten_autoattack
 from dali_ipmix.cli import main
 from dali_ipmix.errors import UserError
 from dali_ipmix.robustness import metrics as M
-from dali_ipmix.robustness.attacks import pgd_linf
+from dali_ipmix.attacks import pgd_linf
 from dali_ipmix.robustness.evaluate import EvalSettings, PGDSettings, evaluate
 from dali_ipmix.robustness.tables import ALEXNET_ERR, CORRUPTIONS
 from dali_ipmix.robustness.wnids import IMAGENET_A_WNIDS, IMAGENET_R_WNIDS, IMAGENET_WNIDS

@@ -16,7 +16,7 @@ from nvidia.dali import fn, pipeline_def
 
 import train
 from dali_ipmix import config as C
-from dali_ipmix import readers, s3, shard, sources
+from dali_ipmix import readers, s3, shard, sources, verify
 from dali_ipmix.errors import UserError
 from dali_ipmix.loader import DaliLoader
 from pipelines import imagenet
@@ -246,8 +246,8 @@ def test_a_corrupt_member_mid_run_names_shard_member_and_verify(shards, tmp_path
     src = sources.open_source(data)
     with pytest.raises(RuntimeError) as e:
         _samples(src)
-    assert sources.explain_shard_error(e.value, [src], search_limit=0) is not None   # unnamed
-    err = sources.explain_shard_error(e.value, [src], search_limit=1000)
+    assert verify.explain_shard_error(e.value, [src], search_limit=0) is not None   # unnamed
+    err = verify.explain_shard_error(e.value, [src], search_limit=1000)
     assert err is not None and f"{data}/shard-000001.tar, {member}: not_image" in str(err)
     assert f"dali-ipmix verify {data}" in str(err)
     assert main(["verify", str(data)]) == 1
@@ -264,7 +264,7 @@ def test_a_truncated_member_mid_run_is_named_by_dali(shards, tmp_path):
     src = sources.open_source(data)
     with pytest.raises(RuntimeError) as e:
         _samples(src)
-    err = str(sources.explain_shard_error(e.value, [src]))
+    err = str(verify.explain_shard_error(e.value, [src]))
     assert f"{data}/shard-000000.tar, member {member}" in err and f"dali-ipmix verify {data}" in err
 
 
@@ -387,7 +387,7 @@ def test_a_truncated_shard_is_refused_before_and_named_during_a_run(shards, tmp_
     src = sources.open_source(data)
     with pytest.raises(RuntimeError) as e:
         _samples(src)
-    err = str(sources.explain_shard_error(e.value, [src]))
+    err = str(verify.explain_shard_error(e.value, [src]))
     assert f"{data}/shard-000001.idx, line" in err and "past the end of its shard" in err
     assert f"dali-ipmix verify {data}" in err
 

@@ -205,12 +205,15 @@ def test_filelist_holds_the_usable_files_and_feeds_a_dali_reader(dataset, report
 def test_filelist_feeds_the_train_reader(dataset, tmp_path):
     from nvidia.dali import pipeline_def
     from dali_ipmix import readers
+    from dali_ipmix import sources
     out = V.write_filelist(tmp_path / "list.txt", *V.scan(dataset, jobs=1).good())
     files, labels = readers.filelist_files(out, root=dataset)
+    source = sources.open_source(dataset, filelist=out)
+    assert list(source.files) == list(files)
 
     @pipeline_def(batch_size=len(files), num_threads=1, device_id=None)
     def train():
-        return readers.train_images(dataset, device="cpu", size=32, files=(files, labels), seed=1)
+        return readers.train_images(source, device="cpu", size=32, seed=1)
 
     pipe = train()
     pipe.build()
@@ -245,11 +248,13 @@ def test_clean_mixing_folder_exits_0_and_json_counts(tmp_path):
 
 def _run_until_error(root, files):
     from nvidia.dali import pipeline_def
-    from dali_ipmix import readers
+    from dali_ipmix import readers, sources
+    source = sources.DataSource(str(root), "folders", "--data", (), len(files), root=str(root),
+                                files=list(files), labels=[0] * len(files))
 
     @pipeline_def(batch_size=2, num_threads=1, device_id=None)
     def train():
-        return readers.train_images(root, device="cpu", size=32, files=(files, [0] * len(files)))
+        return readers.train_images(source, device="cpu", size=32)
 
     pipe = train()
     pipe.build()

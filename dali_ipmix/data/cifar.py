@@ -205,7 +205,7 @@ def main(argv=None) -> int:
         if not args.val_holdout:
             splits = (("train", train), ("val", test))
         else:
-            from ..robustness.datasets import subset_indices
+            from ..readers import subset_indices
             n = len(train[1])
             if not 0 < args.val_holdout < n:
                 raise UserError(f"--val-holdout {args.val_holdout}: must be between 1 and {n - 1} "

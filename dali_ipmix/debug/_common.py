@@ -1,17 +1,16 @@
 """What the debugging commands share: their common flags, the config and training pipeline they
-build, the tiny generated data set, and NumPy conversions of pipeline outputs."""
+build, the tiny generated data set.  What they share with the demo's pictures sits lower: a
+pipeline's outputs as NumPy samples (``pipelines.samples``), a view as a picture and the sheets'
+drawing (``sheet``)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
 import inspect
-import os
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
-
-import numpy as np
 
 from .. import config as C
 from ..errors import UserError
@@ -104,8 +103,8 @@ def bad_files_named(data, mixing, use: str):
     try:
         yield
     except RuntimeError as e:
-        from ..sources import explain_shard_error, local_folders
-        from ..verify import SEARCH_LIMIT, explain_pipeline_error
+        from ..sources import local_folders
+        from ..verify import SEARCH_LIMIT, explain_pipeline_error, explain_shard_error
         error = explain_shard_error(e, [data, mixing], SEARCH_LIMIT) or explain_pipeline_error(
             e, local_folders([data]), local_folders([mixing]), search_limit=SEARCH_LIMIT, use=use)
         if error is None:
@@ -137,16 +136,12 @@ def data_folders(data, mixing, seed: int = 0) -> Iterator[Tuple[object, object, 
 # ---------------------------------------------------------------------------------------------
 # The training pipeline.
 
-def num_threads() -> int:
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
 def train_pipeline(data_dir, mixing_dir, cfg: C.IPMixConfig, preset: str, *, batch_size: int,
                    device: str, backend: str, seed: int, extra_outputs: bool = False):
     """The preset's training pipeline (not yet built), exactly as training builds it."""
     import pipelines
     return pipelines.train_pipeline(preset, data_dir, mixing_dir, cfg=cfg, batch_size=batch_size,
-                                    num_threads=num_threads(), device=device, backend=backend,
+                                    num_threads=pipelines.cpu_threads(), device=device, backend=backend,
                                     seed=seed, extra_outputs=extra_outputs)
 
 
@@ -176,21 +171,3 @@ def pipeline_options(**options):
 
 
 STATS_OPTIONS = dict(exec_dynamic=False, enable_memory_stats=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs.
-
-def samples(tensor_list) -> list:
-    """A DALI TensorList (CPU or GPU) as a list of NumPy arrays, one per sample."""
-    as_cpu = getattr(tensor_list, "as_cpu", None)
-    tl = as_cpu() if as_cpu is not None else tensor_list
-    return [np.asarray(tl.at(i)) for i in range(len(tl))]
-
-
-def to_display(view: np.ndarray, cfg: C.IPMixConfig) -> np.ndarray:
-    """A normalised CHW float view back to HWC uint8 for showing it."""
-    mean = np.asarray(cfg.mean, np.float32)[:, None, None]
-    std = np.asarray(cfg.std, np.float32)[:, None, None]
-    rgb = (np.asarray(view, np.float32) * std + mean) * 255
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).transpose(1, 2, 0)

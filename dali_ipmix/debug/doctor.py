@@ -18,6 +18,7 @@ from typing import List, Tuple
 
 import numpy as np
 
+import pipelines
 from . import _common
 
 # The smoke-test pipeline: the ImageNet graph at 32 px with one chain of one step, so that the
@@ -139,7 +140,7 @@ def smoke_test(data, mixing, device: str, backend: str) -> Tuple[bool, str]:
         pipe = _common.train_pipeline(data, mixing, cfg, "imagenet", batch_size=SMOKE_BATCH, device=device,
                                       backend=backend, seed=0, extra_outputs=True)
         pipe.build()
-        views, _, crops, pics, tapes = (_common.samples(o) for o in pipe.run())
+        views, _, crops, pics, tapes = (pipelines.samples(o) for o in pipe.run())
         took = time.perf_counter() - start
         diffs = [float(np.abs(views[b] - R.ipmix_views(crops[b], pics[b], tapes[b], cfg)).mean())
                  for b in range(SMOKE_BATCH)]

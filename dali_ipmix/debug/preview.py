@@ -23,6 +23,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+import pipelines
 from .. import config as C
 from .. import reference as R
 from ..errors import UserError
@@ -30,7 +31,7 @@ from ..outputs import write_atomic
 from ..progress import Progress
 from ..tape import CF, SF, TapeLayout
 from . import _common
-from . import _sheet as S
+from .. import sheet as S
 
 BACKENDS = ("fused", "dali")
 KINDS = {C.KIND_IMG: "IMG", C.KIND_P: "P"}
@@ -158,7 +159,7 @@ def run_batch(data_dir, mixing_dir, cfg: C.IPMixConfig, preset: str, *, n: int, 
     pipe = _common.train_pipeline(data_dir, mixing_dir, cfg, preset, batch_size=n, device=device,
                                   backend=backend, seed=seed, extra_outputs=True)
     pipe.build()
-    views, labels, crops, pics, tapes = (_common.samples(o) for o in pipe.run())
+    views, labels, crops, pics, tapes = (pipelines.samples(o) for o in pipe.run())
     return Preview(cfg=cfg, crops=crops, pictures=pics, tapes=tapes, views=views,
                    labels=[int(np.asarray(l).reshape(-1)[0]) for l in labels])
 
@@ -244,7 +245,7 @@ def build_sheet(preview: Preview, title: str, tile: int) -> Tuple[Image.Image, d
         for a, view in enumerate(entry["views"]):
             tape = np.asarray(preview.tapes[b][a], np.float32)
             results = R.chains(preview.crops[b], preview.pictures[b], tape, cfg)
-            final = _common.to_display(preview.views[b][a + (1 if cfg.jsd else 0)], cfg)
+            final = S.to_display(preview.views[b][a + (1 if cfg.jsd else 0)], cfg)
             images = [preview.crops[b]] + results + [preview.pictures[b], final]
             labels = (["crop"] + [f"chain {i + 1}  w={c['weight']:.2f}" for i, c in enumerate(view["draws"]["chains"])]
                       + ["picture", f"final (m={view['draws']['skip_weight']:.2f})"])

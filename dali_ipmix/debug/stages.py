@@ -18,9 +18,11 @@ from typing import List
 import numpy as np
 from PIL import Image
 
+import pipelines
 from .. import config as C
 from .. import ops
 from .. import reference as R
+from .. import sheet
 from ..errors import UserError
 from ..tape import SF, TapeLayout
 from . import _common
@@ -83,7 +85,7 @@ def run_stages(data_dir, mixing_dir, out: Path, cfg: C.IPMixConfig, preset: str,
     pipe = stages_pipeline(data_dir, mixing_dir, cfg, preset, n=n, seed=seed, device=device,
                            pipeline_options=_common.STATS_OPTIONS if stats else None)
     pipe.build()
-    outputs = [_common.samples(o) for o in pipe.run()]
+    outputs = [pipelines.samples(o) for o in pipe.run()]
     views, labels, crops, pics, tapes = outputs[:5]
     steps_out = outputs[5:]
     A = cfg.n_aug
@@ -99,7 +101,7 @@ def run_stages(data_dir, mixing_dir, out: Path, cfg: C.IPMixConfig, preset: str,
                  "crop": _save(x, folder / "crop.png", out), "picture": _save(f, folder / "picture.png", out),
                  "views": []}
         if cfg.jsd:
-            entry["clean"] = _save(_common.to_display(views[b][0], cfg), folder / "clean.png", out)
+            entry["clean"] = _save(sheet.to_display(views[b][0], cfg), folder / "clean.png", out)
         for a in range(A):
             tape = np.asarray(tapes[b][a], np.float32)
             draws = readable_draws(tape, cfg)
@@ -130,7 +132,7 @@ def run_stages(data_dir, mixing_dir, out: Path, cfg: C.IPMixConfig, preset: str,
                 view["chains"].append(chain)
             final = views[b][a + (1 if cfg.jsd else 0)]
             ref = R.ipmix_view(x, f, tape, cfg)
-            view["final"] = _save(_common.to_display(final, cfg), vdir / "final.png", out)
+            view["final"] = _save(sheet.to_display(final, cfg), vdir / "final.png", out)
             d = np.abs(final.astype(np.float32) - ref)
             view["final_reference"] = {"mean_abs": float(d.mean()), "max_abs": float(d.max())}
             entry["views"].append(view)

@@ -10,7 +10,7 @@ from typing import Optional
 from ..errors import UserError
 from ..helpformat import HelpFormatter
 from ..outputs import check_output_file, write_atomic
-from .attacks import PGD_EPS, PGD_STEPS
+from ..attacks import PGD_EPS, PGD_STEPS
 from .metrics import ECE_BINS, RMS_BIN_SIZE
 from .tables import CORRUPTIONS, SEVERITIES
 
@@ -217,7 +217,7 @@ def run(args) -> int:
         f"preset {preset_name}, crop {settings.image_size} (resize {settings.resize}), {settings.device}")
     if settings.pgd is not None:
         if settings.pgd.autoattack:      # before any work, not after the clean and PGD passes
-            from ..advmixup import check_autoattack
+            from ..attacks import check_autoattack
             check_autoattack(loaded.num_classes)
         log(eps_note(settings.pgd, loaded.args))
     report = evaluate(model, loaded.num_classes, settings, log=log)

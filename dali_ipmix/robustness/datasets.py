@@ -23,20 +23,13 @@ import torch
 from PIL import Image
 
 from .. import readers
+from ..readers import subset_indices
 from ..errors import UserError
 from . import corruptions
 from .tables import CORRUPTIONS, SEVERITIES
 
 IMAGENET_C_LAYOUT = "<corruption>/<severity>/<class>/<image>"
 CIFAR_C_LAYOUT = "<corruption>.npy (5 severities x N images, 32x32x3 uint8) and labels.npy"
-
-
-def subset_indices(n: int, limit: Optional[int]) -> np.ndarray:
-    """``limit`` indices spread evenly over ``range(n)`` (files are sorted by class, so every class
-    keeps a share); all of them without a limit."""
-    if limit is None or limit >= n:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, max(1, limit)).round().astype(np.int64))
 
 
 def eval_crop(image: Image.Image, resize: int, size: int) -> np.ndarray:
@@ -60,9 +53,9 @@ class ImageReadError(UserError):
 
 
 def read_failure(path: Path, error: Exception, flag: str, root) -> ImageReadError:
-    from ..verify import _why, verify_command
+    from ..verify import verify_command
     words = str(error).splitlines()[0] if str(error) else ""
-    why = _why(path, f"it cannot be decoded ({type(error).__name__}: {words})")
+    why = readers.unreadable_reason(path, f"it cannot be decoded ({type(error).__name__}: {words})")
     command = verify_command(root).replace(" --write-filelist good.txt", "")
     return ImageReadError(f"{path}: the evaluation stopped on this file ({flag}), {why}; list every bad "
                           f"file with {command}, move them out of the folder, then rerun dali-ipmix eval")

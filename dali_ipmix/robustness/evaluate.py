@@ -28,10 +28,11 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from .. import readers
 from ..errors import UserError
 from . import corruptions as corr
 from . import datasets as D
-from .attacks import PGD_ALPHA, PGD_EPS, PGD_STEPS, pgd_linf
+from ..attacks import PGD_ALPHA, PGD_EPS, PGD_STEPS, pgd_linf
 from .metrics import (ECE_BINS, RMS_BIN_SIZE, confidence, corruption_summary, error_rate,
                       expected_calibration_error, rms_calibration_error, topk_correct)
 from .tables import ALEXNET_ERR, CORRUPTIONS, SEVERITIES
@@ -157,7 +158,6 @@ class CleanData:
     by :func:`dali_ipmix.data.cifar.load_cifar`) as the official CIFAR evaluation uses."""
 
     def __init__(self, s: EvalSettings):
-        from .. import readers
         from ..data.cifar import find_pickle_dir, load_cifar
         self.s, self.arrays = s, None
         if find_pickle_dir(s.data) is not None:
@@ -175,7 +175,7 @@ class CleanData:
             return D.ClassFolderImages(s.data, resize=s.resize, size=s.image_size, label_of=label_of,
                                        max_images=s.max_images)
         images, labels = self.arrays
-        idx = D.subset_indices(len(labels), s.max_images)
+        idx = readers.subset_indices(len(labels), s.max_images)
         remap = np.array([label_of.get(name, -1) for name in self.classes])
         if (remap < 0).any():
             raise UserError(f"--data {s.data}: its classes are not the model's classes")
@@ -234,7 +234,6 @@ def corruption_sets(s: EvalSettings, classes, clean: Optional[CleanData]) -> Dic
 def subset_set(root, subset: Sequence[str], classes, s: EvalSettings, flag: str):
     """(dataset, logit mask, classes used) of an ImageNet-R / -A folder."""
     index = _need_classes(classes, flag, root)
-    from .. import readers
     folders = readers.class_folder_files(root, flag=flag)[2]
     unknown = [f for f in folders if f not in subset]
     if unknown:
@@ -337,7 +336,7 @@ def evaluate(model, num_classes: int, settings: Optional[EvalSettings] = None,
         generator = torch.Generator(device=s.device).manual_seed(s.seed)
         attack = partial(pgd_linf, eps=p.eps, alpha=p.alpha, steps=p.steps, restarts=p.restarts,
                          random_start=p.random_start, generator=generator)
-        chosen = D.subset_indices(len(clean_set), p.max_images)
+        chosen = readers.subset_indices(len(clean_set), p.max_images)
         subset = torch.utils.data.Subset(clean_set, chosen.tolist())
         adv = _timed(log, f"pgd eps {p.eps * 255:g}/255", partial(predict, model, subset, s, None, attack))
         report["pgd"] = {"eps": p.eps, "alpha": p.alpha, "steps": p.steps, "restarts": p.restarts,
@@ -355,7 +354,7 @@ def evaluate(model, num_classes: int, settings: Optional[EvalSettings] = None,
 
 
 class AutoAttackOnce:
-    """``attack(model, x, y)`` for :func:`predict`: AutoAttack standard (``advmixup.autoattack_standard``,
+    """``attack(model, x, y)`` for :func:`predict`: AutoAttack standard (``attacks.autoattack_standard``,
     official settings), built on first use, in float32, under a forked RNG (torchattacks re-seeds
     the global generator), the model left in eval mode."""
 
@@ -363,7 +362,7 @@ class AutoAttackOnce:
         self.num_classes, self.eps, self.seed, self.attack = num_classes, eps, seed, None
 
     def __call__(self, model, x, y):
-        from ..advmixup import autoattack_standard
+        from ..attacks import autoattack_standard
         if self.attack is None:
             self.attack = autoattack_standard(model, self.eps, self.num_classes, self.seed)
         devices = [x.device.index or 0] if x.device.type == "cuda" else []
@@ -373,5 +372,5 @@ class AutoAttackOnce:
         return x_adv
 
     def describe(self) -> str:
-        from ..advmixup import _describe
-        return _describe(self.attack) if self.attack is not None else "not run (no images)"
+        from ..attacks import describe_autoattack
+        return describe_autoattack(self.attack) if self.attack is not None else "not run (no images)"

@@ -1,4 +1,4 @@
-"""Loading a model to evaluate, and the wrapper that feeds it pixels in [0, 1].
+"""Loading a model to evaluate (the wrapper that feeds it pixels in [0, 1] is ``models.Normalized``).
 
 A checkpoint is either a ``train.py`` checkpoint (a dict with ``model`` = state_dict, ``arch`` =
 model name, ``args`` = dict with ``num_classes``, ``image_size``, ``preset``, ...) or a bare
@@ -11,29 +11,16 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..models import Normalized  # noqa: F401  (re-exported: the package's public name)
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")   # DistributedDataParallel / torch.compile
 GUESS_SECONDS = 5.0                            # time spent guessing a bare state_dict's arch
-
-
-class Normalized(nn.Module):
-    """``model((x - mean) / std)`` for pixels ``x`` in [0, 1], NCHW: corruptions and the PGD
-    budget stay in pixel space."""
-
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x):
-        return self.model((x - self.mean) / self.std)
 
 
 @dataclass

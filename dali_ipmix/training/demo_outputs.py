@@ -34,22 +34,20 @@ def run_batch(train_dir, mixing_dir, cfg, *, n: int, seed: int, backend: str, pr
     """(views [n][V, 3, S, S] normalised, pictures [n] HWC uint8, labels [n]) of one batch of the
     training graph on the CPU, built as ``train.py`` builds it."""
     import pipelines
-    from ..debug import _common
 
     crop = {} if preset == "cifar" else {"random_area": random_area}   # CIFAR: RandomCrop(32, padding=4)
     pipe = pipelines.train_pipeline(preset, train_dir, mixing_dir, cfg=cfg, batch_size=n,
-                                    num_threads=_common.num_threads(), device="cpu", backend=backend,
+                                    num_threads=pipelines.cpu_threads(), device="cpu", backend=backend,
                                     seed=seed, extra_outputs=True, **crop)
     pipe.build()
-    views, labels, _crops, pictures, _tapes = (_common.samples(o) for o in pipe.run())
+    views, labels, _crops, pictures, _tapes = (pipelines.samples(o) for o in pipe.run())
     return views, pictures, [int(np.asarray(l).reshape(-1)[0]) for l in labels]
 
 
 def batch_sheet(views, pictures, labels, class_names: Sequence[str], cfg, title: str,
                 tile: int = TILE) -> Image.Image:
     """Samples as columns; rows: clean view, IPMix view(s), the mixing picture (fractal)."""
-    from ..debug import _common
-    from ..debug import _sheet as S
+    from .. import sheet as S
 
     n_views = views[0].shape[0]
     rows = (["clean view"] if cfg.jsd else []) + [f"IPMix view {i + 1}" for i in range(n_views - int(cfg.jsd))] \
@@ -64,7 +62,7 @@ def batch_sheet(views, pictures, labels, class_names: Sequence[str], cfg, title:
         x = margin + label_w + c * (tile + gap)
         name = class_names[label].split("_", 1)[-1] if label < len(class_names) else str(label)
         draw.text((x, head_h), name, fill=S.DIM, font=S.font())
-        tiles = [_common.to_display(v[a], cfg) for a in range(n_views)] + [pic]
+        tiles = [S.to_display(v[a], cfg) for a in range(n_views)] + [pic]
         for r, image in enumerate(tiles):
             sheet.paste(S.tile_image(image, tile), (x, head_h + name_h + r * (tile + gap)))
     for r, text in enumerate(rows):

@@ -123,10 +123,11 @@ def topk_correct(logits, labels, ks):
     return [hit[:, :min(k, maxk)].any(dim=1).sum().item() for k in ks]
 
 
-class Progress:
-    """The progress line and the step records: a window of steps since the last line, kept on the
+class StepWindow:
+    """Training's log line and step records: a window of steps since the last line, kept on the
     device (one host sync per window) and reduced over ranks when its line is due; and the
-    training images and seconds of all windows, for the summary's throughput."""
+    training images and seconds of all windows, for the summary's throughput.  A log line per
+    window (printed as is, also into logs), not a progress line (``dali_ipmix.progress``)."""
 
     def __init__(self, writer: MetricsWriter, *, epochs: int, end_step: int, world_size: int,
                  device, is_main: bool):

@@ -1,4 +1,5 @@
-"""Small PIL helpers for the contact sheets: tiles, labels, coloured text lines."""
+"""Small PIL helpers for the contact sheets (``dali-ipmix preview``, the demo's batch sheet): tiles,
+labels, coloured text lines."""
 from __future__ import annotations
 
 import functools
@@ -28,6 +29,15 @@ def font(size: int = FONT_SIZE):
 
 def text_width(text: str, size: int = FONT_SIZE) -> int:
     return int(np.ceil(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font(size))))
+
+
+def to_display(view: np.ndarray, cfg) -> np.ndarray:
+    """A normalised CHW float view back to HWC uint8 for showing it (``cfg``: an ``IPMixConfig``,
+its ``mean`` and ``std``)."""
+    mean = np.asarray(cfg.mean, np.float32)[:, None, None]
+    std = np.asarray(cfg.std, np.float32)[:, None, None]
+    rgb = (np.asarray(view, np.float32) * std + mean) * 255
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).transpose(1, 2, 0)
 
 
 def tile_image(image: np.ndarray, tile: int) -> Image.Image:
