@@ -46,7 +46,8 @@ def _client():
                                               "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
                                               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                                               "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"))
-    return _client_for(env)
+    # one per process too: a client's connections must not be shared with a forked DataLoader worker
+    return _client_for(env + (os.getpid(),))
 
 
 @functools.lru_cache(maxsize=4)

@@ -255,6 +255,17 @@ def _read(base: str, name: str, flag: str, listing, byte_range=None) -> bytes:
         return f.read(64 if byte_range else -1)
 
 
+def read_bytes(where: str, offset: int = 0, size: int = -1, flag: str = "--data") -> bytes:
+    """``size`` bytes at ``offset`` of a local file or an ``s3://`` object (one ranged read);
+    ``size`` -1: to the end."""
+    if s3.is_s3(where):
+        span = f"bytes={offset}-{'' if size < 0 else offset + size - 1}" if offset or size >= 0 else None
+        return s3.read_object(where, flag, span)
+    with open(where, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
 def index_count(head: bytes) -> Optional[int]:
     """Samples an index file declares (its first line, ``v1.2 N``), None if it is no index."""
     parts = head.split(b"\n", 1)[0].split()
@@ -362,6 +373,70 @@ FORMATS: Dict[str, Format] = {
     "webdataset": Format(_wds_claim, _wds_open, _wds_reader),
     "folders": Format(_folders_claim, _folders_open, _folders_reader),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples one at a time (readers outside DALI: the evaluation's PIL datasets)
+
+@dataclass(frozen=True)
+class Sample:
+    """Where one sample's picture lies: ``size`` bytes at ``offset`` of ``where`` (a local file or
+    an ``s3://`` object; ``size`` -1: the whole file); ``name``: how messages call it (the file,
+    or ``shard.tar:member``)."""
+    name: str
+    where: str
+    offset: int = 0
+    size: int = -1
+
+    def read(self, flag: str = "--data") -> bytes:
+        return read_bytes(self.where, self.offset, self.size, flag)
+
+
+def index_entries(text: str) -> List[Dict[str, Tuple[int, int, str]]]:
+    """The samples of a DALI index file (``v1.2 N``, then per sample ``ext offset size name``
+    per member): one {extension: (offset, size, member name)} per sample."""
+    out = []
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if parts:
+            out.append({parts[k]: (int(parts[k + 1]), int(parts[k + 2]), parts[k + 3])
+                        for k in range(0, len(parts) - 3, 4)})
+    return out
+
+
+def _read_all(spans, flag: str, on_s3: bool) -> List[bytes]:
+    """Many small reads (``(where, offset, size)``); over S3 in parallel requests."""
+    if not on_s3:
+        return [read_bytes(w, o, n, flag) for w, o, n in spans]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda span: read_bytes(*span, flag), spans))
+
+
+def samples(src: DataSource) -> Tuple[List[Sample], List[int]]:
+    """(pictures, labels) of a labelled source, one per sample in the source's order.  A shard
+    set's labels are its ``.cls`` members, read here (over S3: one small ranged read each)."""
+    if src.format == "folders":
+        join = s3.join if src.on_s3 else os.path.join
+        return [Sample(join(src.root, f), join(src.root, f)) for f in src.files], list(src.labels)
+    pictures, spans = [], []
+    for shard, index in zip(src.shards, src.indices):
+        for entry in index_entries(read_bytes(index, flag=src.flag).decode()):
+            picture = next((v for k, v in entry.items() if k != LABEL_MEMBER), None)
+            if picture is None or LABEL_MEMBER not in entry:
+                raise UserError(f"{src.flag} {index}: a sample without a picture or a .{LABEL_MEMBER} "
+                                f"member; write the shard set again with `dali-ipmix shard`")
+            pictures.append(Sample(f"{shard}:{picture[2]}", shard, picture[0], picture[1]))
+            offset, size, _ = entry[LABEL_MEMBER]
+            spans.append((shard, offset, size))
+    texts = _read_all(spans, src.flag, src.on_s3)
+    bad = next((i for i, t in enumerate(texts) if not t.strip().isdigit()
+                or int(t) >= len(src.classes)), None)
+    if bad is not None:
+        raise UserError(f"{src.flag} {spans[bad][0]}: label member of {pictures[bad].name} is "
+                        f"{texts[bad][:12]!r}, not a class of its {MANIFEST}; list every bad member with "
+                        f"`dali-ipmix verify {src.root}`")
+    return pictures, [int(t) for t in texts]
 
 
 # ---------------------------------------------------------------------------------------------

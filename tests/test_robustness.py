@@ -241,15 +241,21 @@ def test_imagenet_c_folder_gives_known_errors_and_alexnet_mce(tmp_path):
     assert c["relative_mean_error"] == pytest.approx(30)
 
 
-def test_imagenet_r_masks_logits_to_its_classes(tmp_path):
+@pytest.mark.parametrize("layout", ["folders", "shards"])
+def test_imagenet_r_masks_logits_to_its_classes(layout, tmp_path):
     r0, r1 = sorted(IMAGENET_R_WNIDS)[:2]
     outside = next(w for w in IMAGENET_WNIDS if w not in IMAGENET_R_WNIDS)
     classes = sorted([r0, r1, outside])
     _write(tmp_path / "r" / r0, 50, 2)
     _write(tmp_path / "r" / r1, 210, 3)
+    r = tmp_path / "r"
+    if layout == "shards":      # the wnids travel in the manifest
+        from dali_ipmix import shard
+        r = tmp_path / "r-shards"
+        shard.convert(tmp_path / "r", r, count=2, jobs=1, log=lambda *a: None)
     model = Brightness(classes, dark=r0, bright=r1, fixed=outside)   # unmasked, `outside` always wins
     report = evaluate(model, 3, EvalSettings(classes=classes, image_size=32, resize=32,
-                                             imagenet_r=str(tmp_path / "r"), pgd=None))
+                                             imagenet_r=str(r), pgd=None))
     assert report["imagenet_r"]["top1_err"] == 0 and report["imagenet_r"]["images"] == 5
     assert report["imagenet_r"]["classes"] == 2
     # an ImageNet-A folder holding a non-A class is refused

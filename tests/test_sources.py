@@ -448,3 +448,85 @@ def test_the_public_loaders_read_shards_and_s3(shards, aws):
     assert images.shape == (4 * CFG.views, 3, 32, 32) and set(labels.tolist()) <= {0, 1, 2}
     val = IPMixValLoader(shards / "val", cfg=CFG, batch_size=6, num_threads=1, device="cpu")
     assert sorted(l for _, labels in val for l in labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# dali-ipmix eval over shards and S3 (PIL reads each sample's bytes from the source)
+
+@pytest.fixture(scope="module")
+def eval_checkpoint(tmp_path_factory):
+    import torch
+    from dali_ipmix import models
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("eval") / "checkpoint_00000001.pth"
+    torch.save({"model": models.get_model("tiny_cnn", 3).state_dict(), "arch": "tiny_cnn",
+                "args": {"num_classes": 3, "image_size": 32, "preset": "imagenet"}}, path)
+    return path
+
+
+def _eval_items(data, flag="--data"):
+    """sorted (label, sha of the crop) of eval's dataset over ``data``."""
+    from dali_ipmix.robustness.datasets import ClassFolderImages
+    ds = ClassFolderImages(data, resize=36, size=32, flag=flag)
+    return sorted((y, hashlib.sha1(x.tobytes()).hexdigest()) for x, y in (ds[i] for i in range(len(ds))))
+
+
+def _eval_clean(data, checkpoint, tmp_path, name, workers="0"):
+    from dali_ipmix.cli import main
+    out = tmp_path / f"{name}.json"
+    assert main(["eval", str(checkpoint), "--data", str(data), "--no-corruptions", "--no-pgd", "-q",
+                 "--workers", workers, "--batch-size", "5", "--json", str(out)]) == 0
+    return json.loads(out.read_text())["clean"]
+
+
+def _same_figures(a, b):
+    assert a["images"] == b["images"] == 12
+    for key in ("top1_err", "top5_err", "rms", "ece"):
+        assert a[key] == pytest.approx(b[key], abs=1e-9), key
+
+
+def test_eval_over_local_shards_equals_eval_over_their_folders(dataset, shards, eval_checkpoint, tmp_path):
+    assert _eval_items(shards / "val") == _eval_items(dataset / "val")
+    # --max-images spreads over the classes, as over folders (the shards are shuffled)
+    from dali_ipmix.robustness.datasets import ClassFolderImages
+    assert ClassFolderImages(shards / "val", resize=36, size=32, max_images=3).labels == [0, 1, 2]
+    # the whole set, and a pattern of its shards
+    folders = _eval_clean(dataset / "val", eval_checkpoint, tmp_path, "folders")
+    _same_figures(_eval_clean(shards / "val", eval_checkpoint, tmp_path, "shards"), folders)
+    _same_figures(_eval_clean(f"{shards}/val/shard-00000*.tar", eval_checkpoint, tmp_path, "pattern"),
+                  folders)
+
+
+def test_eval_over_s3_shards_and_folders_equals_eval_over_the_local_folders(dataset, aws, eval_checkpoint,
+                                                                             tmp_path):
+    assert _eval_items("s3://data/shards/val") == _eval_items(dataset / "val")
+    folders = _eval_clean(dataset / "val", eval_checkpoint, tmp_path, "folders")
+    # in a worker process: its own S3 client, not the parent's connections
+    _same_figures(_eval_clean("s3://data/shards/val", eval_checkpoint, tmp_path, "s3-shards", workers="1"),
+                  folders)
+    _same_figures(_eval_clean("s3://data/val", eval_checkpoint, tmp_path, "s3-folders"), folders)
+
+
+def test_eval_bad_locations_are_one_line_before_any_work(aws, shards, eval_checkpoint, tmp_path, capsys):
+    from dali_ipmix.cli import main
+
+    def one_line(data, flag="--data"):
+        assert main(["eval", str(eval_checkpoint), flag, str(data), "--no-corruptions", "--no-pgd", "-q",
+                     "--workers", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith("dali-ipmix eval: error:")
+        return err
+    assert "bucket nosuch does not exist" in one_line("s3://nosuch/val")
+    assert "no objects under prefix nothing/" in one_line("s3://data/nothing")
+    assert "matches none of the 1 shards" in one_line(f"{shards}/val/shard-9*.tar")
+    # a shard set of mixing pictures has no classes
+    assert "a shard set of mixing pictures" in one_line(shards / "mixing")
+    # a picture member that does not decode: the shard, the member and the verify command
+    data = _copy(shards, tmp_path, "val")
+    ext, offset, size, member = (data / "shard-000000.idx").read_text().splitlines()[3].split()[:4]
+    with open(data / "shard-000000.tar", "r+b") as f:
+        f.seek(int(offset))
+        f.write(b"\x00garbage" * (int(size) // 8))
+    err = one_line(data)
+    assert f"{data}/shard-000000.tar:{member}: the evaluation stopped" in err
+    assert "cannot be decoded" in err and f"dali-ipmix verify {data}" in err

@@ -35,8 +35,9 @@ def register(subparsers) -> None:
     g.add_argument("--preset", choices=("imagenet", "cifar"), default=None,
                    help="normalisation and default sizes (default: the checkpoint's, else imagenet)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, metavar="VAL_DIR", help="clean validation class folder; its "
-                   "sorted folder names are the model's classes")
+    g.add_argument("--data", default=None, metavar="VAL_DIR", help="clean validation class folder, or a "
+                   "shard set of one (`dali-ipmix shard`), local or s3://BUCKET/PREFIX; its sorted folder "
+                   "names (a shard set's manifest classes) are the model's classes")
     g.add_argument("--imagenet-c", default=None, metavar="DIR",
                    help="ImageNet-C copy: DIR/<corruption>/<severity>/<class>/<image>")
     g.add_argument("--cifar-c", default=None, metavar="DIR",
@@ -45,8 +46,10 @@ def register(subparsers) -> None:
                    "generated from --data when no -C folder is given)")
     g.add_argument("--corruptions", default="all", help="comma-separated subset of: " + ", ".join(CORRUPTIONS))
     g.add_argument("--severities", default="1,2,3,4,5", help="comma-separated severities (1-5)")
-    g.add_argument("--imagenet-r", default=None, metavar="DIR", help="ImageNet-R class folders (wnids)")
-    g.add_argument("--imagenet-a", default=None, metavar="DIR", help="ImageNet-A class folders (wnids)")
+    g.add_argument("--imagenet-r", default=None, metavar="DIR", help="ImageNet-R class folders (wnids), or "
+                   "their shard set; local or s3://")
+    g.add_argument("--imagenet-a", default=None, metavar="DIR", help="ImageNet-A class folders (wnids), or "
+                   "their shard set; local or s3://")
     g.add_argument("--image-size", type=int, default=None, help="centre crop (default: the checkpoint's, "
                    "else 224 / 32 for the cifar preset)")
     g.add_argument("--resize", type=int, default=None, help="shorter side before the crop (default "

@@ -1,6 +1,7 @@
 """Evaluation data sets: uint8 HxWx3 crops and integer labels, as torch map-style datasets.
 
-* class folders (``root/<class>/<image>``): PIL decode, Resize(resize) of the shorter side
+* class folders (``root/<class>/<image>``), local or ``s3://``, or shards of them (any labelled
+  source of :mod:`dali_ipmix.sources`): PIL decode, Resize(resize) of the shorter side
   (bilinear) and CenterCrop(size) with torchvision's PIL functions: the IPMix / ImageNet-C
   evaluation transform; folders are mapped to labels by name (``label_of``), so ImageNet-C,
   ImageNet-R and ImageNet-A folders line up with the model's classes;
@@ -15,6 +16,7 @@ and the PGD budget live in pixel space).  Layout problems raise a one-line ``Use
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
@@ -52,46 +54,70 @@ class ImageReadError(UserError):
         return last.split(self.MARK, 1)[1] if self.MARK in last else last
 
 
-def read_failure(path: Path, error: Exception, flag: str, root) -> ImageReadError:
+def read_failure(path: str, error: Exception, flag: str, source) -> ImageReadError:
+    """The one line for a picture of ``source`` (a ``DataSource``) that cannot be decoded."""
     from ..verify import verify_command
     words = str(error).splitlines()[0] if str(error) else ""
-    why = readers.unreadable_reason(path, f"it cannot be decoded ({type(error).__name__}: {words})")
-    command = verify_command(root).replace(" --write-filelist good.txt", "")
-    return ImageReadError(f"{path}: the evaluation stopped on this file ({flag}), {why}; list every bad "
-                          f"file with {command}, move them out of the folder, then rerun dali-ipmix eval")
+    decoded = f"it cannot be decoded ({type(error).__name__}: {words})"
+    if source.format == "folders" and not source.on_s3:
+        why = readers.unreadable_reason(Path(path), decoded)
+        command = verify_command(source.root).replace(" --write-filelist good.txt", "")
+        return ImageReadError(f"{path}: the evaluation stopped on this file ({flag}), {why}; list every "
+                              f"bad file with {command}, move them out of the folder, then rerun "
+                              f"dali-ipmix eval")
+    if source.format == "folders":
+        fix = "replace or delete it in the bucket, then rerun dali-ipmix eval"
+    elif source.on_s3:
+        fix = ("check the local copy of the shard set with `dali-ipmix verify SHARD_DIR`, write it again "
+               "with `dali-ipmix shard` and upload it again")
+    else:
+        fix = (f"list every bad member with `dali-ipmix verify {source.root}`, then write the shards "
+               f"again with `dali-ipmix shard ... --overwrite` (bad pictures are left out)")
+    return ImageReadError(f"{path}: the evaluation stopped on this picture ({flag}), {decoded}; {fix}")
 
 
 class ClassFolderImages(torch.utils.data.Dataset):
-    """``root/<class>/<image>`` -> (uint8 crop, label).  ``label_of`` maps folder names to labels;
-    folders it does not name are skipped (ImageNet-C's 1000 folders for a subset model), and
-    without it labels follow the sorted folder names."""
+    """A class-labelled data source -> (uint8 crop, label): class folders ``root/<class>/<image>``,
+    local or ``s3://``, or a shard set of them (``dali-ipmix shard``), opened with
+    :func:`dali_ipmix.sources.open_source` (``root`` may be its ``DataSource``); each sample's
+    bytes are read from the source (a file, a tar member, an S3 object or ranged read).
+    ``label_of`` maps class names to labels; classes it does not name are skipped (ImageNet-C's
+    1000 folders for a subset model), and without it labels follow the source's class order
+    (the sorted folder names)."""
 
     def __init__(self, root, *, resize: int, size: int, label_of: Optional[Mapping[str, int]] = None,
                  flag: str = "--data", max_images: Optional[int] = None):
-        files, labels, classes = readers.class_folder_files(root, flag=flag)
+        from .. import sources
+        source = sources.open_source(root, flag=flag)
+        pictures, labels = sources.samples(source)
+        classes = source.classes
         if label_of is None:
             label_of = {name: i for i, name in enumerate(classes)}
-        keep = [(f, label_of[classes[y]]) for f, y in zip(files, labels) if classes[y] in label_of]
+        keep = [(p, y) for p, y in zip(pictures, labels) if classes[y] in label_of]
         if not keep:
             shown = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
-            raise UserError(f"{flag} {root}: none of its class folders ({shown}) is a class of the "
+            what = "class folders" if source.format == "folders" else "classes"
+            raise UserError(f"{flag} {source}: none of its {what} ({shown}) is a class of the "
                             f"model; the folder names must be the model's class names (e.g. wnids)")
+        keep.sort(key=lambda item: item[1])     # by class (shards are shuffled): --max-images spreads
         keep = [keep[i] for i in subset_indices(len(keep), max_images)]
-        self.root, self.resize, self.size, self.flag = Path(root), resize, size, flag
-        self.files = [f for f, _ in keep]
-        self.labels = [y for _, y in keep]
-        self.classes_found = sorted({Path(f).parts[0] for f in self.files})
+        self.source, self.resize, self.size, self.flag = source, resize, size, flag
+        self.samples = [p for p, _ in keep]
+        self.labels = [label_of[classes[y]] for _, y in keep]
+        self.classes_found = sorted({classes[y] for _, y in keep})
 
     def __len__(self):
-        return len(self.files)
+        return len(self.samples)
 
     def __getitem__(self, i):
-        path = self.root / self.files[i]
+        sample = self.samples[i]
         try:
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(sample.read(self.flag))) as im:
                 return eval_crop(im, self.resize, self.size), self.labels[i]
+        except UserError as e:   # S3's one line; as an ImageReadError it survives a DataLoader worker
+            raise ImageReadError(str(e)) from None
         except Exception as e:   # Pillow raises OSError, SyntaxError, ValueError... for bad data
-            raise read_failure(path, e, self.flag, self.root) from None
+            raise read_failure(sample.name, e, self.flag, self.source) from None
 
 
 class ArrayImages(torch.utils.data.Dataset):

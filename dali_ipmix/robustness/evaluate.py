@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .. import readers
+from .. import readers, sources
 from ..errors import UserError
 from . import corruptions as corr
 from . import datasets as D
@@ -154,7 +154,8 @@ def _predict(model, dataset, s, mask, attack, label) -> Outcome:
 # Image sets
 
 class CleanData:
-    """The clean validation set: a class folder, or a CIFAR python release (its test split, read
+    """The clean validation set: a class folder or a shard set of one (local or ``s3://``,
+    :mod:`dali_ipmix.sources`), or a CIFAR python release (its test split, read
     by :func:`dali_ipmix.data.cifar.load_cifar`) as the official CIFAR evaluation uses."""
 
     def __init__(self, s: EvalSettings):
@@ -166,13 +167,14 @@ class CleanData:
                 raise UserError(f"--data {s.data}: CIFAR images are {images.shape[1]} px but the crop is "
                                 f"{s.image_size}; pass --preset cifar or --image-size {images.shape[1]}")
             self.arrays = (images, labels)
-        else:
-            self.classes = readers.class_folder_files(s.data, flag="--data")[2]
+        else:       # class folders or shards, local or s3://, listed once
+            self.source = sources.open_source(s.data, flag="--data")
+            self.classes = self.source.classes
 
     def dataset(self, label_of: Mapping[str, int]):
         s = self.s
         if self.arrays is None:
-            return D.ClassFolderImages(s.data, resize=s.resize, size=s.image_size, label_of=label_of,
+            return D.ClassFolderImages(self.source, resize=s.resize, size=s.image_size, label_of=label_of,
                                        max_images=s.max_images)
         images, labels = self.arrays
         idx = readers.subset_indices(len(labels), s.max_images)
@@ -234,7 +236,8 @@ def corruption_sets(s: EvalSettings, classes, clean: Optional[CleanData]) -> Dic
 def subset_set(root, subset: Sequence[str], classes, s: EvalSettings, flag: str):
     """(dataset, logit mask, classes used) of an ImageNet-R / -A folder."""
     index = _need_classes(classes, flag, root)
-    folders = readers.class_folder_files(root, flag=flag)[2]
+    source = sources.open_source(root, flag=flag)
+    folders = source.classes
     unknown = [f for f in folders if f not in subset]
     if unknown:
         raise UserError(f"{flag} {root}: folder {unknown[0]} is not one of its 200 classes "
@@ -243,7 +246,7 @@ def subset_set(root, subset: Sequence[str], classes, s: EvalSettings, flag: str)
     if not used:
         raise UserError(f"{flag} {root}: the model has none of its 200 classes (by wnid); its class names "
                         f"come from --data")
-    dataset = D.ClassFolderImages(root, resize=s.resize, size=s.image_size,
+    dataset = D.ClassFolderImages(source, resize=s.resize, size=s.image_size,
                                   label_of={w: i for i, w in enumerate(used)}, flag=flag, max_images=s.max_images)
     return dataset, [index[w] for w in used], used
 
