@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import tarfile
 import time
 
@@ -20,7 +19,8 @@ from dali_ipmix import readers, s3, shard, sources, verify
 from dali_ipmix.errors import UserError
 from dali_ipmix.loader import DaliLoader
 from pipelines import imagenet
-from test_train import _args, _two_ranks, tiny_factory
+from conftest import free_port, two_ranks
+from test_train import _args, tiny_factory
 
 CFG = C.IMAGENET.replace(k=2, t=2, image_size=32, patch_sizes=(4, 8, 16))
 
@@ -124,7 +124,7 @@ def test_two_gloo_ranks_over_shards_see_every_sample_once_per_epoch(shards, tmp_
               "if rank == 0:\n"
               "    json.dump(every, open(sys.argv[2], 'w'))\n"
               "dist.destroy_process_group()\n")
-    codes, outs = _two_ranks(script, str(shards / "train"), str(tmp_path / "seen.json"))
+    codes, outs = two_ranks(script, str(shards / "train"), str(tmp_path / "seen.json"))
     assert codes == [0, 0], outs
     seen = json.loads((tmp_path / "seen.json").read_text())
     assert [len(s) for s in seen] == [6, 6]
@@ -271,12 +271,6 @@ def test_a_truncated_member_mid_run_is_named_by_dali(shards, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # A real S3-compatible server on 127.0.0.1
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server(dataset, shards):
     """A moto server holding bucket ``data``: train/ val/ mixing/ class folders and
@@ -339,7 +333,7 @@ def test_s3_errors_are_one_line_before_any_work(case, aws, monkeypatch, dataset,
         monkeypatch.delenv("AWS_ACCESS_KEY_ID")
         monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     if case == "unreachable":
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     out = tmp_path / "run"
     argv = _args(dataset, out, "--max-steps", "1")
     argv[argv.index("--data-path"):argv.index("--data-path") + 2] = [
@@ -432,7 +426,7 @@ def test_two_ranks_training_from_s3_list_the_bucket_once(aws, dataset, tmp_path)
     argv = _args(dataset, tmp_path / "run", "--max-steps", "1", "--epochs", "1", "--batch-size", "2")
     argv[argv.index("--data-path") + 1] = "s3://data/shards"
     argv[argv.index("--mixing-set") + 1] = "s3://data/shards/mixing"
-    codes, outs = _two_ranks(script, *argv, timeout=240)
+    codes, outs = two_ranks(script, *argv, timeout=240)
     assert codes == [0, 0], outs
     assert ("LISTED 0 ['s3://data/shards/mixing', 's3://data/shards/train', 's3://data/shards/val']"
             in outs[0]), outs[0]
