@@ -199,6 +199,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_see_every_sample_once_per_epoch(solid):
     codes, outs = two_ranks(RANK_SCRIPT, str(solid), timeout=180)
     assert codes == [0, 0], outs

@@ -102,6 +102,7 @@ def test_two_ranks_over_shards_read_every_sample_once_per_epoch(shards):
     assert not set(seen[0]) & set(seen[1]) and len(set(seen[0]) | set(seen[1])) == 12
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_over_shards_see_every_sample_once_per_epoch(shards, tmp_path):
     # each rank: the training pipeline's reader on shard RANK of WORLD_SIZE, one epoch through
     # DaliLoader; the samples' names are gathered over gloo
@@ -295,6 +296,7 @@ def aws(s3_server, monkeypatch):
     return s3_server
 
 
+@pytest.mark.slow
 def test_s3_folders_and_shards_read_like_the_local_folders(dataset, aws):
     folders = sources.open_source("s3://data/train")
     local = sources.open_source(dataset / "train")
@@ -350,6 +352,7 @@ def test_s3_errors_are_one_line_before_any_work(case, aws, monkeypatch, dataset,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_preview_and_bench_take_shards_and_s3(shards, aws, tmp_path):
     from dali_ipmix.bench.runner import run_bench
     from dali_ipmix.cli import main
@@ -414,6 +417,7 @@ def test_training_on_a_shard_set_with_a_corrupt_member_stops_with_one_line(datas
     assert f"{data}/shard-000000.tar, {member}: not_image" in err and f"dali-ipmix verify {data}" in err
 
 
+@pytest.mark.slow
 def test_two_ranks_training_from_s3_list_the_bucket_once(aws, dataset, tmp_path):
     # rank 0 lists each prefix and sends the records; rank 1 lists nothing
     script = ("import os, sys, train, test_train\n"

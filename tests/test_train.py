@@ -158,6 +158,7 @@ def test_failed_checkpoint_write_keeps_previous(dataset, tmp_path, monkeypatch, 
     assert ckpt["step"] == 1 and "model" in ckpt
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes_to_same_weights(dataset, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     script = ("import sys, train, test_train; "
@@ -203,6 +204,7 @@ SAVE_RANK_MODEL = ("import os, sys, torch, train, test_train\n"
                    "sys.exit(rc)\n")
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_hold_identical_weights(dataset, tmp_path):
     # 12 images / 2 ranks = 6 per shard: batch 2 gives 3 steps per epoch on each rank
     args = _args(dataset, tmp_path / "run", "--max-steps", "4", "--batch-size", "2")
@@ -220,6 +222,7 @@ def test_two_gloo_ranks_hold_identical_weights(dataset, tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["loader_state"]["positions"]) == 2
 
 
+@pytest.mark.slow
 def test_two_ranks_evaluate_the_saved_model_on_the_same_images_in_both_passes(dataset, tmp_path):
     # adversarial mode on 2 gloo ranks without --sync-bn: the clean validation and the robust
     # check of an epoch measure the model rank 0 saves (its BatchNorm statistics on every rank),
@@ -239,6 +242,7 @@ def test_two_ranks_evaluate_the_saved_model_on_the_same_images_in_both_passes(da
     assert epoch["robust_clean"] == pytest.approx(epoch["val_top1"])
 
 
+@pytest.mark.slow
 def test_a_demo_cache_that_cannot_be_made_fails_every_rank_in_one_line(tmp_path):
     # rank 0 makes the demo data; its error must reach rank 1, which waits for the paths
     blocker = tmp_path / "a-file"
@@ -302,6 +306,7 @@ def test_bad_input_one_line_error(case, dataset, tmp_path, capsys):
     assert time.time() - t0 < 30
 
 
+@pytest.mark.slow
 def test_bad_file_mid_run_names_it_and_filelist_skips_it(dataset, tmp_path, capsys):
     import shutil
     from dali_ipmix import verify
@@ -338,6 +343,7 @@ def test_adversarial_mixup_mode_trains_and_reports_robust_accuracy(mode, dataset
     assert all(np.isfinite(r["loss"]) for r in steps if r["kind"] == "step")
 
 
+@pytest.mark.slow
 def test_cifar_adv_schedule_per_epoch_robust_check_and_best_robust(dataset, tmp_path, capsys):
     from dali_ipmix.robustness import load_checkpoint
     out = tmp_path / "run"
@@ -555,6 +561,7 @@ def test_stop_on_an_epochs_last_step_resumes_with_its_validation(stop, dataset, 
         torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_second_run_into_a_busy_output_dir_is_refused(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     script = ("import sys, train, test_train; "

@@ -51,6 +51,7 @@ def test_cifar_adv_preset_defaults_and_overrides():
 # ---------------------------------------------------------------------------------------------
 # Distributed (training/distributed.py, two gloo ranks)
 
+@pytest.mark.slow
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step_and_names_it():
     # SIGINT reaches rank 1 only, after step 2: both ranks stop after the same later step and
     # both report SIGINT (the shell's exit code 130), not a SIGTERM they never saw
