@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine: `make demo` (the main job on built-in generated
 # data) and `make test`.  Both create .venv and install from constraints.txt on first use.
+# `make test-fast` is the edit loop: the suite less the tests marked `slow` (README "Tests").
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ $(STAMP): setup.cfg constraints.txt
 		|| echo "note: graphviz not installed (needs root); dali-ipmix graph will write DOT only"
 	touch $(STAMP)
 
-.PHONY: setup demo test test-gpu clean
+.PHONY: setup demo test test-fast test-gpu clean
 setup: $(STAMP)
 
 demo: $(STAMP)
@@ -22,6 +23,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu and not slow" tests
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests

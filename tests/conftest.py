@@ -1,8 +1,11 @@
 """Shared fixtures: real photographs (scikit-image ships a few in its wheel), cut into square
-crops like the ones IPMix works on, and a probe for GPU tests."""
+crops like the ones IPMix works on, a probe for GPU tests, and two gloo ranks on this machine."""
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,3 +164,30 @@ def shorten_autoattack(monkeypatch, steps: int, queries: int):
         attack.attacks[3].n_queries = queries
         return attack
     monkeypatch.setattr(attacks, "autoattack_standard", shortened)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_ranks(script, *argv, timeout=120):
+    """Runs ``script`` as rank 0 and 1 of a gloo group on this machine; (return codes, outputs)."""
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+        procs.append(subprocess.Popen([sys.executable, "-c", script, *argv], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [p.returncode for p in procs], outs

@@ -192,6 +192,7 @@ def _mixup_fitted(seed=0, steps=150):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_default_aom_attack_does_not_pull_lambda_to_one_half():
     # On a model that fits mixup, soft CE is largest where the label is most uncertain
     # (lambda = 0.5), so ascending it on lambda collapses lambda there instead of finding where the
@@ -288,6 +289,7 @@ def _ddp_one_backward():
     return all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_ddp_model_one_backward():
     # In a child process that leaves with os._exit: torch 2.12's gloo process group can deadlock
     # in its destructor when DDP's reducer releases it in-process (a thread join under the GIL;

@@ -36,6 +36,7 @@ def result():
     return run_bench(**TINY, command=["test"], log=lambda msg: None)
 
 
+@pytest.mark.slow
 def test_every_row_reports_a_positive_rate_and_all_fields(result):
     rows = {r["name"]: r for r in result["rows"]}
     assert set(rows) == set(ROW_NAMES) - {"official", "official-jsd"}     # no --official given
@@ -65,6 +66,7 @@ def test_every_row_reports_a_positive_rate_and_all_fields(result):
     assert json.loads(json.dumps(result)) == result        # JSON-serialisable as is
 
 
+@pytest.mark.slow
 def test_ratios_come_from_the_same_run(result):
     rate = {(r["name"], r["threads"]): r["images_per_s"] for r in result["rows"]}
     for r in result["rows"]:
@@ -107,6 +109,7 @@ def test_official_rows_become_the_baseline():
     assert "over the official row" in report.table(rows)
 
 
+@pytest.mark.slow
 def test_table_has_one_line_per_row(result):
     lines = report.table(result["rows"]).splitlines()
     assert len(lines) == 2 + len(result["rows"]) + 3               # header, rule, rows, 3 notes
@@ -182,6 +185,7 @@ def test_peak_memory_counts_worker_processes():
     assert r["host_rss_peak_mb"] - r["host_rss_start_mb"] > 150
 
 
+@pytest.mark.slow
 def test_dataloader_rows_time_whole_rounds_of_their_workers():
     # Batch i comes from worker i % workers; a window that is not whole rounds ends inside a burst
     # made before the clock started (16 workers, 10 batches: up to 4x too fast).
@@ -260,6 +264,7 @@ def test_a_bad_file_stops_the_run_with_one_line_naming_it(data_with_a_bad_file, 
     assert "--data-filelist" in err[0] and "dali-ipmix verify" in err[0]
 
 
+@pytest.mark.slow
 def test_the_verified_file_list_skips_the_bad_file(data_with_a_bad_file, tmp_path, capsys):
     data, bad = data_with_a_bad_file
     good = tmp_path / "good.txt"
@@ -290,6 +295,7 @@ def test_official_rows_need_224_px():
         run_bench(**TINY, official=OFFICIAL, log=lambda m: None)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("not __import__('os').path.isdir(OFFICIAL)", reason="no official checkout")
 def test_official_and_reference_views_agree_in_statistics(tmp_path):
     # The same files through the official IPMixDataset and the reference row's dataset: views of
@@ -396,6 +402,7 @@ def test_a_failed_repetition_is_reported_and_left_out_of_the_median():
     assert row["images_per_s"] == 20.0 and row["error"] == "boom" and row["repetitions"] == 3
 
 
+@pytest.mark.slow
 def test_repetitions_interleave_the_rows_and_the_record_keeps_every_one():
     got = run_bench(**{**TINY, "repeats": 2}, contenders=["dali-plain", "synthetic"],
                     log=lambda m: None)
@@ -455,6 +462,7 @@ def test_cpu_figures_never_exceed_the_cores_and_need_a_long_enough_window():
     assert cpu_figures(2.1, 1.0, 100, processes=1, cores=2)[0] == 2   # counter jitter: at most all cores
 
 
+@pytest.mark.slow
 def test_rows_compare_at_the_same_thread_count_on_the_cpu():
     from dali_ipmix.bench.runner import ROWS, thread_counts
     rows = {r.name: r for r in ROWS}

@@ -65,6 +65,7 @@ def test_graph_command_dot_has_one_node_per_pipeline_operator(data, tmp_path):
     assert _svg_node_count(out / "pipeline.svg") == len(names)
 
 
+@pytest.mark.slow
 def test_graph_collapse_folds_split_merge_per_if(data, tmp_path):
     cfg = _common.make_config("imagenet", **TINY)
     pipe = _pipe(data, cfg, "dali")
@@ -184,6 +185,7 @@ def test_readable_draws_round_trip_numpy_tapes(photos64, partners64):
 # ---------------------------------------------------------------------------------------------
 # stages
 
+@pytest.mark.slow
 def test_stages_expose_every_step_of_the_training_graph(data, tmp_path):
     cfg = _common.make_config("imagenet", image_size=32, k=1, t=2)
     index = stages.run_stages(*data, tmp_path, cfg, "imagenet", n=2, seed=3)

@@ -51,6 +51,7 @@ def val_records(out):
 
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_demo_recipe_keeps_learning(demo_set, tmp_path):
     out = tmp_path / "run"
     assert train.main(demo_flags(demo_set / "synth", demo_set / "fractals", out, "--seed", "0")) == 0
@@ -119,6 +120,7 @@ def test_outputs_without_matplotlib_skip_the_plot(demo_set, tmp_path, monkeypatc
     assert "matplotlib is not installed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_run_leaves_pictures_and_says_what_next(tmp_path, monkeypatch, capsys):
     """`python train.py` with no data flags, on a smaller generated set and one epoch."""
     from dali_ipmix.data import demo as demo_data

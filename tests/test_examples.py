@@ -32,6 +32,7 @@ def _assert_same_weights(a, b):
 # 12 images / batch 4 = 3 steps an epoch: stopping after 2 stops mid-epoch, and 4 steps cross
 # into the second epoch (through validation)
 
+@pytest.mark.slow
 def test_pytorch_loop_resumes_with_the_exact_next_batch(dataset, tmp_path):
     loop = example("pytorch_loop")
 
@@ -51,6 +52,7 @@ def test_pytorch_loop_resumes_with_the_exact_next_batch(dataset, tmp_path):
     assert not torch.equal(whole["model"]["fc.weight"], stopped["model"]["fc.weight"])
 
 
+@pytest.mark.slow
 def test_lightning_run_resumed_mid_epoch_from_its_checkpoint_matches_an_uninterrupted_one(
         dataset, tmp_path, monkeypatch):
     from dali_ipmix import IPMixLoader
@@ -87,6 +89,7 @@ def test_lightning_run_resumed_mid_epoch_from_its_checkpoint_matches_an_uninterr
     assert not torch.equal(whole["fc.weight"], stopped["fc.weight"])
 
 
+@pytest.mark.slow
 def test_timm_jsd_trains_on_view_major_chunks_with_the_clean_labels(solid, monkeypatch):
     import timm
     from dali_ipmix import config as C

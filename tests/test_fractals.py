@@ -189,6 +189,7 @@ def test_same_seed_gives_byte_identical_files_for_any_jobs(run, tmp_path):
             assert fa.read() == fb.read(), a
 
 
+@pytest.mark.slow
 def test_different_seeds_give_different_pictures(run, tmp_path):
     out, paths = run
     other = F.generate_fractals(tmp_path / "other", COUNT, size=SIZE, seed=SEED + 1, jobs=2)

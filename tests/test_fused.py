@@ -86,6 +86,7 @@ def test_wrap_quirk_is_reproduced(photos64, partners64):
     assert wrap[0, 0, 0, 0] == expected[0] and expected[0] < 255
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [CFG, CFG.replace(jsd=False, all_ops=True, k=2, t=4),
                                  C.CIFAR.replace(overflow="clamp")], ids=["jsd", "all_ops", "cifar"])
 def test_views_match_reference(cfg, photos64, partners64):

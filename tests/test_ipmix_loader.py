@@ -8,10 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import photo_crops
+from conftest import photo_crops, two_ranks
 from dali_ipmix import IPMixLoader, IPMixValLoader, config as C
 from dali_ipmix.losses import ipmix_loss
-from test_train import _two_ranks
 
 # 32-px crops, short chains: every test builds small, fast graphs
 CFG = C.preset("imagenet", image_size=32, patch_sizes=(4, 8, 16, 32), k=2, t=2, self_mix=False)
@@ -200,8 +199,9 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_see_every_sample_once_per_epoch(solid):
-    codes, outs = _two_ranks(RANK_SCRIPT, str(solid), timeout=180)
+    codes, outs = two_ranks(RANK_SCRIPT, str(solid), timeout=180)
     assert codes == [0, 0], outs
     line = next(line for line in outs[0].splitlines() if line.startswith("RESULT"))
     results = eval(line[len("RESULT "):])

@@ -45,6 +45,7 @@ def tiny_set(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_rss_flat_over_hundreds_of_steps(tiny_set):
     # A fresh process: in a long pytest session freed pages of earlier tests would absorb a leak

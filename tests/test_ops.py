@@ -62,6 +62,7 @@ MIX_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", C.MIXING_OPS)
 @pytest.mark.parametrize("overflow", ["wrap", "clamp"])
 def test_mixing_op_matches_formula(name, overflow, photos64, partners64):

@@ -21,6 +21,7 @@ def _train(dataset, backend="dali", seed=0, **kw):
                                    num_threads=2, device="cpu", backend=backend, seed=seed, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["dali", "fused"])
 def test_train_graph_replays_through_reference(dataset, backend):
     pipe = _train(dataset, backend=backend, extra_outputs=True)
@@ -55,6 +56,7 @@ def test_gpu_train_graph_replays_through_reference(dataset):
             assert np.abs(v - ref).mean() < 5e-3          # float16 rounding + rare pow ulps
 
 
+@pytest.mark.slow
 def test_labels_untouched(dataset):
     # one epoch (12 files, batch 4) carries each file's class label once, the same as without IPMix
     ipmix = _run(_train(dataset, seed=7), iters=3)
@@ -74,6 +76,7 @@ def test_same_seed_same_output_other_seed_differs(dataset):
     assert not np.array_equal(np.stack(a[1][0]), np.stack(c[1][0]))
 
 
+@pytest.mark.slow
 def test_no_jsd_one_view_and_shards(dataset):
     cfg = CFG.replace(jsd=False)
     pipe = imagenet.train_pipeline(dataset / "train", dataset / "mixing", cfg=cfg, batch_size=BATCH,
@@ -185,6 +188,7 @@ def _index_pictures(folder, count):
         Image.fromarray(np.array([[[i % 256, i // 256, 0]]], np.uint8)).save(folder / f"{i:05d}.png")
 
 
+@pytest.mark.slow
 def test_ranks_draw_their_own_stream_of_mixing_pictures(dataset, tmp_path):
     # more pictures than DALI's 1024-file shuffle buffer, where equal file lists walk in step
     count, draws = 3000, 400

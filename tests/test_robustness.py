@@ -163,6 +163,7 @@ def test_pgd_stays_in_the_ball_raises_the_loss_and_replays():
 # ---------------------------------------------------------------------------------------------
 # Generated corruptions
 
+@pytest.mark.slow
 def test_each_generated_corruption_grows_with_severity():
     pytest.importorskip("imagecorruptions")
     from skimage.metrics import structural_similarity
@@ -415,6 +416,7 @@ def test_generated_corruptions_are_writable_arrays(name):
     assert corruptions.corrupt(image, name, 3, seed=1).flags.writeable
 
 
+@pytest.mark.slow
 def test_cli_eps_is_announced_and_autoattack_on_an_adversarially_trained_checkpoint(tiny_run, capsys,
                                                                                       monkeypatch):
     from dali_ipmix import models

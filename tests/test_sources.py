@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import tarfile
 import time
 
@@ -20,7 +19,8 @@ from dali_ipmix import readers, s3, shard, sources, verify
 from dali_ipmix.errors import UserError
 from dali_ipmix.loader import DaliLoader
 from pipelines import imagenet
-from test_train import _args, _two_ranks, tiny_factory
+from conftest import free_port, two_ranks
+from test_train import _args, tiny_factory
 
 CFG = C.IMAGENET.replace(k=2, t=2, image_size=32, patch_sizes=(4, 8, 16))
 
@@ -102,6 +102,7 @@ def test_two_ranks_over_shards_read_every_sample_once_per_epoch(shards):
     assert not set(seen[0]) & set(seen[1]) and len(set(seen[0]) | set(seen[1])) == 12
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_over_shards_see_every_sample_once_per_epoch(shards, tmp_path):
     # each rank: the training pipeline's reader on shard RANK of WORLD_SIZE, one epoch through
     # DaliLoader; the samples' names are gathered over gloo
@@ -124,7 +125,7 @@ def test_two_gloo_ranks_over_shards_see_every_sample_once_per_epoch(shards, tmp_
               "if rank == 0:\n"
               "    json.dump(every, open(sys.argv[2], 'w'))\n"
               "dist.destroy_process_group()\n")
-    codes, outs = _two_ranks(script, str(shards / "train"), str(tmp_path / "seen.json"))
+    codes, outs = two_ranks(script, str(shards / "train"), str(tmp_path / "seen.json"))
     assert codes == [0, 0], outs
     seen = json.loads((tmp_path / "seen.json").read_text())
     assert [len(s) for s in seen] == [6, 6]
@@ -271,12 +272,6 @@ def test_a_truncated_member_mid_run_is_named_by_dali(shards, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # A real S3-compatible server on 127.0.0.1
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server(dataset, shards):
     """A moto server holding bucket ``data``: train/ val/ mixing/ class folders and
@@ -301,6 +296,7 @@ def aws(s3_server, monkeypatch):
     return s3_server
 
 
+@pytest.mark.slow
 def test_s3_folders_and_shards_read_like_the_local_folders(dataset, aws):
     folders = sources.open_source("s3://data/train")
     local = sources.open_source(dataset / "train")
@@ -339,7 +335,7 @@ def test_s3_errors_are_one_line_before_any_work(case, aws, monkeypatch, dataset,
         monkeypatch.delenv("AWS_ACCESS_KEY_ID")
         monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     if case == "unreachable":
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     out = tmp_path / "run"
     argv = _args(dataset, out, "--max-steps", "1")
     argv[argv.index("--data-path"):argv.index("--data-path") + 2] = [
@@ -356,6 +352,7 @@ def test_s3_errors_are_one_line_before_any_work(case, aws, monkeypatch, dataset,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_preview_and_bench_take_shards_and_s3(shards, aws, tmp_path):
     from dali_ipmix.bench.runner import run_bench
     from dali_ipmix.cli import main
@@ -420,6 +417,7 @@ def test_training_on_a_shard_set_with_a_corrupt_member_stops_with_one_line(datas
     assert f"{data}/shard-000000.tar, {member}: not_image" in err and f"dali-ipmix verify {data}" in err
 
 
+@pytest.mark.slow
 def test_two_ranks_training_from_s3_list_the_bucket_once(aws, dataset, tmp_path):
     # rank 0 lists each prefix and sends the records; rank 1 lists nothing
     script = ("import os, sys, train, test_train\n"
@@ -432,7 +430,7 @@ def test_two_ranks_training_from_s3_list_the_bucket_once(aws, dataset, tmp_path)
     argv = _args(dataset, tmp_path / "run", "--max-steps", "1", "--epochs", "1", "--batch-size", "2")
     argv[argv.index("--data-path") + 1] = "s3://data/shards"
     argv[argv.index("--mixing-set") + 1] = "s3://data/shards/mixing"
-    codes, outs = _two_ranks(script, *argv, timeout=240)
+    codes, outs = two_ranks(script, *argv, timeout=240)
     assert codes == [0, 0], outs
     assert ("LISTED 0 ['s3://data/shards/mixing', 's3://data/shards/train', 's3://data/shards/val']"
             in outs[0]), outs[0]

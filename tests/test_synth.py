@@ -28,6 +28,7 @@ def _load(paths):
     return pictures
 
 
+@pytest.mark.slow
 def test_class_folder_layout(dataset):
     out, paths = dataset
     assert sorted(os.listdir(out)) == ["train", "val"]
@@ -41,6 +42,7 @@ def test_class_folder_layout(dataset):
     assert len(paths) == CLASSES * (TRAIN + VAL)
 
 
+@pytest.mark.slow
 def test_pictures_have_varied_sizes_and_photo_like_jpeg_sizes(dataset):
     out, paths = dataset
     sizes = []
@@ -87,6 +89,7 @@ def _nearest_centroid_accuracy(train_x, train_y, test_x, test_y):
     return float((pred == test_y).mean())
 
 
+@pytest.mark.slow
 def test_classes_are_learnable_from_shape_but_not_from_colour(dataset):
     out, paths = dataset
     names = S.class_names(CLASSES)
@@ -108,6 +111,7 @@ def test_classes_are_learnable_from_shape_but_not_from_colour(dataset):
     assert shape_acc - colour_acc >= 0.15, (shape_acc, colour_acc)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_byte_identical_files_for_any_jobs(tmp_path):
     kw = dict(classes=3, train_per_class=2, val_per_class=1)
     a = S.generate_synth(tmp_path / "a", seed=5, jobs=1, **kw)

@@ -17,10 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
-from conftest import FullDisk
+from conftest import FullDisk, two_ranks
 from dali_ipmix import outputs
-from dali_ipmix.training import checkpoint, metrics, schedule
-from dali_ipmix.losses import ipmix_loss, jsd_loss
+from dali_ipmix.training import checkpoint, metrics
+from dali_ipmix.losses import ipmix_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,62 +71,6 @@ def _params(path):
 
 def _latest(out):
     return checkpoint.find_checkpoints(out)[-1][1]
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss
-
-def test_jsd_loss_matches_direct_computation():
-    g = torch.Generator().manual_seed(0)
-    logits = [torch.randn(5, 7, generator=g) * 3 for _ in range(3)]
-    labels = torch.tensor([0, 3, 6, 2, 2])
-    got = jsd_loss(*logits, labels, weight=12.0)
-    p = [np.exp(l.double().numpy()) / np.exp(l.double().numpy()).sum(1, keepdims=True) for l in logits]
-    m = np.clip(sum(p) / 3, 1e-7, 1)
-    kl = [np.sum(q * (np.log(q) - np.log(m))) / 5 for q in p]
-    ce = -np.mean(np.log(p[0][np.arange(5), labels.numpy()]))
-    assert got.item() == pytest.approx(ce + 12 * sum(kl) / 3, rel=1e-5)
-    # sample-major views [B * 3]: (clean, aug1, aug2) of sample 0, then sample 1, ...
-    flat = torch.stack(logits, 1).reshape(15, 7)
-    loss, clean = ipmix_loss(flat, labels, 3, jsd_weight=12.0)
-    assert loss.item() == pytest.approx(got.item(), rel=1e-6)
-    torch.testing.assert_close(clean, logits[0])
-    assert jsd_loss(logits[0], logits[0], logits[0], labels).item() == pytest.approx(ce, rel=1e-5)
-
-
-def test_lr_schedule_warmup_then_cosine_to_floor():
-    lam = schedule.make_lr_lambda(total_steps=100, warmup_steps=10, min_factor=0.01)
-    assert lam(0) == pytest.approx(0.1) and lam(9) == pytest.approx(1.0)
-    assert lam(10) == pytest.approx(1.0) and lam(100) == pytest.approx(0.01)
-    values = [lam(s) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
-
-
-def test_piecewise_schedule_is_rice_et_al():
-    # locuslab/robust_overfitting train_cifar.py: lr_schedule(epoch + (i + 1) / n) before step i
-    epochs, n = 8, 5
-    rice = lambda t: 0.1 if t / epochs < 0.5 else 0.01 if t / epochs < 0.75 else 0.001   # noqa: E731
-    lam = schedule.make_lr_lambda(epochs * n, 0, 1e-4, "piecewise")
-    for epoch in range(epochs):
-        for i in range(n):
-            assert 0.1 * lam(epoch * n + i) == pytest.approx(rice(epoch + (i + 1) / n)), (epoch, i)
-
-
-def test_cifar_adv_preset_defaults_and_overrides():
-    def resolved(*argv):
-        args = train.get_args_parser().parse_args(["--data-path", "d", "--mixing-set", "m", *argv])
-        train.apply_defaults(args)
-        return args
-    a = resolved("--preset", "cifar-adv")
-    assert (a.preset, a.arch, a.epochs, a.batch_size, a.lr, a.lr_schedule, a.nesterov, a.wd, a.momentum) == (
-        "cifar", "preactresnet18", 200, 128, 0.1, "piecewise", "off", 5e-4, 0.9)
-    assert (a.adv_mixup, a.adv_eps, a.adv_step_size, a.adv_steps, a.no_jsd, a.adv_eval_every) == (
-        "aom", 8 / 255, 2 / 255, 10, True, 1)
-    b = resolved("--preset", "cifar-adv", "--epochs", "30", "--adv-mixup", "mixup_pgd", "--nesterov", "on")
-    assert (b.epochs, b.adv_mixup, b.nesterov, b.lr_schedule) == (30, "mixup_pgd", "on", "piecewise")
-    c = resolved()
-    assert (c.preset, c.lr_schedule, c.nesterov, c.adv_mixup, c.adv_eval_every) == (
-        "imagenet", "cosine", "on", "off", 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +158,7 @@ def test_failed_checkpoint_write_keeps_previous(dataset, tmp_path, monkeypatch, 
     assert ckpt["step"] == 1 and "model" in ckpt
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes_to_same_weights(dataset, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     script = ("import sys, train, test_train; "
@@ -249,30 +194,6 @@ def test_sigterm_checkpoints_and_resumes_to_same_weights(dataset, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Distributed (gloo)
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _two_ranks(script, *argv, timeout=120):
-    """Runs ``script`` as rank 0 and 1 of a gloo group on this machine; (return codes, outputs)."""
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-        procs.append(subprocess.Popen([sys.executable, "-c", script, *argv], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    return [p.returncode for p in procs], outs
-
-
 # train.py on one rank; the model it trained is saved as ARGV1<rank>.pt
 SAVE_RANK_MODEL = ("import os, sys, torch, train, test_train\n"
                    "models = []\n"
@@ -283,10 +204,11 @@ SAVE_RANK_MODEL = ("import os, sys, torch, train, test_train\n"
                    "sys.exit(rc)\n")
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_hold_identical_weights(dataset, tmp_path):
     # 12 images / 2 ranks = 6 per shard: batch 2 gives 3 steps per epoch on each rank
     args = _args(dataset, tmp_path / "run", "--max-steps", "4", "--batch-size", "2")
-    codes, outs = _two_ranks(SAVE_RANK_MODEL, str(tmp_path / "r"), *args, timeout=240)
+    codes, outs = two_ranks(SAVE_RANK_MODEL, str(tmp_path / "r"), *args, timeout=240)
     assert codes == [0, 0], outs
     w0, w1 = (torch.load(tmp_path / f"r{r}.pt") for r in range(2))
     for k in w0:
@@ -300,6 +222,7 @@ def test_two_gloo_ranks_hold_identical_weights(dataset, tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["loader_state"]["positions"]) == 2
 
 
+@pytest.mark.slow
 def test_two_ranks_evaluate_the_saved_model_on_the_same_images_in_both_passes(dataset, tmp_path):
     # adversarial mode on 2 gloo ranks without --sync-bn: the clean validation and the robust
     # check of an epoch measure the model rank 0 saves (its BatchNorm statistics on every rank),
@@ -307,7 +230,7 @@ def test_two_ranks_evaluate_the_saved_model_on_the_same_images_in_both_passes(da
     out = tmp_path / "run"
     args = _args(dataset, out, "--epochs", "1", "--batch-size", "2", "--adv-mixup", "aom",
                  "--adv-steps", "1", "--adv-val-images", "0")
-    codes, outs = _two_ranks(SAVE_RANK_MODEL, str(tmp_path / "r"), *args, timeout=240)
+    codes, outs = two_ranks(SAVE_RANK_MODEL, str(tmp_path / "r"), *args, timeout=240)
     assert codes == [0, 0], outs
     w0, w1 = (torch.load(tmp_path / f"r{r}.pt") for r in range(2))
     saved = torch.load(_latest(out), weights_only=False)["model"]
@@ -319,33 +242,13 @@ def test_two_ranks_evaluate_the_saved_model_on_the_same_images_in_both_passes(da
     assert epoch["robust_clean"] == pytest.approx(epoch["val_top1"])
 
 
-def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step_and_names_it():
-    # SIGINT reaches rank 1 only, after step 2: both ranks stop after the same later step and
-    # both report SIGINT (the shell's exit code 130), not a SIGTERM they never saw
-    script = ("import os, signal, torch.distributed as dist\n"
-              "from dali_ipmix.training.distributed import StopRequest\n"
-              "dist.init_process_group('gloo')\n"
-              "stop = StopRequest(True)\n"
-              "for step in range(1, 50):\n"
-              "    if step == 2 and dist.get_rank() == 1:\n"
-              "        os.kill(os.getpid(), signal.SIGINT)\n"
-              "    if stop.should_stop():\n"
-              "        break\n"
-              "stop.close()\n"
-              "print('stopped', step, stop.name(), flush=True)\n"
-              "dist.destroy_process_group()\n")
-    codes, outs = _two_ranks(script)
-    assert codes == [0, 0], outs
-    last = [o.strip().splitlines()[-1] for o in outs]
-    assert last[0] == last[1] == "stopped 3 SIGINT", outs
-
-
+@pytest.mark.slow
 def test_a_demo_cache_that_cannot_be_made_fails_every_rank_in_one_line(tmp_path):
     # rank 0 makes the demo data; its error must reach rank 1, which waits for the paths
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     script = "import sys, train\nsys.exit(train.main(sys.argv[1:]))\n"
-    codes, outs = _two_ranks(script, "--demo-cache", str(blocker / "cache"),
+    codes, outs = two_ranks(script, "--demo-cache", str(blocker / "cache"),
                              "--output-dir", str(tmp_path / "run"))
     assert codes == [2, 2], outs
     for out in outs:
@@ -403,6 +306,7 @@ def test_bad_input_one_line_error(case, dataset, tmp_path, capsys):
     assert time.time() - t0 < 30
 
 
+@pytest.mark.slow
 def test_bad_file_mid_run_names_it_and_filelist_skips_it(dataset, tmp_path, capsys):
     import shutil
     from dali_ipmix import verify
@@ -439,6 +343,7 @@ def test_adversarial_mixup_mode_trains_and_reports_robust_accuracy(mode, dataset
     assert all(np.isfinite(r["loss"]) for r in steps if r["kind"] == "step")
 
 
+@pytest.mark.slow
 def test_cifar_adv_schedule_per_epoch_robust_check_and_best_robust(dataset, tmp_path, capsys):
     from dali_ipmix.robustness import load_checkpoint
     out = tmp_path / "run"
@@ -656,6 +561,7 @@ def test_stop_on_an_epochs_last_step_resumes_with_its_validation(stop, dataset, 
         torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_second_run_into_a_busy_output_dir_is_refused(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     script = ("import sys, train, test_train; "

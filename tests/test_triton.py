@@ -31,6 +31,7 @@ def _diff(a, b):
     return np.abs(np.asarray(a, np.int32) - np.asarray(b, np.int32))
 
 
+@pytest.mark.slow
 @cpu
 @pytest.mark.parametrize("name", OPS)
 def test_image_op_bit_exact_with_pil(name, photos64):
@@ -76,6 +77,7 @@ def test_fractional_rotation_is_refused(photos64):
                         torch.full((6,), 2.5), OPS, impl="triton")
 
 
+@pytest.mark.slow
 @cpu
 @pytest.mark.parametrize("overflow", ["wrap", "clamp"])
 def test_mixings_bit_exact(overflow, photos64, partners64):
@@ -106,6 +108,7 @@ DECODE_CFGS = {
 }
 
 
+@pytest.mark.slow
 @cpu
 @pytest.mark.parametrize("name", DECODE_CFGS)
 def test_decode_equals_numpy(name):
@@ -139,6 +142,7 @@ def _views_case(cfg, photos64, partners64, seed=11):
     return _batch(xs), _batch(fs), torch.from_numpy(tapes), ref
 
 
+@pytest.mark.slow
 @cpu
 @pytest.mark.parametrize("name", VIEW_CFGS)
 def test_views_bit_exact_with_reference(name, photos64, partners64):
@@ -165,6 +169,7 @@ def _odd_cfg(size, **kw):
                               **kw)
 
 
+@pytest.mark.slow
 @cpu
 @pytest.mark.parametrize("size", sorted(ODD_OPS))
 def test_image_ops_on_sizes_that_are_not_whole_tiles(size):
@@ -181,6 +186,7 @@ def test_image_ops_on_sizes_that_are_not_whole_tiles(size):
         assert _diff(out, ref).max() == 0, (size, name, mag)
 
 
+@pytest.mark.slow
 @cpu
 @pytest.mark.parametrize("size, batch, k, t", [(31, 5, 3, 3), (97, 3, 2, 2)])
 def test_views_on_sizes_that_are_not_whole_tiles(size, batch, k, t):
@@ -199,6 +205,7 @@ def test_views_on_sizes_that_are_not_whole_tiles(size, batch, k, t):
         np.testing.assert_array_equal(last.numpy(), ref.transpose(0, 1, 3, 4, 2))
 
 
+@pytest.mark.slow
 @cpu
 def test_uniforms_path_dtypes_and_layouts(photos64, partners64):
     cfg = IMAGENET64.replace(k=2, t=2)
@@ -218,6 +225,7 @@ def test_uniforms_path_dtypes_and_layouts(photos64, partners64):
     torch.testing.assert_close(last, views.permute(0, 1, 3, 4, 2), atol=0, rtol=0)
 
 
+@pytest.mark.slow
 @cpu
 def test_launches_per_batch(photos64, partners64, monkeypatch):
     # 2t + 2 launches whatever the batch size and k
@@ -316,6 +324,7 @@ print(len(seen), "kernels compiled")
 """
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_hopper():
     # Compiled Triton is stricter than its interpreter (constexpr globals, types across branches):
     # the kernels, with the arguments the host code really passes, must compile for sm_90.
