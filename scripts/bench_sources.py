@@ -1,9 +1,11 @@
-"""The IPMix loader on the same pictures from three data sources: local class folders, local tar
-shards (``dali-ipmix shard``) and the same shards over a loopback S3 server (``moto_server`` on
-127.0.0.1, from the test extra), each a ``dali-ipmix bench`` row; sources interleaved, repeated,
-median and spread reported (BENCHMARKS.md "Data sources").
+"""The same pictures from three data sources: local class folders, local tar shards
+(``dali-ipmix shard``) and the same shards over a loopback S3 server (``moto_server`` on
+127.0.0.1, from the test extra), each through ``dali-ipmix bench`` rows: ``dali-read`` (the
+reader alone: what the storage delivers) and ``dali-ipmix`` (the IPMix loader); rows and sources
+interleaved, repeated, median and spread reported (BENCHMARKS.md "Data sources").  CPU ms/image
+counts the S3 server too (a child process of this one).
 
-    python scripts/bench_sources.py --images 512 --repeats 3 --iters 8 --threads 2 --device cpu
+    python scripts/bench_sources.py --images 512 --repeats 3 --threads 2 --device cpu
 
 Also ``--startup N``: the set-up time of a training run on N generated files (class folders, and
 a file list of them): the data is listed once, by train.py's data check, whose record the
@@ -31,28 +33,30 @@ def loader_rows(args) -> dict:
     folders = write_sources(tmp / "train", args.images, args.size, args.classes)
     mixing = write_pictures(tmp / "mixing", args.pictures, args.size)
     shard.convert(folders, tmp / "shards", count=args.shards, log=lambda *a: None)
-    results = {"folders": [], "shards": [], "s3-shards": []}
+    where = {"folders": str(folders), "shards": str(tmp / "shards"), "s3-shards": "s3://bench/shards"}
+    results = {(row, name): [] for row in args.rows for name in where}
     with s3.loopback_server() as endpoint:
         s3.upload_tree(tmp / "shards", "s3://bench/shards", endpoint)
         os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test",
                           AWS_SECRET_ACCESS_KEY="test", AWS_REGION="us-east-1")
-        where = {"folders": str(folders), "shards": str(tmp / "shards"),
-                 "s3-shards": "s3://bench/shards"}
         for rep in range(args.repeats):
-            for name, data in where.items():
-                record = run_bench(data=data, mixing=str(mixing), contenders=[args.row],
-                                   threads=[args.threads], batch_size=args.batch_size,
-                                   image_size=args.image_size, warmup=args.warmup,
-                                   iters=args.iters, device=args.device, log=lambda m: None)
-                row = record["rows"][0]
-                if row["error"]:
-                    raise SystemExit(f"{name}: {row['error']}")
-                results[name].append(row)
-                print(f"repeat {rep + 1} {name:10s} {row['images_per_s']:7.1f} images/s  "
-                      f"{row['cpu_ms_per_image']:6.1f} CPU ms/image", flush=True)
-    return {name: {"images_per_s": [r["images_per_s"] for r in rows],
-                   "cpu_ms_per_image": [r["cpu_ms_per_image"] for r in rows]}
-            for name, rows in results.items()}
+            for row_name in args.rows:
+                for name, data in where.items():
+                    record = run_bench(data=data, mixing=str(mixing), contenders=[row_name],
+                                       threads=[args.threads], batch_size=args.batch_size,
+                                       image_size=args.image_size, warmup=args.warmup,
+                                       iters=args.iters, min_seconds=args.min_seconds,
+                                       device=args.device, log=lambda m: None)
+                    row = record["rows"][0]
+                    if row["error"]:
+                        raise SystemExit(f"{row_name} {name}: {row['error']}")
+                    results[row_name, name].append(row)
+                    print(f"repeat {rep + 1} {row_name:10s} {name:10s} {row['images_per_s']:8.1f} "
+                          f"images/s  {row['cpu_ms_per_image'] or float('nan'):6.2f} CPU ms/image",
+                          flush=True)
+    return {f"{row} {name}": {"images_per_s": [r["images_per_s"] for r in rows],
+                              "cpu_ms_per_image": [r["cpu_ms_per_image"] for r in rows]}
+            for (row, name), rows in results.items()}
 
 
 def startup(n: int, classes: int = 1000) -> dict:
@@ -103,13 +107,16 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=8)
     p.add_argument("--size", type=int, default=256, help="source height / mixing side (px)")
     p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--row", default="dali-ipmix")
+    p.add_argument("--rows", default="dali-read,dali-ipmix", type=lambda v: v.split(","),
+                   help="bench rows, each measured on the three sources (dali-read: the reader "
+                        "alone, what the storage delivers; dali-ipmix: the IPMix loader)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--min-seconds", type=float, default=2.0, help="each row's shortest window")
     p.add_argument("--device", default="cpu")
     p.add_argument("--startup", type=int, default=0, metavar="N", help="also time listing N files")
     p.add_argument("--json", default=None)
@@ -119,7 +126,8 @@ def main() -> None:
         out["rows"] = loader_rows(args)
         for name, r in out["rows"].items():
             ips, ms = r["images_per_s"], r["cpu_ms_per_image"]
-            print(f"{name:10s} images/s median {statistics.median(ips):7.1f} (min {min(ips):.1f}, "
+            ms = [m for m in ms if m is not None] or [float("nan")]
+            print(f"{name:21s} images/s median {statistics.median(ips):7.1f} (min {min(ips):.1f}, "
                   f"max {max(ips):.1f})  CPU ms/image median {statistics.median(ms):6.1f} "
                   f"(min {min(ms):.1f}, max {max(ms):.1f})")
     if args.startup:

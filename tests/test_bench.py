@@ -177,6 +177,26 @@ def test_reference_dataset_gives_the_official_views(tmp_path):
     assert one.shape == (1, 3, 32, 32)
 
 
+def test_read_row_reads_the_training_files_and_their_labels(tmp_path):
+    """dali-read times the training data's own reader: every batch holds files of --data, byte for
+    byte, with their class labels (not the mixing set's pictures, not decoded images)."""
+    data = bench_data(tmp_path, images=6, pictures=3, size=40, classes=3)
+    setup = K.Setup(data=data, cfg=training_config(32), batch_size=4, warmup=1, iters=2,
+                    device="cpu", backend="fused", hw_decoder_load=0.0, arch="resnet18",
+                    amp="off", channels_last=False, seed=0)
+    files, labels = data.train_files()
+    by_bytes = {(data.train_dir / f).read_bytes(): label for f, label in zip(files, labels)}
+    pipe = K.read_pipeline(setup, threads=1)
+    seen = set()
+    for _ in range(3):
+        encoded, got = pipe.run()
+        for i in range(len(encoded)):
+            payload = bytes(np.array(encoded[i]))
+            assert by_bytes.get(payload) == int(np.array(got[i])[0])
+            seen.add(payload)
+    assert seen == set(by_bytes)                  # 12 reads of a shuffled 6-file epoch
+
+
 def test_peak_memory_counts_worker_processes():
     code = "import numpy, time; a = numpy.ones(200 * 2**20 // 8); time.sleep(1.0)"
     with PeakMemory() as mem:

@@ -87,7 +87,9 @@ def register(subparsers) -> None:
         "bench", help="throughput of the IPMix loaders and training, side by side in one run",
         description="Measure, in one process and on the same files, source images per second of: "
                     "official (the official IPMix code's own DataLoader, from --official DIR), "
-                    "reference (this package's NumPy/PIL IPMix in a DataLoader), dali-plain (the "
+                    "reference (this package's NumPy/PIL IPMix in a DataLoader), dali-read (the "
+                    "training data's reader alone, nothing decoded: what the storage delivers), "
+                    "dali-plain (the "
                     "DALI pipeline without IPMix), dali-draws (dali-tapes / dali-uniforms: the "
                     "pipeline making the random draws, decoded in the graph or raw, with no pixel "
                     "work), dali-ipmix / dali-ipmix-jsd (the DALI IPMix pipeline, one view / the "
@@ -104,7 +106,8 @@ def register(subparsers) -> None:
 
     g = p.add_argument_group("what to measure")
     add(g, "--contenders", type=_names, default=DEFAULT_CONTENDERS,
-        help="comma-separated contenders (official, reference, dali-plain, dali-draws, dali-ipmix, "
+        help="comma-separated contenders (official, reference, dali-read, dali-plain, dali-draws, "
+        "dali-ipmix, "
         "kernel, train, synthetic) or single rows (reference-jsd, dali-ipmix-jsd, ...); official "
         "is skipped without --official")
     add(g, "--threads", type=_int_list, default=str(os.cpu_count() or 1),

@@ -178,6 +178,33 @@ def dali_pipeline(setup: Setup, threads: int, *, jsd: bool, backend: Optional[st
     return result
 
 
+def read_pipeline(setup: Setup, threads: int):
+    """A built DALI pipeline giving (encoded pictures, labels) of the training data as the
+    training pipeline reads them (shuffled, from class folders, shards or ``s3://``)."""
+    from nvidia.dali import pipeline_def
+    from dali_ipmix import readers
+    source = setup.data.train_dir
+
+    @pipeline_def(batch_size=setup.batch_size, num_threads=threads, device_id=None,
+                  prefetch_queue_depth=DALI_PREFETCH, seed=setup.seed)
+    def read():
+        return source.reader(name=readers.TRAIN_READER, shuffle=True, seed=setup.seed)
+
+    pipe = read()
+    pipe.build()
+    return pipe
+
+
+def read_alone(setup: Setup, threads: int) -> dict:
+    """The training data's reader alone, nothing decoded: what the data source can deliver, the
+    ceiling of every other DALI row on that storage (the dali-read row)."""
+    start = time.perf_counter()
+    pipe = read_pipeline(setup, threads)
+    result = timed(setup, start, pipe.run, touch, extra_warmup=DALI_PREFETCH)
+    del pipe
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # The reference row: the official recipe (torch DataLoader + PIL + NumPy IPMix).
 

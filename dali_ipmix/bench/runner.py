@@ -51,6 +51,7 @@ ROWS: Tuple[Row, ...] = (
         "workers"),
     Row("reference-jsd", "reference", True, partial(K.reference_pipeline, jsd=True), "reference",
         "workers"),
+    Row("dali-read", "dali-read", False, K.read_alone, None, "dali"),
     Row("dali-plain", "dali-plain", False, partial(K.dali_pipeline, jsd=False, backend="none"),
         "none", "dali"),
     Row("dali-tapes", "dali-draws", False,
