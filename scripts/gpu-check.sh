@@ -243,7 +243,7 @@ DATA_PID=$!
 step env environment
 step lifetime lifetime
 wait "$DATA_PID"
-step bench-key bench bench-key dali-plain,dali-ipmix --threads "$THREADS" "${TIMING[@]}"
+step bench-key bench bench-key dali-read,dali-plain,dali-ipmix --threads "$THREADS" "${TIMING[@]}"
 step bench-train bench bench-train train,synthetic --threads "${THREADS%%,*}" "${TIMING[@]}"
 step kernels kernels
 step gpu-tests gpu_tests

@@ -8,7 +8,7 @@ import sys
 from dali_ipmix.helpformat import HelpFormatter
 from dali_ipmix.training.precision import AMP_MODES
 
-DEFAULT_CONTENDERS = "official,reference,dali-plain,dali-ipmix,kernel,train,synthetic"
+DEFAULT_CONTENDERS = "official,reference,dali-read,dali-plain,dali-ipmix,kernel,train,synthetic"
 MIN_GEN_SIZE = 16    # generated pictures smaller than this measure nothing a user has
 
 
