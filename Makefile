@@ -21,11 +21,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) train.py
 
+# -n auto: one pytest worker per core (pytest-xdist); --dist loadgroup keeps a module marked
+# xdist_group on one worker, where its expensive module fixture is built once
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu" tests
+	$(PY) -m pytest -q -n auto --dist loadgroup -m "not gpu" tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu and not slow" tests
+	$(PY) -m pytest -q -n auto --dist loadgroup -m "not gpu and not slow" tests
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests
