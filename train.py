@@ -2,10 +2,12 @@
 """Train an image classifier with IPMix augmentation fed by NVIDIA DALI.
 
 In the style of torchvision's references/classification/train.py: one file, explicit flags, the
-stages in the order they run (``main`` -> ``run`` -> ``train``: ``prepare_run``, ``load_data``,
-``build_training``, then ``fit``: per epoch ``train_one_epoch`` and ``end_epoch`` with
-``evaluate``; at the end ``training.metrics.print_summary``); the plumbing -- checkpoints, metrics, ranks, the lr schedule -- lives in
-``dali_ipmix/training/`` (README "Training", docs/architecture.md).
+stages in the order they run (``main`` -> ``run``: the parsed flags resolved into one frozen
+record, ``RunConfig``, by ``resolve_flags``, ``resolve_device``, ``resolve_backend`` and
+``prepare_run``, each returning a new record -> ``train``: ``build_training`` with ``load_data``,
+then ``fit``: per epoch ``train_one_epoch`` and ``end_epoch`` with ``evaluate``; at the end
+``training.metrics.print_summary``); the plumbing -- the record, checkpoints, metrics, ranks, the
+lr schedule -- lives in ``dali_ipmix/training/`` (README "Training", docs/architecture.md).
 
 The official IPMix ImageNet recipe (hzlsaber/IPMix imagenet.py) is the default: torchvision
 ResNet-50, 224 px crops, SGD (momentum 0.9, Nesterov, wd 5e-4), lr 0.01 with a per-iteration cosine
@@ -41,6 +43,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -55,9 +58,10 @@ from dali_ipmix.readers import MAX_PIXELS
 from dali_ipmix.training import (checkpoint, demo_outputs, distributed, metrics, precision, robust,
                                  schedule)
 from dali_ipmix.training.recipes import (CIFAR_ADV_DEFAULTS, DEMO_DEFAULTS, RECIPE_DEFAULTS,
-                                         JSD_WEIGHT, check_jsd_weight, check_numbers,
-                                         recipe_and_demo)
-from dali_ipmix.training.state import RunState
+                                         JSD_WEIGHT, check_numbers, recipe_and_demo,
+                                         resolve_jsd_weight)
+from dali_ipmix.training.run_config import RunConfig
+from dali_ipmix.training.state import Model, RunState
 
 
 def get_args_parser(add_help=True):
@@ -175,64 +179,67 @@ def add_run_args(g):
 # ---------------------------------------------------------------------------------------------
 # Flags: defaults of the recipe, the demo or the preset, and checks that need no file
 
-def wants_demo(args) -> bool:
-    return args.data_path is None and args.train_dir is None
+def wants_demo(flags: RunConfig) -> bool:
+    return flags.data_path is None and flags.train_dir is None
 
 
-def apply_defaults(args):
-    demo = wants_demo(args)
-    if demo and (args.val_dir or args.mixing_set):
+def resolve_flags(args: argparse.Namespace) -> RunConfig:
+    """The run's record of the parsed flags (``args`` is only read), with the recipe's, the
+    demo's or the preset's defaults filled in and the checks that need no file passed."""
+    flags = RunConfig.parsed(args)
+    demo = wants_demo(flags)
+    if demo and (flags.val_dir or flags.mixing_set):
         raise UserError("--val-dir/--mixing-set need --data-path or --train-dir as well")
-    if not demo and not args.mixing_set:
+    if not demo and not flags.mixing_set:
         raise UserError("--mixing-set is required with --data-path/--train-dir (a folder of "
                         "fractal pictures; make one with `dali-ipmix fractals --out DIR --count 1000`)")
     defaults = DEMO_DEFAULTS if demo else RECIPE_DEFAULTS
-    if args.preset == "cifar-adv":
+    if flags.preset == "cifar-adv":
         # recorded as "cifar": checkpoints name the IPMix preset (dali-ipmix eval reads it)
-        args.preset, args.recipe = "cifar", "cifar-adv"
+        flags = flags.replace(preset="cifar", recipe="cifar-adv")
         defaults = {**defaults, **CIFAR_ADV_DEFAULTS}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    flags = flags.replace(**{key: value for key, value in defaults.items() if getattr(flags, key) is None})
     for flag in ("epochs", "batch_size", "workers"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    check_numbers(args)
-    advmixup.check_adv_args(args)
-    check_jsd_weight(args)
-    if not 0 < args.crop_scale <= 1:
-        raise UserError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
+        if getattr(flags, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(flags, flag)}")
+    check_numbers(flags)
+    flags = flags.replace(**advmixup.resolve_adv_flags(vars(flags)))
+    flags = flags.replace(jsd_weight=resolve_jsd_weight(flags))
+    if not 0 < flags.crop_scale <= 1:
+        raise UserError(f"--crop-scale must be in (0, 1], got {flags.crop_scale}")
+    return flags
 
 
-def resolve_arch(args):
-    if args.arch not in models.list_models():
-        raise UserError(f"unknown --arch {args.arch!r}: not a torchvision classification model nor one "
+def resolve_arch(flags: RunConfig):
+    if flags.arch not in models.list_models():
+        raise UserError(f"unknown --arch {flags.arch!r}: not a torchvision classification model nor one "
                         f"of {', '.join(sorted(models.ARCHS))} (`python train.py --list-archs` lists them)")
 
 
-def resolve_backend(args, state):
-    if args.backend is None:
-        args.backend = "fused"
-    if args.backend == "fused":
+def resolve_backend(flags: RunConfig, state) -> RunConfig:
+    """``flags`` with the IPMix backend this machine runs (fused unless asked or unusable)."""
+    backend = flags.backend or "fused"
+    if backend == "fused":
         try:
             import dali_ipmix.fused  # noqa: F401
         except Exception as e:  # being developed / missing optional dependency
             if state.is_main:
                 warnings.warn(f"--backend fused is not usable here ({type(e).__name__}: {e}); "
                               f"falling back to --backend dali (slower to build and run)")
-            args.backend = "dali"
+            backend = "dali"
+    return flags.replace(backend=backend)
 
 
-def build_config(args) -> C.IPMixConfig:
+def build_config(flags: RunConfig) -> C.IPMixConfig:
     """The IPMix configuration of the flags; in the adversarial modes the pipeline gets
     ``advmixup.pixel_config`` of it and the model normalises with its mean and std."""
-    cfg = C.preset(args.preset)
-    changes = {"jsd": not args.no_jsd, "all_ops": args.all_ops or cfg.all_ops}
+    cfg = C.preset(flags.preset)
+    changes = {"jsd": not flags.no_jsd, "all_ops": flags.all_ops or cfg.all_ops}
     for flag, field in (("k", "k"), ("t", "t"), ("beta", "beta"), ("aug_severity", "severity")):
-        if getattr(args, flag) is not None:
-            changes[field] = getattr(args, flag)
-    if args.image_size is not None and args.image_size != cfg.image_size:
-        size = args.image_size
+        if getattr(flags, flag) is not None:
+            changes[field] = getattr(flags, flag)
+    if flags.image_size is not None and flags.image_size != cfg.image_size:
+        size = flags.image_size
         changes["image_size"] = size
         # the largest official patch is the whole crop: keep that, drop sizes that no longer fit
         changes["patch_sizes"] = tuple(sorted({p for p in cfg.patch_sizes if p < size} | {size}))
@@ -242,149 +249,149 @@ def build_config(args) -> C.IPMixConfig:
         raise UserError(str(e)) from None
 
 
-def resolve_device(args, state):
+def resolve_device(flags: RunConfig, state) -> RunConfig:
+    """The devices (into ``state``); returns ``flags`` with the mixed precision they take."""
     state.torch_device, state.dali_device, state.dali_device_id = distributed.pick_device(
-        args.device, state.local_rank)
-    args.amp = precision.resolve_amp(args.amp, gpu=state.torch_device.type == "cuda")
+        flags.device, state.local_rank)
+    return flags.replace(amp=precision.resolve_amp(flags.amp, gpu=state.torch_device.type == "cuda"))
 
 
 # ---------------------------------------------------------------------------------------------
 # Set-up: the data, the output folder and the checkpoint to resume, checked before any work
 
-def prepare_run(args, state):
+def prepare_run(flags: RunConfig, state):
     """Find and check the data, prepare the output folder, load the ``--resume`` checkpoint: a
-    user error on any rank stops every rank here.  Returns that checkpoint (or None)."""
+    user error on any rank stops every rank here.  Returns ``flags`` complete (the data sources,
+    the output folder, the checkpoint to resume) and that checkpoint (or None)."""
     error, ckpt = None, None
     try:
-        if state.demo:
-            find_demo_data(args, state)
-        else:
-            resolve_data(args, state)
-        if args.adv_eval == "autoattack":    # not after the training: torchattacks, >= 4 classes
+        flags = find_demo_data(flags, state) if state.demo else resolve_data(flags, state)
+        if flags.adv_eval == "autoattack":    # not after the training: torchattacks, >= 4 classes
             advmixup.check_autoattack(state.num_classes)
         if state.is_main:
-            checkpoint.prepare_output_dir(args, state)
-            ckpt = checkpoint.load_resume_checkpoint(args, state.num_classes)
+            output_dir, resume = checkpoint.prepare_output_dir(flags, state)
+            flags = flags.replace(output_dir=output_dir, resume=resume)
+            ckpt = checkpoint.load_resume_checkpoint(flags, state.num_classes)
     except UserError as e:
         error = e
     distributed.raise_together(error, state.world_size)
     if state.is_main:
-        checkpoint.delete_previous_run(state.previous_run, args.output_dir, state.log)
+        checkpoint.delete_previous_run(state.previous_run, flags.output_dir, state.log)
     if state.distributed:
-        args.output_dir, args.resume = distributed.broadcast([args.output_dir, args.resume],
-                                                             state.world_size)
+        output_dir, resume = distributed.broadcast([flags.output_dir, flags.resume], state.world_size)
+        flags = flags.replace(output_dir=output_dir, resume=resume)
         error = None
         if not state.is_main:   # e.g. the file is not on this node's file system
             try:
-                ckpt = checkpoint.load_resume_checkpoint(args, state.num_classes)
+                ckpt = checkpoint.load_resume_checkpoint(flags, state.num_classes)
             except UserError as e:
                 error = e
         distributed.raise_together(error, state.world_size)
-    checkpoint.check_not_complete(args, ckpt)   # every rank holds ckpt: they all stop here
+    checkpoint.check_not_complete(flags, ckpt)   # every rank holds ckpt: they all stop here
     if state.is_main:
         checkpoint.sign_lock(state.output_lock)
-    return ckpt
+    return flags, ckpt
 
 
-def find_demo_data(args, state):
+def find_demo_data(flags: RunConfig, state) -> RunConfig:
     """Generated once into the cache by rank 0; every rank reads the same folders."""
     paths, error = [None, None, None], None
     if state.is_main:
         from dali_ipmix.data.demo import ensure_demo_data
         try:
-            paths = [str(p) for p in ensure_demo_data(args.demo_cache, log=state.log)]
+            paths = [str(p) for p in ensure_demo_data(flags.demo_cache, log=state.log)]
         except (UserError, OSError) as e:   # sent with the paths: the other ranks wait in this broadcast
             error = str(e) if isinstance(e, UserError) else f"demo data: {e}"
     *paths, error = distributed.broadcast([*paths, error], state.world_size)
     if error:
         raise UserError(error)
-    args.train_dir, args.val_dir, args.mixing_set = paths
-    check_data(args, state)
+    train_dir, val_dir, mixing_set = paths
+    return check_data(flags.replace(train_dir=train_dir, val_dir=val_dir, mixing_set=mixing_set), state)
 
 
-def resolve_data(args, state):
-    root = args.data_path.rstrip("/") if args.data_path else None
-    train_dir = args.train_dir or f"{root}/train"
-    val_dir = args.val_dir or (f"{root}/val" if root else None)
+def resolve_data(flags: RunConfig, state) -> RunConfig:
+    root = flags.data_path.rstrip("/") if flags.data_path else None
+    train_dir = flags.train_dir or f"{root}/train"
+    val_dir = flags.val_dir or (f"{root}/val" if root else None)
     if val_dir is None:
         raise UserError("--train-dir given without --val-dir (or --data-path with a val/ folder)")
-    train_flag = "--train-dir" if args.train_dir else "--data-path train"
-    args.train_dir, args.val_dir = str(train_dir), str(val_dir)
-    check_data(args, state, train_flag)
+    train_flag = "--train-dir" if flags.train_dir else "--data-path train"
+    return check_data(flags.replace(train_dir=str(train_dir), val_dir=str(val_dir)), state, train_flag)
 
 
-def check_data(args, state, train_flag="--data-path train"):
+def check_data(flags: RunConfig, state, train_flag="--data-path train") -> RunConfig:
     """List the data once per run: rank 0 opens the data sources (class folders, shard sets,
     s3://) and sends the records to the other ranks, so a bucket or a parallel file system is
-    listed once, not once per rank; ``args.train_dir`` / ``val_dir`` / ``mixing_set`` become the
-    records, which the pipelines are built from.  Counts them (into ``state.num_classes``,
-    ``num_train``, ``num_val``); raises UserError on every rank."""
+    listed once, not once per rank; returns ``flags`` whose ``train_dir`` / ``val_dir`` /
+    ``mixing_set`` are the records, which the pipelines are built from.  Counts them (into
+    ``state.num_classes``, ``num_train``, ``num_val``); raises UserError on every rank."""
     found, error = [None, None, None], None
     if state.is_main:
         try:
-            found = list(open_data(args, state, train_flag))
+            found = list(open_data(flags, state, train_flag))
         except UserError as e:        # sent with the records: the other ranks wait in this broadcast
             error = str(e)
     *found, error = distributed.broadcast([*found, error], state.world_size)
     if error:
         raise UserError(error)
-    train, val, _ = found
-    args.train_dir, args.val_dir, args.mixing_set = found
+    train, val, mixing = found
     state.num_classes, state.num_train, state.num_val = len(train.classes), train.size, val.size
+    return flags.replace(train_dir=train, val_dir=val, mixing_set=mixing)
 
 
-def open_data(args, state, train_flag):
+def open_data(flags: RunConfig, state, train_flag):
     """(train, val, mixing) data sources, checked against each other and the batch size."""
     from dali_ipmix import sources
-    if not s3.is_s3(args.val_dir) and not Path(args.val_dir).is_dir():
-        raise UserError(f"validation folder {args.val_dir} does not exist (expected class folders "
+    if not s3.is_s3(flags.val_dir) and not Path(flags.val_dir).is_dir():
+        raise UserError(f"validation folder {flags.val_dir} does not exist (expected class folders "
                         f"val/<class>/*.jpg or a shard set; give --val-dir)")
-    train = sources.open_source(args.train_dir, flag=train_flag, filelist=args.train_filelist)
-    val = sources.open_source(args.val_dir, flag="--val-dir", filelist=args.val_filelist)
-    mixing = sources.open_source(args.mixing_set, flag="--mixing-set", filelist=args.mixing_filelist,
+    train = sources.open_source(flags.train_dir, flag=train_flag, filelist=flags.train_filelist)
+    val = sources.open_source(flags.val_dir, flag="--val-dir", filelist=flags.val_filelist)
+    mixing = sources.open_source(flags.mixing_set, flag="--mixing-set", filelist=flags.mixing_filelist,
                                  labelled=False)
     if val.classes != train.classes:
-        raise UserError(f"validation classes of {args.val_dir} ({len(val.classes)}) differ from the "
-                        f"training classes of {args.train_dir} ({len(train.classes)}); the folder "
+        raise UserError(f"validation classes of {flags.val_dir} ({len(val.classes)}) differ from the "
+                        f"training classes of {flags.train_dir} ({len(train.classes)}); the folder "
                         f"names must match")
     shard = train.size // state.world_size
-    if args.batch_size > shard:
-        raise UserError(f"--batch-size {args.batch_size} is larger than a shard: {train.size} training "
+    if flags.batch_size > shard:
+        raise UserError(f"--batch-size {flags.batch_size} is larger than a shard: {train.size} training "
                         f"images / {state.world_size} rank(s) = {shard} per rank; lower --batch-size")
     return train, val, mixing
 
 
-def load_data(args, state, cfg):
+def load_data(flags: RunConfig, state, cfg):
     """This rank's training and validation loaders: the preset's IPMix graph on its shard, built
     by the public loaders (``dali_ipmix.ipmix_loader``) as a user's own loop builds them."""
     from dali_ipmix.ipmix_loader import IPMixLoader, IPMixValLoader
-    pixels = advmixup.uses_pixels(args)
+    pixels = flags.uses_pixels
     # float16 views under mixed precision on GPU halve the loader's output traffic (as NVIDIA's
     # DALI ResNet-50 examples do); the adversarial modes perturb the pixels: they keep float32
-    dtype = "float16" if state.dali_device == "gpu" and args.amp != "off" and not pixels else "float32"
+    dtype = "float16" if state.dali_device == "gpu" and flags.amp != "off" and not pixels else "float32"
     cfg = advmixup.pixel_config(cfg) if pixels else cfg
-    where = dict(preset=args.preset, cfg=cfg, device=state.torch_device, rank=state.rank,
-                 world_size=state.world_size, num_threads=args.workers, dtype=dtype,
-                 channels_last=args.channels_last)
+    where = dict(preset=flags.preset, cfg=cfg, device=state.torch_device, rank=state.rank,
+                 world_size=state.world_size, num_threads=flags.workers, dtype=dtype,
+                 channels_last=flags.channels_last)
     train = IPMixLoader(
-        args.train_dir, args.mixing_set, batch_size=args.batch_size, seed=args.seed,
-        last_batch=args.last_batch, backend=args.backend, filelist=args.train_filelist,
+        flags.train_dir, flags.mixing_set, batch_size=flags.batch_size, seed=flags.seed,
+        last_batch=flags.last_batch, backend=flags.backend, filelist=flags.train_filelist,
         # the CIFAR graph crops with RandomCrop(32, padding=4): --crop-scale is RandomResizedCrop's
-        crop_scale=None if args.preset == "cifar" else args.crop_scale,
-        mixing_filelist=args.mixing_filelist,
-        mixing_cache_mb="auto" if args.mixing_cache_mb is None else args.mixing_cache_mb, **where)
-    val = IPMixValLoader(args.val_dir, batch_size=args.val_batch_size or args.batch_size,
-                         filelist=args.val_filelist, **where)
+        crop_scale=None if flags.preset == "cifar" else flags.crop_scale,
+        mixing_filelist=flags.mixing_filelist,
+        mixing_cache_mb="auto" if flags.mixing_cache_mb is None else flags.mixing_cache_mb, **where)
+    val = IPMixValLoader(flags.val_dir, batch_size=flags.val_batch_size or flags.batch_size,
+                         filelist=flags.val_filelist, **where)
     return train, val
 
 
 # ---------------------------------------------------------------------------------------------
 # Model, optimiser, schedule, resume
 
-@dataclass
+@dataclass(frozen=True)
 class Training:
     """What the loop steps, built by ``build_training``."""
-    model: nn.Module                # what a step calls: state.model_without_ddp, maybe in DDP / torch.compile
+    model: Model                    # the network, what evaluation calls, what a step calls
+    adv: Optional[advmixup.AdvConfig]   # the adversarial mode's switches; None: --adv-mixup off
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -395,50 +402,54 @@ class Training:
     views: int                      # views per source image (3 with the JSD triple)
 
 
-def create_model(args, state, cfg, model_factory=None):
-    """(net, model, input): the bare network (what checkpoints hold) and the model the run calls --
-    in the adversarial modes it takes [0, 1] pixels and starts with the normalisation layer --
-    and what that model takes, recorded for `dali-ipmix eval`."""
-    torch.manual_seed(args.seed)
+def create_model(flags: RunConfig, state, cfg, model_factory=None) -> Model:
+    """The run's ``Model``: the bare network (what checkpoints hold); the model evaluation calls --
+    in the adversarial modes it takes [0, 1] pixels and starts with the normalisation layer --;
+    that model in DDP / torch.compile, which the training step calls; and what it takes,
+    recorded for `dali-ipmix eval`."""
+    torch.manual_seed(flags.seed)
     net = (model_factory(state.num_classes) if model_factory is not None
-           else models.get_model(args.arch, state.num_classes)).to(state.torch_device)
-    if state.distributed and args.sync_bn:
+           else models.get_model(flags.arch, state.num_classes)).to(state.torch_device)
+    if state.distributed and flags.sync_bn:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    pixels = advmixup.uses_pixels(args)
-    model = advmixup.with_normalization(net, cfg.mean, cfg.std).to(state.torch_device) if pixels else net
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return net, model, {"pixels_0_1": pixels, "mean": list(cfg.mean), "std": list(cfg.std)}
+    pixels = flags.uses_pixels
+    module = advmixup.with_normalization(net, cfg.mean, cfg.std).to(state.torch_device) if pixels else net
+    if flags.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    step = module
+    if state.distributed:   # a checkpoint is loaded into ``net`` after this (as torchvision's reference)
+        device_ids = [state.torch_device.index] if state.torch_device.type == "cuda" else None
+        step = nn.parallel.DistributedDataParallel(step, device_ids=device_ids)
+    if flags.compile:
+        step = torch.compile(step)
+    return Model(net=net, module=module, step=step,
+                 input={"pixels_0_1": pixels, "mean": list(cfg.mean), "std": list(cfg.std)})
 
 
-def build_training(args, state, cfg, ckpt, model_factory=None):
+def build_training(flags: RunConfig, state, cfg, ckpt, model_factory=None):
     """Model, optimiser, loaders (at the checkpoint's data position) and schedule, resumed from
     ``ckpt``.  Returns the Training and where to start: (epoch, steps of it already done)."""
-    state.net, state.model_without_ddp, state.input = create_model(args, state, cfg, model_factory)
-    global_batch = args.batch_size * state.world_size
-    lr = schedule.peak_lr(args.lr, global_batch, args.lr_scale_batch)
-    optimizer = torch.optim.SGD(state.model_without_ddp.parameters(), lr=lr, momentum=args.momentum,
-                                nesterov=args.nesterov == "on", weight_decay=args.wd)
-    scaler = torch.amp.GradScaler(state.torch_device.type, enabled=args.amp == "fp16")
-    train_loader, val_loader = load_data(args, state, cfg)
-    replayable = ckpt is not None and resume_loader(args, state, train_loader, ckpt)
+    model = create_model(flags, state, cfg, model_factory)
+    global_batch = flags.batch_size * state.world_size
+    lr = schedule.peak_lr(flags.lr, global_batch, flags.lr_scale_batch)
+    optimizer = torch.optim.SGD(model.module.parameters(), lr=lr, momentum=flags.momentum,
+                                nesterov=flags.nesterov == "on", weight_decay=flags.wd)
+    scaler = torch.amp.GradScaler(state.torch_device.type, enabled=flags.amp == "fp16")
+    train_loader, val_loader = load_data(flags, state, cfg)
+    replayable = ckpt is not None and resume_loader(flags, state, train_loader, ckpt)
     steps_per_epoch = len(train_loader)
     scheduler = schedule.lr_scheduler(
-        optimizer, peak=lr, global_batch=global_batch, epochs=args.epochs,
-        steps_per_epoch=steps_per_epoch, warmup_epochs=args.warmup_epochs, schedule=args.lr_schedule)
-    training = Training(model=state.model_without_ddp, optimizer=optimizer, scheduler=scheduler,
+        optimizer, peak=lr, global_batch=global_batch, epochs=flags.epochs,
+        steps_per_epoch=steps_per_epoch, warmup_epochs=flags.warmup_epochs, schedule=flags.lr_schedule)
+    adv = advmixup.AdvConfig.from_args(flags) if flags.adv_mixup != "off" else None
+    training = Training(model=model, adv=adv, optimizer=optimizer, scheduler=scheduler,
                         scaler=scaler, train_loader=train_loader, val_loader=val_loader,
                         steps_per_epoch=steps_per_epoch, lr=lr, views=cfg.views)
-    start = restore(args, state, training, ckpt, replayable=replayable) if ckpt else (0, 0)
-    if state.distributed:
-        device_ids = [state.torch_device.index] if state.torch_device.type == "cuda" else None
-        training.model = nn.parallel.DistributedDataParallel(training.model, device_ids=device_ids)
-    if args.compile:
-        training.model = torch.compile(training.model)
+    start = restore(flags, state, training, ckpt, replayable=replayable) if ckpt else (0, 0)
     return training, start
 
 
-def resume_loader(args, state, train_loader, ckpt) -> bool:
+def resume_loader(flags: RunConfig, state, train_loader, ckpt) -> bool:
     """Put the training loader where ``ckpt`` left it; False where it cannot (another world size:
     the data restarts its epoch, with a warning)."""
     loader_state = ckpt.get("loader_state")
@@ -451,13 +462,13 @@ def resume_loader(args, state, train_loader, ckpt) -> bool:
     try:
         train_loader.load_state_dict(loader_state)
     except ValueError as e:
-        raise UserError(f"--resume {args.resume}: {e}") from None
+        raise UserError(f"--resume {flags.resume}: {e}") from None
     return True
 
 
-def restore(args, state, training, ckpt, replayable: bool):
+def restore(flags: RunConfig, state, training, ckpt, replayable: bool):
     """Load every state of ``ckpt``; returns (epoch, steps of it done) to continue from."""
-    state.net.load_state_dict(ckpt["model"])
+    training.model.net.load_state_dict(ckpt["model"])
     training.optimizer.load_state_dict(ckpt["optimizer"])
     training.scheduler.load_state_dict(ckpt["scheduler"])
     training.scaler.load_state_dict(ckpt["scaler"])
@@ -469,20 +480,20 @@ def restore(args, state, training, ckpt, replayable: bool):
         done = ckpt.get("epoch_steps", state.step - epoch * training.steps_per_epoch)
         if not replayable and done < training.steps_per_epoch:
             epoch, done = epoch + 1, 0  # cannot replay the rest of that epoch's data; start the next one
-    state.log(f"resumed from {args.resume}: epoch {epoch + 1}, step {state.step}"
+    state.log(f"resumed from {flags.resume}: epoch {epoch + 1}, step {state.step}"
               + (" (its training is done; its validation runs now)"
                  if done >= training.steps_per_epoch else ""))
     return epoch, done
 
 
-def save_checkpoint(args, state, training, *, epoch, epoch_done, epoch_steps=0):
+def save_checkpoint(flags: RunConfig, state, training, *, epoch, epoch_done, epoch_steps=0):
     """Every rank calls it (the DALI states are gathered); rank 0 writes."""
     loader_state = training.train_loader.state_dict()   # a collective: every rank's position
     if not state.is_main:
         return
     ckpt = {
-        "model": state.net.state_dict(),
-        "input": state.input,
+        "model": training.model.net.state_dict(),
+        "input": training.model.input,
         "optimizer": training.optimizer.state_dict(),
         "scheduler": training.scheduler.state_dict(),
         "scaler": training.scaler.state_dict(),
@@ -490,15 +501,15 @@ def save_checkpoint(args, state, training, *, epoch, epoch_done, epoch_steps=0):
         "epoch_done": epoch_done,
         "epoch_steps": epoch_steps,      # steps of that epoch done (all: its validation is due)
         "step": state.step,
-        "arch": args.arch,
-        "args": state.recorded_args(args),
+        "arch": flags.arch,
+        "args": state.recorded_args(flags),
         "world_size": state.world_size,
         "loader_state": loader_state,    # IPMixLoader.state_dict(): the DALI state of every rank
         "rng": checkpoint.rng_state(),
         "best_top1": state.best_top1,
         "history": state.history,
     }
-    path = checkpoint.write_checkpoint(ckpt, args.output_dir, state.step, args.keep_ckpts,
+    path = checkpoint.write_checkpoint(ckpt, flags.output_dir, state.step, flags.keep_ckpts,
                                        state.failed_writes)
     state.last_checkpoint = path or state.last_checkpoint
     state.checkpoint_failed = path is None
@@ -507,34 +518,34 @@ def save_checkpoint(args, state, training, *, epoch, epoch_done, epoch_steps=0):
 # ---------------------------------------------------------------------------------------------
 # Training and evaluation
 
-def training_loss(args, state, training, images, labels, epoch):
+def training_loss(flags: RunConfig, state, training, images, labels, epoch):
     """The step's loss and its count of correct clean predictions."""
-    if args.adv_mixup != "off":
+    if training.adv is not None:
         # the attack runs on the unwrapped model (no DDP all-reduce of attack gradients)
         loss, info = advmixup.adv_mixup_loss(
-            state.model_without_ddp, training.model, images, labels, state.num_classes, args,
-            seed=args.seed, epoch=epoch, step=state.step, rank=state.rank, views=training.views,
-            autocast_ctx=lambda: precision.autocast(args.amp, state.torch_device.type))
+            training.model.module, training.model.step, images, labels, state.num_classes, training.adv,
+            seed=flags.seed, epoch=epoch, step=state.step, rank=state.rank, views=training.views,
+            autocast_ctx=lambda: precision.autocast(flags.amp, state.torch_device.type))
         return loss, info["correct"]
-    with precision.autocast(args.amp, state.torch_device.type):
-        logits = training.model(images)
-    loss, clean = ipmix_loss(logits, labels, training.views, jsd_weight=args.jsd_weight,
-                             label_smoothing=args.label_smoothing)
+    with precision.autocast(flags.amp, state.torch_device.type):
+        logits = training.model.step(images)
+    loss, clean = ipmix_loss(logits, labels, training.views, jsd_weight=flags.jsd_weight,
+                             label_smoothing=flags.label_smoothing)
     return loss, (clean.detach().argmax(1) == labels).sum()
 
 
-def train_one_epoch(args, state, training, epoch, done, progress, stop):
+def train_one_epoch(flags: RunConfig, state, training, epoch, done, progress, stop):
     """Train ``epoch`` from its step ``done`` (a resumed epoch); checkpoints every --ckpt-every
     steps.  Returns None, or why the run stops before the epoch's validation: "max-steps" or
     "signal" (checkpointed and said)."""
-    training.model.train()
+    training.model.step.train()
     progress.start_epoch()
     why = None
     # a run stopped on an epoch's last step resumes with that epoch's validation; the restored
     # reader then starts the next epoch
     for images, labels in (training.train_loader if done < training.steps_per_epoch else ()):
         progress.batch_arrived()
-        loss, correct = training_loss(args, state, training, images, labels, epoch)
+        loss, correct = training_loss(flags, state, training, images, labels, epoch)
         training.optimizer.zero_grad(set_to_none=True)
         training.scaler.scale(loss).backward()
         training.scaler.step(training.optimizer)
@@ -543,11 +554,11 @@ def train_one_epoch(args, state, training, epoch, done, progress, stop):
         state.step += 1
         done += 1
         progress.add(state.step, loss.detach(), correct, labels.numel())
-        if state.step % args.print_freq == 0 or state.step == args.max_steps:
+        if state.step % flags.print_freq == 0 or state.step == flags.max_steps:
             progress.report(epoch, state.step, training.scheduler.get_last_lr()[0])
-        if args.ckpt_every and state.step % args.ckpt_every == 0:
-            save_checkpoint(args, state, training, epoch=epoch, epoch_done=False, epoch_steps=done)
-        if args.max_steps and state.step >= args.max_steps and done < training.steps_per_epoch:
+        if flags.ckpt_every and state.step % flags.ckpt_every == 0:
+            save_checkpoint(flags, state, training, epoch=epoch, epoch_done=False, epoch_steps=done)
+        if flags.max_steps and state.step >= flags.max_steps and done < training.steps_per_epoch:
             why = "max-steps"   # on an epoch's last step the epoch ends first (validation)
             break
         if stop.should_stop():
@@ -557,25 +568,25 @@ def train_one_epoch(args, state, training, epoch, done, progress, stop):
     progress.report(epoch, state.step, training.scheduler.get_last_lr()[0])
     if why is None:
         return None
-    if not (args.ckpt_every and state.step % args.ckpt_every == 0):
-        save_checkpoint(args, state, training, epoch=epoch, epoch_done=False, epoch_steps=done)
-    log_stopped(args, state, "by " + stop.name() if why == "signal" else "(--max-steps)",
+    if not (flags.ckpt_every and state.step % flags.ckpt_every == 0):
+        save_checkpoint(flags, state, training, epoch=epoch, epoch_done=False, epoch_steps=done)
+    log_stopped(flags, state, "by " + stop.name() if why == "signal" else "(--max-steps)",
                 f" (the last of epoch {epoch + 1}; its validation runs when resumed)"
                 if done >= training.steps_per_epoch else "")
     return why
 
 
-def log_stopped(args, state, how, where):
+def log_stopped(flags: RunConfig, state, how, where):
     state.log(f"stopped {how} after step {state.step}{where}; checkpoint "
               f"{state.last_checkpoint or 'not written'}; continue with: --resume auto --output-dir "
-              f"{args.output_dir}")
+              f"{flags.output_dir}")
 
 
-def evaluate(args, state, model, loader):
+def evaluate(flags: RunConfig, state, model, loader):
     model.eval()
     loss_sum, c1, c5, n = 0.0, 0.0, 0.0, 0
     crit = nn.CrossEntropyLoss(reduction="sum")
-    with torch.inference_mode(), precision.autocast(args.amp, state.torch_device.type):
+    with torch.inference_mode(), precision.autocast(flags.amp, state.torch_device.type):
         for images, labels in loader:
             if labels.numel() == 0:
                 continue
@@ -589,44 +600,44 @@ def evaluate(args, state, model, loader):
             "val_images": int(n)}
 
 
-def end_epoch(args, state, training, epoch, writer):
+def end_epoch(flags: RunConfig, state, training, epoch, writer):
     """Validation (and the robust check) of ``epoch``, its record, the epoch's checkpoint."""
     t0 = time.perf_counter()
-    distributed.broadcast_buffers(state.model_without_ddp, state.world_size)   # evaluate what rank 0 saves
-    res = evaluate(args, state, state.model_without_ddp, training.val_loader)  # unwrapped: no DDP collectives
+    distributed.broadcast_buffers(training.model.module, state.world_size)   # evaluate what rank 0 saves
+    res = evaluate(flags, state, training.model.module, training.val_loader)  # unwrapped: no DDP collectives
     state.best_top1 = max(state.best_top1, res["val_top1"])
     rec = {"kind": "epoch", "epoch": epoch + 1, "step": state.step, **res,
            "best_top1": state.best_top1, "val_seconds": time.perf_counter() - t0}
-    state.log(f"epoch {epoch + 1}/{args.epochs}: val top-1 {res['val_top1']:.2f}%  top-5 "
+    state.log(f"epoch {epoch + 1}/{flags.epochs}: val top-1 {res['val_top1']:.2f}%  top-5 "
               f"{res['val_top5']:.2f}%  loss {res['val_loss']:.4f}  ({res['val_images']} images, "
               f"{rec['val_seconds']:.1f} s)  best top-1 {state.best_top1:.2f}%")
-    if args.adv_eval_every and ((epoch + 1) % args.adv_eval_every == 0 or epoch + 1 == args.epochs):
-        rec.update(robust.robust_check(args, state, training.val_loader, epoch + 1))
+    if flags.adv_eval_every and ((epoch + 1) % flags.adv_eval_every == 0 or epoch + 1 == flags.epochs):
+        rec.update(robust.robust_check(flags, state, training.model, training.val_loader, epoch + 1))
     state.history.append(rec)
     writer.write(rec, state.step)
-    save_checkpoint(args, state, training, epoch=epoch + 1, epoch_done=True)
+    save_checkpoint(flags, state, training, epoch=epoch + 1, epoch_done=True)
 
 
-def fit(args, state, training, start, progress, stop, writer) -> bool:
+def fit(flags: RunConfig, state, training, start, progress, stop, writer) -> bool:
     """The epochs from ``start`` (epoch, steps of it done), then the final robust evaluation.
     Returns whether a signal stopped the run."""
     start_epoch, resumed_steps = start
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, flags.epochs):
         done = resumed_steps if epoch == start_epoch else 0
-        why = train_one_epoch(args, state, training, epoch, done, progress, stop)
+        why = train_one_epoch(flags, state, training, epoch, done, progress, stop)
         if why == "signal":
             return True
         if why == "max-steps":
             break
-        end_epoch(args, state, training, epoch, writer)
-        if args.max_steps and state.step >= args.max_steps and epoch + 1 < args.epochs:
-            log_stopped(args, state, "(--max-steps)", f", the last of epoch {epoch + 1}")
+        end_epoch(flags, state, training, epoch, writer)
+        if flags.max_steps and state.step >= flags.max_steps and epoch + 1 < flags.epochs:
+            log_stopped(flags, state, "(--max-steps)", f", the last of epoch {epoch + 1}")
             break
-    if args.adv_eval != "off":
-        distributed.broadcast_buffers(state.model_without_ddp, state.world_size)
-        res = robust.robust_evaluate(args, state, training.val_loader, steps=args.adv_eval_steps,
-                                     restarts=args.adv_eval_restarts, images=args.adv_eval_images,
-                                     autoattack=args.adv_eval == "autoattack")
+    if flags.adv_eval != "off":
+        distributed.broadcast_buffers(training.model.module, state.world_size)
+        res = robust.robust_evaluate(flags, state, training.model, training.val_loader,
+                                     steps=flags.adv_eval_steps, restarts=flags.adv_eval_restarts,
+                                     images=flags.adv_eval_images, autoattack=flags.adv_eval == "autoattack")
         writer.write({"kind": "robust", "step": state.step,
                       **{k: v for k, v in res.items() if isinstance(v, (int, float))}}, state.step)
         state.history.append({"kind": "robust", **res})
@@ -649,19 +660,23 @@ def main(argv=None, *, model_factory=None) -> int:
 
 
 def run(args, model_factory=None) -> int:
-    """Resolve the flags and the devices, join the other ranks, train; whatever happens, unlock the
-    output folder and leave the process group."""
+    """Resolve the flags into the run's frozen record (``RunConfig``: each step returns a new one;
+    ``args`` is only read), find the devices, join the other ranks, prepare the data and the
+    output folder, train; whatever happens, unlock the output folder and leave the process group."""
     t_start = time.perf_counter()
     rank, world_size, local_rank = distributed.ranks_from_env()
-    state = RunState(rank=rank, world_size=world_size, local_rank=local_rank, demo=wants_demo(args))
-    apply_defaults(args)
+    flags = resolve_flags(args)
+    state = RunState(rank=rank, world_size=world_size, local_rank=local_rank, demo=wants_demo(flags))
     if model_factory is None:
-        resolve_arch(args)
-    resolve_device(args, state)
+        resolve_arch(flags)
+    flags = resolve_device(flags, state)
     if state.distributed:
         distributed.init(state.torch_device)
     try:
-        return train(args, state, model_factory, t_start)
+        flags = resolve_backend(flags, state)
+        cfg = build_config(flags)
+        flags, ckpt = prepare_run(flags, state)     # complete: the run reads it, nothing changes it
+        return train(flags, state, cfg, ckpt, model_factory, t_start)
     except checkpoint.RunComplete as e:
         state.log(f"train.py: {e}")
         return 0
@@ -669,11 +684,11 @@ def run(args, model_factory=None) -> int:
         # a bad file met by DALI mid-run: one line naming it and how to skip it, not a traceback
         from dali_ipmix.sources import local_folders
         from dali_ipmix.verify import SEARCH_LIMIT, explain_pipeline_error, explain_shard_error
-        err = explain_shard_error(e, [args.train_dir, args.val_dir, args.mixing_set], SEARCH_LIMIT)
+        err = explain_shard_error(e, [flags.train_dir, flags.val_dir, flags.mixing_set], SEARCH_LIMIT)
         if err is None:
-            err = explain_pipeline_error(e, local_folders([args.train_dir, args.val_dir]),
-                                         local_folders([args.mixing_set]), search_limit=SEARCH_LIMIT,
-                                         max_pixels=args.max_pixels)
+            err = explain_pipeline_error(e, local_folders([flags.train_dir, flags.val_dir]),
+                                         local_folders([flags.mixing_set]), search_limit=SEARCH_LIMIT,
+                                         max_pixels=flags.max_pixels)
         if err is None:
             raise
         raise err from None
@@ -683,37 +698,34 @@ def run(args, model_factory=None) -> int:
             distributed.close()
 
 
-def train(args, state, model_factory, t_start) -> int:
-    resolve_backend(args, state)
-    cfg = build_config(args)
-    ckpt = prepare_run(args, state)
-    training, start = build_training(args, state, cfg, ckpt, model_factory)
-    writer = metrics.MetricsWriter(args.output_dir, enabled=state.is_main,
-                                   tensorboard=not args.no_tensorboard, failed=state.failed_writes)
+def train(flags: RunConfig, state, cfg, ckpt, model_factory, t_start) -> int:
+    training, start = build_training(flags, state, cfg, ckpt, model_factory)
+    writer = metrics.MetricsWriter(flags.output_dir, enabled=state.is_main,
+                                   tensorboard=not flags.no_tensorboard, failed=state.failed_writes)
     if ckpt is not None:
         # records of steps after this checkpoint may already be in the file (a crash after it):
         # they are written again from here, and the later record of a step is the one that counts
-        writer.write({"kind": "resume", "step": state.step, "checkpoint": str(args.resume)}, state.step)
-    total_steps = args.epochs * training.steps_per_epoch
-    end_step = min(args.max_steps, total_steps) if args.max_steps else total_steps
-    state.log(f"train.py: {'DEMO ' if state.demo else ''}arch {args.arch}, {state.num_classes} classes, "
+        writer.write({"kind": "resume", "step": state.step, "checkpoint": str(flags.resume)}, state.step)
+    total_steps = flags.epochs * training.steps_per_epoch
+    end_step = min(flags.max_steps, total_steps) if flags.max_steps else total_steps
+    state.log(f"train.py: {'DEMO ' if state.demo else ''}arch {flags.arch}, {state.num_classes} classes, "
               f"{state.num_train} train / {state.num_val} val images, image {cfg.image_size}px, "
-              f"{cfg.views} view(s){' + JSD' if cfg.jsd else ''}, backend {args.backend}, "
-              f"device {state.torch_device} (DALI {state.dali_device}), amp {args.amp}, "
-              f"{state.world_size} rank(s) x batch {args.batch_size}, lr {training.lr:g}, "
-              f"{args.epochs} epochs x {training.steps_per_epoch} steps"
-              + (f", stopping after step {args.max_steps} (--max-steps)" if end_step < total_steps
-                 else "") + f" -> {args.output_dir}")
+              f"{cfg.views} view(s){' + JSD' if cfg.jsd else ''}, backend {flags.backend}, "
+              f"device {state.torch_device} (DALI {state.dali_device}), amp {flags.amp}, "
+              f"{state.world_size} rank(s) x batch {flags.batch_size}, lr {training.lr:g}, "
+              f"{flags.epochs} epochs x {training.steps_per_epoch} steps"
+              + (f", stopping after step {flags.max_steps} (--max-steps)" if end_step < total_steps
+                 else "") + f" -> {flags.output_dir}")
     if state.demo:
         state.log("note: this is the built-in demo (synthetic data, small model); the real recipe is "
                   "--data-path IMAGENET --mixing-set FRACTALS with the defaults (ResNet-50, 224 px)")
     setup_time = time.perf_counter() - t_start
-    progress = metrics.StepWindow(writer, epochs=args.epochs, end_step=end_step,
+    progress = metrics.StepWindow(writer, epochs=flags.epochs, end_step=end_step,
                                 world_size=state.world_size, device=state.torch_device,
                                 is_main=state.is_main)
     stop = distributed.StopRequest(state.distributed)
     try:
-        interrupted = fit(args, state, training, start, progress, stop, writer)
+        interrupted = fit(flags, state, training, start, progress, stop, writer)
     finally:
         stop.close()
         writer.close()
@@ -723,16 +735,16 @@ def train(args, state, model_factory, t_start) -> int:
         return 0
     demo_lines = []
     if state.demo:   # a sheet of one augmented batch, loss/accuracy curves
-        files = demo_outputs.write_for_run(args, cfg, state.num_classes, log=state.log)
-        demo_lines = demo_outputs.summary_lines(args, files)
-    metrics.print_summary(args, state, training.views, progress, setup_time,
+        files = demo_outputs.write_for_run(flags, cfg, state.num_classes, log=state.log)
+        demo_lines = demo_outputs.summary_lines(flags, files)
+    metrics.print_summary(flags, state, training.views, progress, setup_time,
                           time.perf_counter() - t_start, extra_lines=demo_lines)
     if state.checkpoint_failed:   # a run whose training is not on disk is no success
         print(f"train.py: error: the checkpoint of step {state.step} could not be written (see "
               f"the failed writes above); "
               + (f"the newest on disk is {state.last_checkpoint}" if state.last_checkpoint else
                  "no checkpoint of this run is on disk: its training is lost")
-              + f"; free space in {args.output_dir} and run again", file=sys.stderr, flush=True)
+              + f"; free space in {flags.output_dir} and run again", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -10,7 +10,8 @@ with its normalisation layer (``with_normalization``), so epsilon is in pixel un
 to [0, 1] is exact.
 
 What train.py calls, each documented where it is defined: ``add_adv_args`` and
-``check_adv_args`` (the ``--adv-*`` flags, errors as ``errors.UserError``), ``uses_pixels`` and
+``resolve_adv_flags`` (the ``--adv-*`` flags, errors as ``errors.UserError``; ``check_adv_args``
+fills a parsed Namespace with them), ``AdvConfig`` (one run's switches), ``uses_pixels`` and
 ``pixel_config`` (pipelines that emit [0, 1] pixels), ``with_normalization``, ``adv_mixup_loss``
 (one training step's loss), ``spread_batches`` and ``robust_eval`` (clean / PGD / AutoAttack
 accuracy); ``pgd_linf`` is the project's one PGD (``attacks``, shared with ``dali-ipmix eval``).
@@ -22,7 +23,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Tuple
+from typing import Any, Mapping, Tuple
 
 import numpy as np
 import torch
@@ -138,10 +139,12 @@ def add_adv_args(parser: argparse.ArgumentParser):
     return g
 
 
-def check_adv_args(args) -> argparse.Namespace:
-    """Validate the ``--adv-*`` flags and fill in their defaults (in place; returns ``args``).
+def resolve_adv_flags(flags: Mapping[str, Any]) -> dict:
+    """Validate the ``--adv-*`` flags of ``flags`` (a flag name -> value mapping) and fill in their
+    defaults: returns the values that change (``adv_*`` and ``no_jsd``), ``flags`` stays as it is.
 
-    Idempotent: calling it again on the filled ``args`` accepts them unchanged."""
+    Idempotent: the filled flags resolve to no change."""
+    args = argparse.Namespace(**flags)      # filled in below: a copy, the caller's flags stay
     if args.adv_mixup is None:
         args.adv_mixup = "off"
     mode = args.adv_mixup
@@ -184,39 +187,52 @@ def check_adv_args(args) -> argparse.Namespace:
         args.adv_eval_eps = eval_eps
     if args.adv_eval_step_size is None:
         args.adv_eval_step_size = args.adv_eval_eps / 4
-
-    def need(ok, flag, what):
-        if not ok:
-            raise UserError(f"--{flag} {what}")
     if args.adv_eps is not None:
-        need(0 <= args.adv_eps <= 1, "adv-eps", f"must be in [0, 1] pixel units (e.g. 8/255), got {args.adv_eps:g}")
-    need(0 <= args.adv_eval_eps <= 1, "adv-eval-eps", f"must be in [0, 1], got {args.adv_eval_eps:g}")
-    need(0 <= args.adv_eval_step_size <= 1, "adv-eval-step-size", f"must be in [0, 1], got {args.adv_eval_step_size:g}")
-    need(args.adv_eval_steps >= 0, "adv-eval-steps", f"must be >= 0, got {args.adv_eval_steps}")
-    need(args.adv_eval_restarts >= 1, "adv-eval-restarts", f"must be >= 1, got {args.adv_eval_restarts}")
-    need(args.adv_eval_images >= 0, "adv-eval-images", f"must be >= 0, got {args.adv_eval_images}")
-    need(args.adv_eval_every >= 0, "adv-eval-every", f"must be >= 0 (0 = off), got {args.adv_eval_every}")
-    need(args.adv_val_images >= 0, "adv-val-images", f"must be >= 0, got {args.adv_val_images}")
-    if mode == "off":
-        return args
-    need(0 <= args.adv_step_size <= 1, "adv-step-size", f"must be in [0, 1], got {args.adv_step_size:g}")
-    need(args.adv_steps >= 0, "adv-steps", f"must be >= 0, got {args.adv_steps}")
+        _need(0 <= args.adv_eps <= 1, "adv-eps", f"must be in [0, 1] pixel units (e.g. 8/255), got {args.adv_eps:g}")
+    _need(0 <= args.adv_eval_eps <= 1, "adv-eval-eps", f"must be in [0, 1], got {args.adv_eval_eps:g}")
+    _need(0 <= args.adv_eval_step_size <= 1, "adv-eval-step-size", f"must be in [0, 1], got {args.adv_eval_step_size:g}")
+    _need(args.adv_eval_steps >= 0, "adv-eval-steps", f"must be >= 0, got {args.adv_eval_steps}")
+    _need(args.adv_eval_restarts >= 1, "adv-eval-restarts", f"must be >= 1, got {args.adv_eval_restarts}")
+    _need(args.adv_eval_images >= 0, "adv-eval-images", f"must be >= 0, got {args.adv_eval_images}")
+    _need(args.adv_eval_every >= 0, "adv-eval-every", f"must be >= 0 (0 = off), got {args.adv_eval_every}")
+    _need(args.adv_val_images >= 0, "adv-val-images", f"must be >= 0, got {args.adv_val_images}")
+    if mode != "off":
+        _check_training_switches(args)
+    return {k: v for k, v in vars(args).items() if k not in flags or v != flags[k]}
+
+
+def _need(ok, flag, what):
+    if not ok:
+        raise UserError(f"--{flag} {what}")
+
+
+def _check_training_switches(args):
+    """The switches of an adversarial training mode, in range (the lambda box as a float pair)."""
+    _need(0 <= args.adv_step_size <= 1, "adv-step-size", f"must be in [0, 1], got {args.adv_step_size:g}")
+    _need(args.adv_steps >= 0, "adv-steps", f"must be >= 0, got {args.adv_steps}")
     # NaN fails every test; inf is refused too (a weight or step of inf is no setting anyone means)
-    need(0 <= args.adv_pgd_weight < math.inf, "adv-pgd-weight", f"must be a finite number >= 0, got {args.adv_pgd_weight:g}")
-    need(0 <= args.adv_clean_weight < math.inf, "adv-clean-weight",
+    _need(0 <= args.adv_pgd_weight < math.inf, "adv-pgd-weight", f"must be a finite number >= 0, got {args.adv_pgd_weight:g}")
+    _need(0 <= args.adv_clean_weight < math.inf, "adv-clean-weight",
          f"must be a finite number >= 0, got {args.adv_clean_weight:g}")
-    need(0 < args.adv_mix_alpha < math.inf, "adv-mix-alpha", f"must be a finite number > 0, got {args.adv_mix_alpha:g}")
-    need(0 <= args.adv_lambda_step <= 1, "adv-lambda-step",
+    _need(0 < args.adv_mix_alpha < math.inf, "adv-mix-alpha", f"must be a finite number > 0, got {args.adv_mix_alpha:g}")
+    _need(0 <= args.adv_lambda_step <= 1, "adv-lambda-step",
          f"must be in [0, 1] (a step of the mixing weight lambda), got {args.adv_lambda_step:g}")
     lo, hi = args.adv_lambda_box
-    need(0 <= lo <= hi <= 1, "adv-lambda-box", f"needs 0 <= LO <= HI <= 1, got {lo:g} {hi:g}")
+    _need(0 <= lo <= hi <= 1, "adv-lambda-box", f"needs 0 <= LO <= HI <= 1, got {lo:g} {hi:g}")
     args.adv_lambda_box = (float(lo), float(hi))
+
+
+def check_adv_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``resolve_adv_flags`` applied to a Namespace parsed with ``add_adv_args`` (scripts, tests):
+    fills it in place and returns it."""
+    vars(args).update(resolve_adv_flags(vars(args)))
     return args
 
 
-def uses_pixels(args) -> bool:
-    """True when the pipeline must emit [0, 1] pixels and the model must be wrapped by ``with_normalization``."""
-    return args.adv_mixup != "off" or args.adv_eval != "off" or bool(args.adv_eval_every)
+def uses_pixels(adv_mixup: str, adv_eval: str = "off", adv_eval_every: int = 0) -> bool:
+    """True when the pipeline must emit [0, 1] pixels and the model must be wrapped by
+    ``with_normalization``: an adversarial training mode, a robust evaluation or the per-epoch check."""
+    return adv_mixup != "off" or adv_eval != "off" or bool(adv_eval_every)
 
 
 def pixel_config(cfg):
@@ -227,7 +243,7 @@ def pixel_config(cfg):
 
 @dataclass(frozen=True)
 class AdvConfig:
-    """The resolved switches of one run (built from checked ``args``)."""
+    """The resolved switches of one run (``from_args``), what ``adv_mixup_loss`` takes."""
     mode: str
     eps: float
     step_size: float
@@ -247,7 +263,9 @@ class AdvConfig:
 
     @classmethod
     def from_args(cls, args) -> "AdvConfig":
-        check_adv_args(args)
+        """The switches of ``args``: any object with the ``--adv-*`` flags as attributes (a parsed
+        Namespace, train.py's ``RunConfig``), read only; unset switches take their defaults."""
+        args = argparse.Namespace(**{**vars(args), **resolve_adv_flags(vars(args))})
         return cls(mode=args.adv_mixup, eps=args.adv_eps, step_size=args.adv_step_size,
                    steps=args.adv_steps, probe=args.adv_probe, opt_lambda=args.adv_opt_lambda == "on",
                    label_rule=args.adv_label_rule, objective=args.adv_objective,
@@ -487,8 +505,8 @@ def probe(model, x, y_onehot, perm, lam, init, cfg: AdvConfig, autocast_ctx=None
 # ---------------------------------------------------------------------------------------------
 # The training loss
 
-def adv_mixup_loss(model_unwrapped, model_for_grad, images01, labels, num_classes, args, *, seed,
-                   epoch, step, rank, autocast_ctx=None, views=1):
+def adv_mixup_loss(model_unwrapped, model_for_grad, images01, labels, num_classes, cfg: AdvConfig, *,
+                   seed, epoch, step, rank, autocast_ctx=None, views=1):
     """(loss, info) of one training step in ``--adv-mixup aom|mixup_pgd``.
 
     loss = soft_CE(f(x_probe), y_probe) + pgd_weight * CE(f(PGD_K(x)), y)
@@ -507,7 +525,6 @@ def adv_mixup_loss(model_unwrapped, model_for_grad, images01, labels, num_classe
     (present when used), ``correct`` (probed points whose argmax is the dominant label), ``n``,
     ``perm``, ``lam``.
     """
-    cfg = AdvConfig.from_args(args)
     if cfg.mode == "off":
         raise ValueError("adv_mixup_loss called with --adv-mixup off")
     _check_model(model_unwrapped, "adv_mixup_loss")

@@ -36,26 +36,26 @@ MODES = {
 }
 
 
-def adv_args(flags):
+def adv_config(flags):
     p = argparse.ArgumentParser()
     A.add_adv_args(p)
-    return A.check_adv_args(p.parse_args(flags))
+    return A.AdvConfig.from_args(p.parse_args(flags))
 
 
 def time_mode(name, model, batch, size, classes, steps, warmup):
     flags, views, _ = MODES[name]
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    args = adv_args(flags) if flags else None
+    adv = adv_config(flags) if flags else None
     g = torch.Generator().manual_seed(0)
     times = []
     for i in range(warmup + steps):
         x = torch.rand(batch * views, 3, size, size, generator=g)
         y = torch.randint(0, classes, (batch,), generator=g)
         t0 = time.perf_counter()
-        if args is None:
+        if adv is None:
             loss, _ = ipmix_loss(model(x), y, views)
         else:
-            loss, _ = A.adv_mixup_loss(model, model, x, y, classes, args, seed=0, epoch=0, step=i,
+            loss, _ = A.adv_mixup_loss(model, model, x, y, classes, adv, seed=0, epoch=0, step=i,
                                        rank=0, views=views)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -30,10 +30,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _args(*argv):
+def _parse(*argv):
     p = argparse.ArgumentParser()
     A.add_adv_args(p)
-    return A.check_adv_args(p.parse_args(list(argv)))
+    return p.parse_args(list(argv))
+
+
+def _args(*argv):
+    return A.check_adv_args(_parse(*argv))
+
+
+def _switches(*argv):
+    """The AdvConfig of these --adv-* flags: what adv_mixup_loss takes."""
+    return A.AdvConfig.from_args(_args(*argv))
 
 
 def _model(seed=0, classes=C, width=8, dtype=torch.float32):
@@ -90,9 +99,9 @@ def test_probe_stays_in_eps_ball_pixel_box_and_lambda_box(probe, rule):
 def test_training_loss_lambda_box_and_labels_through_args():
     model = _model()
     x, y = _batch(4)
-    args = _args("--adv-mixup", "aom", "--adv-steps", "2", "--adv-lambda-box", "0.3", "0.6",
-                 "--adv-lambda-step", "0.5", "--adv-mix-alpha", "0.4")
-    loss, info = A.adv_mixup_loss(model, model, x, y, C, args, seed=1, epoch=0, step=5, rank=0)
+    switches = _switches("--adv-mixup", "aom", "--adv-steps", "2", "--adv-lambda-box", "0.3", "0.6",
+                         "--adv-lambda-step", "0.5", "--adv-mix-alpha", "0.4")
+    loss, info = A.adv_mixup_loss(model, model, x, y, C, switches, seed=1, epoch=0, step=5, rank=0)
     assert torch.isfinite(loss) and loss.requires_grad
     assert 0.3 - 1e-7 <= info["lam_min"] <= info["lam_max"] <= 0.6 + 1e-7
     assert info["attack_loss"].shape == (2,) and 0 <= int(info["correct"]) <= 4
@@ -218,12 +227,12 @@ def test_default_aom_attack_does_not_pull_lambda_to_one_half():
 def test_same_seed_same_probe_and_global_rng_untouched():
     model = _model()
     x, y = _batch(4)
-    args = _args("--adv-mixup", "aom", "--adv-steps", "2", "--adv-mix-alpha", "0.5")
+    switches = _switches("--adv-mixup", "aom", "--adv-steps", "2", "--adv-mix-alpha", "0.5")
     state = torch.get_rng_state()
     runs = []
     for s, r in ((3, 0), (3, 0), (4, 0), (3, 1)):
         m = copy.deepcopy(model)     # the training forward moves BN statistics: same start each time
-        runs.append(A.adv_mixup_loss(m, m, x, y, C, args, seed=7, epoch=1, step=s, rank=r))
+        runs.append(A.adv_mixup_loss(m, m, x, y, C, switches, seed=7, epoch=1, step=s, rank=r))
     assert torch.equal(torch.get_rng_state(), state)
     (la, a), (lb, b), (_, c), (_, d) = runs
     assert torch.equal(a["perm"], b["perm"]) and torch.equal(a["lam"], b["lam"])
@@ -241,8 +250,8 @@ def test_attack_freezes_bn_touches_no_parameter_grad_and_restores_modes():
     x, y = _batch(4)
     for flag, expect in (("frozen", [False] * 3 + [True]), ("train", [True] * 4)):
         modes.clear()
-        args = _args("--adv-mixup", "aom", "--adv-steps", "3", "--adv-bn", flag)
-        loss, _ = A.adv_mixup_loss(model, model, x, y, C, args, seed=0, epoch=0, step=0, rank=0)
+        switches = _switches("--adv-mixup", "aom", "--adv-steps", "3", "--adv-bn", flag)
+        loss, _ = A.adv_mixup_loss(model, model, x, y, C, switches, seed=0, epoch=0, step=0, rank=0)
         assert modes == expect                    # 3 attack forwards, then the training forward
         assert all(p.grad is None for p in model.parameters())
         assert all(m.training for m in model.modules())
@@ -253,9 +262,9 @@ def test_pgd_at_and_clean_terms_and_single_forward():
     calls = []
     model.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
     x, y = _batch(4)
-    args = _args("--adv-mixup", "mixup_pgd", "--adv-steps", "2", "--adv-pgd-weight", "0.5",
-                 "--adv-clean-weight", "0.25")
-    loss, info = A.adv_mixup_loss(model, model, x, y, C, args, seed=0, epoch=0, step=0, rank=0)
+    switches = _switches("--adv-mixup", "mixup_pgd", "--adv-steps", "2", "--adv-pgd-weight", "0.5",
+                         "--adv-clean-weight", "0.25")
+    loss, info = A.adv_mixup_loss(model, model, x, y, C, switches, seed=0, epoch=0, step=0, rank=0)
     assert calls[-1] == 12 and calls[:-1] == [4] * 4    # attack: 2 probe + 2 PGD; one training forward
     expect = info["loss_mix"] + 0.5 * info["loss_pgd"] + 0.25 * info["loss_clean"]
     torch.testing.assert_close(loss.detach(), expect)
@@ -266,9 +275,8 @@ def test_jsd_triple_adds_the_ipmix_loss():
     from dali_ipmix.losses import jsd_loss
     model = _model().eval()                       # eval: logits do not depend on the batch mix
     x, y = _batch(12)
-    args = _args("--adv-mixup", "aom", "--adv-steps", "1")
-    args.jsd_weight = 12.0
-    loss, info = A.adv_mixup_loss(model, model, x, y[:4], C, args, seed=0, epoch=0, step=0, rank=0,
+    switches = _switches("--adv-mixup", "aom", "--adv-steps", "1")     # jsd_weight: the official 12
+    loss, info = A.adv_mixup_loss(model, model, x, y[:4], C, switches, seed=0, epoch=0, step=0, rank=0,
                                   views=3)
     with torch.no_grad():
         clean, a1, a2 = model(x).view(4, 3, -1).unbind(1)
@@ -282,8 +290,8 @@ def _ddp_one_backward():
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model)
     x, y = _batch(4)
-    args = _args("--adv-mixup", "aom", "--adv-steps", "2", "--adv-pgd-weight", "1")
-    loss, _ = A.adv_mixup_loss(model, ddp, x, y, C, args, seed=0, epoch=0, step=0, rank=0,
+    switches = _switches("--adv-mixup", "aom", "--adv-steps", "2", "--adv-pgd-weight", "1")
+    loss, _ = A.adv_mixup_loss(model, ddp, x, y, C, switches, seed=0, epoch=0, step=0, rank=0,
                                autocast_ctx=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     loss.backward()
     return all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -310,12 +318,10 @@ def test_ddp_model_one_backward():
 def test_adversarial_modes_train_on_one_view_unless_asked():
     import train
     for extra, jsd in (((), False), (("--adv-jsd",), True)):
-        args = train.get_args_parser().parse_args(["--adv-mixup", "aom", *extra])
-        train.apply_defaults(args)
-        cfg = train.build_config(args)
+        flags = train.resolve_flags(train.get_args_parser().parse_args(["--adv-mixup", "aom", *extra]))
+        cfg = train.build_config(flags)
         assert (cfg.jsd, cfg.views) == (jsd, 3 if jsd else 1)
-    plain = train.get_args_parser().parse_args([])
-    train.apply_defaults(plain)
+    plain = train.resolve_flags(train.get_args_parser().parse_args([]))
     assert train.build_config(plain).jsd                   # IPMix alone keeps the official triple
     with pytest.raises(UserError, match="--no-jsd and --adv-jsd"):
         _args_train = train.get_args_parser().parse_args(["--adv-mixup", "aom", "--adv-jsd", "--no-jsd"])
@@ -334,13 +340,13 @@ def test_spread_batches_is_a_fixed_subset_over_all_classes():
 
 def test_inputs_must_be_pixels_and_model_must_normalize():
     x, y = _batch(4)
-    args = _args("--adv-mixup", "aom", "--adv-steps", "1")
+    switches = _switches("--adv-mixup", "aom", "--adv-steps", "1")
     raw = models.tiny_cnn(C, 8)
     with pytest.raises(ValueError, match="0, 1. pixels"):
-        A.adv_mixup_loss(raw, raw, x, y, C, args, seed=0, epoch=0, step=0, rank=0)
+        A.adv_mixup_loss(raw, raw, x, y, C, switches, seed=0, epoch=0, step=0, rank=0)
     model = _model()
     with pytest.raises(ValueError, match="pixels"):
-        A.adv_mixup_loss(model, model, (x - 0.5) / 0.25, y, C, args, seed=0, epoch=0, step=0, rank=0)
+        A.adv_mixup_loss(model, model, (x - 0.5) / 0.25, y, C, switches, seed=0, epoch=0, step=0, rank=0)
 
 
 def test_pixel_pipeline_feeds_the_mode(dataset):
@@ -359,7 +365,7 @@ def test_pixel_pipeline_feeds_the_mode(dataset):
     mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
     torch.testing.assert_close((pix - mean) / std, norm, atol=1e-5, rtol=0)
     model = A.with_normalization(models.tiny_cnn(3, 8), cfg.mean, cfg.std)
-    loss, info = A.adv_mixup_loss(model, model, pix, y, 3, _args("--adv-mixup", "aom", "--adv-steps", "1"),
+    loss, info = A.adv_mixup_loss(model, model, pix, y, 3, _switches("--adv-mixup", "aom", "--adv-steps", "1"),
                                   seed=0, epoch=0, step=0, rank=0, views=3)
     assert torch.isfinite(loss) and "loss_jsd" in info
 
@@ -373,15 +379,21 @@ def test_flags_defaults_and_bad_combinations():
     assert (a.adv_probe, a.adv_opt_lambda, a.adv_label_rule, a.adv_objective) == (
         "mixed", "on", "projection", "kl_target")
     assert A.check_adv_args(a) is a and a.adv_step_size == pytest.approx(1 / 255)   # idempotent
+    parsed = vars(_parse("--adv-mixup", "aom", "--adv-lambda-box", "0.2", "0.9"))
+    before = dict(parsed)
+    filled = A.resolve_adv_flags(parsed)                 # returns what to fill in, changes nothing
+    assert parsed == before and (filled["adv_probe"], filled["adv_lambda_box"]) == ("mixed", (0.2, 0.9))
+    assert A.resolve_adv_flags({**parsed, **filled}) == {}
     b = _args("--adv-mixup", "mixup_pgd")
     assert (b.adv_opt_lambda, b.adv_label_rule, b.adv_steps, b.adv_bn, b.adv_objective) == (
         "off", "lambda", 10, "frozen", "ce")
     assert a.adv_eval_every == b.adv_eval_every == 1 and a.adv_val_images == 1000
     off = _args()
-    assert not A.uses_pixels(off) and off.adv_steps is None and off.adv_eval_every == 0
-    assert A.uses_pixels(_args("--adv-eval-every", "2"))
+    pixels = lambda a: A.uses_pixels(a.adv_mixup, a.adv_eval, a.adv_eval_every)   # noqa: E731
+    assert not pixels(off) and off.adv_steps is None and off.adv_eval_every == 0
+    assert pixels(_args("--adv-eval-every", "2")) and pixels(a)
     ev = _args("--adv-eval", "autoattack", "--adv-eps", "2/255")
-    assert A.uses_pixels(ev) and ev.adv_eval_eps == pytest.approx(2 / 255)
+    assert pixels(ev) and ev.adv_eval_eps == pytest.approx(2 / 255)
     for argv, flag in ((("--adv-steps", "3"), "--adv-steps"),
                        (("--adv-mixup", "mixup_pgd", "--adv-label-rule", "projection"), "--adv-label-rule"),
                        (("--adv-mixup", "aom", "--adv-lambda-box", "0.8", "0.2"), "--adv-lambda-box"),

@@ -1,11 +1,17 @@
 """dali_ipmix/training's pieces one at a time, without a training run (train.py's end-to-end runs
 are in test_train.py): the learning-rate schedules, the --preset cifar-adv recipe as train.py fills
-it in, and a stop request that two gloo ranks agree on."""
+it in, the run's frozen record of its flags, and a stop request that two gloo ranks agree on."""
+import copy
+import dataclasses
+import os
+
 import pytest
 
 import train
 from conftest import two_ranks
+from dali_ipmix.sources import DataSource
 from dali_ipmix.training import schedule
+from dali_ipmix.training.state import RunState
 
 # ---------------------------------------------------------------------------------------------
 # Learning-rate schedules (training/schedule.py)
@@ -29,13 +35,12 @@ def test_piecewise_schedule_is_rice_et_al():
 
 
 # ---------------------------------------------------------------------------------------------
-# Recipes (training/recipes.py, filled in by train.apply_defaults)
+# Recipes (training/recipes.py, filled in by train.resolve_flags)
 
 def test_cifar_adv_preset_defaults_and_overrides():
     def resolved(*argv):
-        args = train.get_args_parser().parse_args(["--data-path", "d", "--mixing-set", "m", *argv])
-        train.apply_defaults(args)
-        return args
+        return train.resolve_flags(train.get_args_parser().parse_args(["--data-path", "d", "--mixing-set",
+                                                                       "m", *argv]))
     a = resolved("--preset", "cifar-adv")
     assert (a.preset, a.arch, a.epochs, a.batch_size, a.lr, a.lr_schedule, a.nesterov, a.wd, a.momentum) == (
         "cifar", "preactresnet18", 200, 128, 0.1, "piecewise", "off", 5e-4, 0.9)
@@ -46,6 +51,42 @@ def test_cifar_adv_preset_defaults_and_overrides():
     c = resolved()
     assert (c.preset, c.lr_schedule, c.nesterov, c.adv_mixup, c.adv_eval_every) == (
         "imagenet", "cosine", "on", "off", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's record of its flags (training/run_config.py, resolved by train.py)
+
+def test_resolving_the_flags_leaves_the_parsed_ones_alone_and_the_record_frozen(dataset, tmp_path):
+    # each resolution step returns a new record: the Namespace argparse made stays as parsed, and
+    # nothing assigns into the record once it is made
+    args = train.get_args_parser().parse_args([
+        "--data-path", str(dataset), "--mixing-set", str(dataset / "mixing"), "--preset", "cifar-adv",
+        "--device", "cpu", "--batch-size", "4", "--output-dir", str(tmp_path / "run")])
+    parsed = copy.deepcopy(vars(args))
+    state = RunState()
+    try:
+        flags = train.resolve_flags(args)
+        flags = train.resolve_device(flags, state)
+        flags = train.resolve_backend(flags, state)
+        flags, ckpt = train.prepare_run(flags, state)
+    finally:
+        state.release()
+    assert vars(args) == parsed
+    # what each step resolved is in the record it returned
+    assert (flags.preset, flags.recipe, flags.arch, flags.epochs, flags.adv_mixup, flags.no_jsd) == (
+        "cifar", "cifar-adv", "preactresnet18", 200, "aom", True)          # resolve_flags
+    assert (flags.amp, flags.backend) == ("off", "fused")                    # resolve_device, _backend
+    assert isinstance(flags.train_dir, DataSource) and flags.train_dir.size == 12   # prepare_run
+    assert os.fspath(flags.val_dir) == f"{dataset}/val" and flags.mixing_set.size == 5
+    assert ckpt is None and state.num_classes == 3
+    for field, value in (("epochs", 1), ("train_dir", "elsewhere"), ("output_dir", None)):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(flags, field, value)
+    # checkpoints record the flags as before the record: a plain value under each flag's name
+    recorded = state.recorded_args(flags)
+    assert set(recorded) == set(parsed) - {"adv_lambda_box"} | {"recipe"} | set(RunState.RECORDED)
+    assert (recorded["train_dir"], recorded["output_dir"], recorded["preset"]) == (
+        f"{dataset}/train", str(tmp_path / "run"), "cifar")
 
 
 # ---------------------------------------------------------------------------------------------

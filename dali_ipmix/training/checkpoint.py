@@ -12,11 +12,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional, Tuple
 
 import torch
 
 from ..errors import UserError
 from ..outputs import atomic_file
+from .run_config import RunConfig
 
 # What a run writes into its output folder (previous_run_files lists an earlier run's).
 CKPT_PATTERN = re.compile(r"^checkpoint_(\d+)\.pth$")
@@ -107,17 +109,19 @@ def restore_rng(state: dict, device: torch.device):
 # ---------------------------------------------------------------------------------------------
 # The output folder
 
-def prepare_output_dir(args, state):
+def prepare_output_dir(flags: RunConfig, state) -> Tuple[str, Optional[str]]:
     """Choose (``runs/<arch>-<time>`` by default), create and lock ``--output-dir``; refuse an
     earlier run's files unless ``--resume`` or ``--overwrite``; turn ``--resume auto`` into the
-    newest checkpoint.  Rank 0 only; ``state`` is the RunState (lock, files to delete)."""
-    if args.output_dir is None:
-        if args.resume not in (None, "auto"):
-            args.output_dir = os.path.dirname(os.path.abspath(args.resume))
+    newest checkpoint.  Rank 0 only; ``state`` is the RunState (lock, files to delete).  Returns
+    (the output folder, the checkpoint to resume or None)."""
+    output_dir, resume = flags.output_dir, flags.resume
+    if output_dir is None:
+        if resume not in (None, "auto"):
+            output_dir = os.path.dirname(os.path.abspath(resume))
         else:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            args.output_dir = os.path.join("runs", f"{'demo-' if state.demo else ''}{args.arch}-{stamp}")
-    out = Path(args.output_dir)
+            output_dir = os.path.join("runs", f"{'demo-' if state.demo else ''}{flags.arch}-{stamp}")
+    out = Path(output_dir)
     state.made_output_dir = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -127,17 +131,18 @@ def prepare_output_dir(args, state):
         raise UserError(f"--output-dir {out} is not writable ({e.strerror or e})") from None
     state.output_lock = lock_output_dir(out)
     existing = find_checkpoints(out)
-    state.previous_run = previous_run_files(out) if args.resume is None else []
-    if state.previous_run and not args.overwrite:
+    state.previous_run = previous_run_files(out) if resume is None else []
+    if state.previous_run and not flags.overwrite:
         what = (f"{len(existing)} checkpoint(s)" if existing else
                 ", ".join(os.path.basename(p) for p in state.previous_run))
         raise UserError(f"--output-dir {out} already holds {what} of another run; pass --resume auto "
                         f"to continue it, --overwrite to start afresh (deletes that run's files), "
                         f"or another --output-dir")
-    if args.resume == "auto":
+    if resume == "auto":
         if not existing:
             raise UserError(f"--resume auto: no checkpoint_*.pth in {out}")
-        args.resume = existing[-1][1]
+        resume = existing[-1][1]
+    return output_dir, resume
 
 
 def lock_output_dir(out):
@@ -205,45 +210,45 @@ class RunComplete(Exception):
     """``--resume`` of a run that has nothing left to do: said in one line, exit 0, no file touched."""
 
 
-def check_not_complete(args, ckpt):
-    """Raise RunComplete when ``ckpt`` ends the run these flags describe: its last epoch is done
+def check_not_complete(flags: RunConfig, ckpt):
+    """Raise RunComplete when ``ckpt`` ends the run ``flags`` describe: its last epoch is done
     (validated), or it is at --max-steps."""
     if ckpt is None:
         return
     step, epoch = ckpt.get("step", 0), ckpt.get("epoch", 0)
-    done = ckpt.get("epoch_done", True) and epoch >= args.epochs
-    if done or (args.max_steps and step >= args.max_steps):
-        what = (f"all {args.epochs} epochs are done" if done else f"it is at --max-steps {args.max_steps}")
+    done = ckpt.get("epoch_done", True) and epoch >= flags.epochs
+    if done or (flags.max_steps and step >= flags.max_steps):
+        what = (f"all {flags.epochs} epochs are done" if done else f"it is at --max-steps {flags.max_steps}")
         longer = ("pass a larger --epochs (the lr schedule then spans the new length, so the lr rises "
                   "again)" if done else "pass a larger --max-steps")
-        raise RunComplete(f"--resume {args.resume}: the run is complete ({what}, step {step}); nothing "
-                          f"was changed in {args.output_dir}. To train longer, {longer}; to start "
+        raise RunComplete(f"--resume {flags.resume}: the run is complete ({what}, step {step}); nothing "
+                          f"was changed in {flags.output_dir}. To train longer, {longer}; to start "
                           f"afresh, --overwrite or another --output-dir")
 
 
-def load_resume_checkpoint(args, num_classes: int):
+def load_resume_checkpoint(flags: RunConfig, num_classes: int):
     """The ``--resume`` checkpoint (None without one), refused with one line when it is not a
     train.py checkpoint or does not fit this run (architecture, classes, batch size)."""
-    if args.resume is None:
+    if flags.resume is None:
         return None
-    if not os.path.isfile(args.resume):
-        raise UserError(f"--resume {args.resume}: no such file")
+    if not os.path.isfile(flags.resume):
+        raise UserError(f"--resume {flags.resume}: no such file")
     try:
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+        ckpt = torch.load(flags.resume, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise UserError(f"--resume {args.resume}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise UserError(f"--resume {flags.resume}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
-        raise UserError(f"--resume {args.resume}: not a train.py checkpoint (no model/arch entries)")
-    if ckpt["arch"] != args.arch:
-        raise UserError(f"--resume {args.resume}: checkpoint of --arch {ckpt['arch']}, but this run "
-                        f"uses --arch {args.arch}; pass --arch {ckpt['arch']}")
+        raise UserError(f"--resume {flags.resume}: not a train.py checkpoint (no model/arch entries)")
+    if ckpt["arch"] != flags.arch:
+        raise UserError(f"--resume {flags.resume}: checkpoint of --arch {ckpt['arch']}, but this run "
+                        f"uses --arch {flags.arch}; pass --arch {ckpt['arch']}")
     recorded = ckpt.get("args", {})
     if recorded.get("num_classes", num_classes) != num_classes:
-        raise UserError(f"--resume {args.resume}: checkpoint of a {recorded['num_classes']}-class model, "
-                        f"but {args.train_dir} has {num_classes} classes; resume with the data it "
+        raise UserError(f"--resume {flags.resume}: checkpoint of a {recorded['num_classes']}-class model, "
+                        f"but {flags.train_dir} has {num_classes} classes; resume with the data it "
                         f"was trained on, or start a new run")
-    if recorded.get("batch_size", args.batch_size) != args.batch_size:
-        raise UserError(f"--resume {args.resume}: checkpoint trained with --batch-size "
-                        f"{recorded['batch_size']}, this run has {args.batch_size}; pass --batch-size "
+    if recorded.get("batch_size", flags.batch_size) != flags.batch_size:
+        raise UserError(f"--resume {flags.resume}: checkpoint trained with --batch-size "
+                        f"{recorded['batch_size']}, this run has {flags.batch_size}; pass --batch-size "
                         f"{recorded['batch_size']} (the schedule's length and the data position depend on it)")
     return ckpt

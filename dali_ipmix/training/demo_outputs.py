@@ -20,6 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .run_config import RunConfig
+
 BATCH_PNG = "demo_batch.png"
 CURVES_PNG = "demo_curves.png"
 SHEET_SAMPLES = 8
@@ -184,22 +186,22 @@ def write_demo_outputs(output_dir, *, train_dir, mixing_dir, cfg, seed: int, bac
     return written
 
 
-def write_for_run(args, cfg, num_classes: int, log=print) -> Dict[str, Path]:
-    """``write_demo_outputs`` with the settings of a finished ``train.py`` run (its parsed flags);
+def write_for_run(flags: RunConfig, cfg, num_classes: int, log=print) -> Dict[str, Path]:
+    """``write_demo_outputs`` with the settings of a finished ``train.py`` run (its resolved flags);
     a failure to draw is reported as a note: the run's results are already saved."""
     try:
         return write_demo_outputs(
-            args.output_dir, train_dir=args.train_dir, mixing_dir=args.mixing_set, cfg=cfg, seed=args.seed,
-            backend=args.backend, preset=args.preset, random_area=(args.crop_scale, 1.0),
-            arch=args.arch, num_classes=num_classes,
-            jsd_weight=args.jsd_weight if cfg.jsd else None,
-            may_replace=bool(args.overwrite or args.resume), log=log)
+            flags.output_dir, train_dir=flags.train_dir, mixing_dir=flags.mixing_set, cfg=cfg, seed=flags.seed,
+            backend=flags.backend, preset=flags.preset, random_area=(flags.crop_scale, 1.0),
+            arch=flags.arch, num_classes=num_classes,
+            jsd_weight=flags.jsd_weight if cfg.jsd else None,
+            may_replace=bool(flags.overwrite or flags.resume), log=log)
     except Exception as e:  # noqa: BLE001 - pictures are extras; never lose the run over them
         log(f"note: the demo pictures could not be drawn ({type(e).__name__}: {e})")
         return {}
 
 
-def summary_lines(args, written: Dict[str, Path]) -> List[str]:
+def summary_lines(flags: RunConfig, written: Dict[str, Path]) -> List[str]:
     """The demo's closing lines: its pictures, then what to run next."""
     lines = []
     if "batch" in written:
@@ -211,8 +213,8 @@ def summary_lines(args, written: Dict[str, Path]) -> List[str]:
         "--count 13000` makes a mixing set):",
         "    python train.py --data-path /data/imagenet --mixing-set /data/fractals --output-dir runs/rn50",
         "  the pipeline graph (docs/debugging.md):",
-        f"    dali-ipmix graph --data {args.train_dir} --mixing {args.mixing_set} --image-size "
-        f"{args.image_size} --out graph",
+        f"    dali-ipmix graph --data {flags.train_dir} --mixing {flags.mixing_set} --image-size "
+        f"{flags.image_size} --out graph",
         "  the loader benchmark (docs/benchmarking.md, figures in BENCHMARKS.md):",
         "    dali-ipmix bench --device cpu --image-size 96 -b 16 --threads 1,2 --arch resnet18 --out bench",
     ]

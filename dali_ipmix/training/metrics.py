@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..outputs import write_atomic
 from .checkpoint import BEST_ROBUST, METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR
 from .distributed import all_reduce_sum
+from .run_config import RunConfig
 
 
 def fmt_time(seconds: float) -> str:
@@ -194,7 +195,7 @@ def best_robust(history):
     return max(checked, key=lambda h: h["robust_pgd"]) if checked else None
 
 
-def print_summary(args, state, views, progress, setup_time, total, extra_lines=()):
+def print_summary(flags: RunConfig, state, views, progress, setup_time, total, extra_lines=()):
     """The end of a run: accuracy, throughput, time, robust numbers, where the results are and
     which writes failed, printed and written to summary.json (rank 0)."""
     img_s = progress.images / progress.seconds if progress.seconds else 0.0
@@ -204,17 +205,17 @@ def print_summary(args, state, views, progress, setup_time, total, extra_lines=(
     robust_evals = [h for h in state.history if h.get("kind") == "robust"]
     lines = [
         "=" * 72,
-        f"summary: {args.arch}{' (demo)' if state.demo else ''}, {state.step} steps, "
-        f"{state.world_size} rank(s) x batch {args.batch_size} ({views} view(s) each)",
+        f"summary: {flags.arch}{' (demo)' if state.demo else ''}, {state.step} steps, "
+        f"{state.world_size} rank(s) x batch {flags.batch_size} ({views} view(s) each)",
         f"  val top-1: last {last['val_top1']:.2f}%  best {state.best_top1:.2f}%  (chance "
         f"{100.0 / state.num_classes:.1f}%)  top-5 last {last['val_top5']:.2f}%" if last else
         "  val top-1: (no completed epoch)",
         f"  throughput: {img_s:.1f} source img/s ({img_s * views:.1f} views/s) while training",
         f"  time: {fmt_time(total)} total ({total:.1f} s; setup {setup_time:.1f} s, "
         f"training {progress.seconds:.1f} s)",
-        *([f"  best robust (PGD-{advmixup.SELECT_STEPS}, {args.adv_eval_eps * 255:g}/255, "
+        *([f"  best robust (PGD-{advmixup.SELECT_STEPS}, {flags.adv_eval_eps * 255:g}/255, "
            f"{best['robust_images']} val images): {best['robust_pgd']:.2f}% (clean {best['robust_clean']:.2f}%) "
-           f"after epoch {best['epoch']} -> {os.path.join(args.output_dir, BEST_ROBUST)}"]
+           f"after epoch {best['epoch']} -> {os.path.join(flags.output_dir, BEST_ROBUST)}"]
           if best else []),
         *[f"  robust ({r['eps'] * 255:g}/255): clean {r['clean']:.2f}%  PGD-{r['steps']} {r['pgd']:.2f}%"
           + (f"  AutoAttack {r['autoattack']:.2f}%" if r.get('autoattack') is not None else "")
@@ -222,14 +223,14 @@ def print_summary(args, state, views, progress, setup_time, total, extra_lines=(
         f"  checkpoint: {state.last_checkpoint}" if state.last_checkpoint else "  checkpoint: none",
         *([f"  checkpoint of step {state.step}: NOT WRITTEN (see the failed writes)"]
           if state.checkpoint_failed else []),
-        f"  metrics: {os.path.join(args.output_dir, METRICS_FILE)}",
+        f"  metrics: {os.path.join(flags.output_dir, METRICS_FILE)}",
         *extra_lines,
     ]
-    summary = {"arch": args.arch, "steps": state.step, "best_top1": state.best_top1, "last": last,
+    summary = {"arch": flags.arch, "steps": state.step, "best_top1": state.best_top1, "last": last,
                "img_per_s": img_s, "seconds": total, "robust": robust_evals, "best_robust": best,
                "checkpoint": state.last_checkpoint, "final_checkpoint_written": not state.checkpoint_failed}
     try:
-        write_atomic(os.path.join(args.output_dir, SUMMARY_FILE),
+        write_atomic(os.path.join(flags.output_dir, SUMMARY_FILE),
                      json.dumps(dict(summary, failed_writes=state.failed_writes)))
     except OSError as e:
         state.failed_writes.add(SUMMARY_FILE, e)

@@ -8,6 +8,7 @@ import math
 
 from ..config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from ..errors import UserError
+from .run_config import RunConfig
 
 # the official recipe (hzlsaber/IPMix imagenet.py) with torchvision's RandomResizedCrop scale
 RECIPE_DEFAULTS = dict(arch="resnet50", image_size=None, epochs=180, batch_size=128, lr=0.01,
@@ -57,23 +58,25 @@ NUMBER_RULES = (
 )
 
 
-def check_numbers(args):
+def check_numbers(flags: RunConfig):
     for dest, ok, what in NUMBER_RULES:
-        value = getattr(args, dest)
+        value = getattr(flags, dest)
         if not ok(value):
             raise UserError(f"--{dest.replace('_', '-')} must be {what}, got {value}")
-    if args.overwrite and args.resume:
+    if flags.overwrite and flags.resume:
         raise UserError("--overwrite starts afresh and --resume continues a run: give one of them")
-    if args.output_dir is not None and not args.output_dir.strip():
+    if flags.output_dir is not None and not flags.output_dir.strip():
         raise UserError("--output-dir is empty; give a folder (left out: runs/<arch>-<time>)")
 
 
-def check_jsd_weight(args):
-    """After the adversarial flags (which may turn the JSD triple off): --jsd-weight only weighs
-    the JSD term, so a weight without one is refused rather than silently ignored."""
-    if args.jsd_weight is None:
-        args.jsd_weight = JSD_WEIGHT
-    elif args.no_jsd:
-        raise UserError(f"--jsd-weight {args.jsd_weight:g} has no effect without the JSD loss (--no-jsd"
-                        f"{', or an adversarial mode without --adv-jsd' if args.adv_mixup != 'off' else ''}); "
+def resolve_jsd_weight(flags: RunConfig) -> float:
+    """After the adversarial flags (which may turn the JSD triple off): the JSD term's weight
+    (--jsd-weight, default the official one).  It only weighs the JSD term, so a weight without
+    one is refused rather than silently ignored."""
+    if flags.jsd_weight is None:
+        return JSD_WEIGHT
+    if flags.no_jsd:
+        raise UserError(f"--jsd-weight {flags.jsd_weight:g} has no effect without the JSD loss (--no-jsd"
+                        f"{', or an adversarial mode without --adv-jsd' if flags.adv_mixup != 'off' else ''}); "
                         f"drop it")
+    return flags.jsd_weight

@@ -1,8 +1,8 @@
 """``RunState``: what a train.py run derives from its flags and finds on its way -- ranks and
-devices, the data's size, the output folder's lock, the models, where training stands, the writes
-that failed -- kept apart from ``args``, which holds the flags as resolved (defaults filled in, the
-demo's data folders, ``--preset cifar-adv`` split into ``preset`` and ``recipe``)
-(docs/architecture.md "Who owns which fact")."""
+devices, the data's size, the output folder's lock, where training stands, the writes that
+failed -- kept apart from the frozen ``run_config.RunConfig``, which holds the flags as resolved
+(defaults filled in, the data sources, the output folder); and ``Model``, the one holder of the
+run's model and its wrappers (docs/architecture.md "Who owns which fact")."""
 from __future__ import annotations
 
 import os
@@ -13,8 +13,19 @@ import torch
 import torch.nn as nn
 
 from .metrics import FailedWrites
+from .run_config import RunConfig
 
-_SCALARS = (int, float, str, bool, type(None))
+
+@dataclass(frozen=True)
+class Model:
+    """The run's model, built once by train.py's ``create_model``: the network and what wraps it."""
+    net: nn.Module           # the bare network: what checkpoints hold
+    # ``net``, behind the normalisation layer in the adversarial modes (DDP's name for what it
+    # wraps): the optimizer's parameters; evaluation and attacks call it (no DDP collectives)
+    module: nn.Module
+    # ``module``, in DDP and/or torch.compile where the run asks: what the training step calls
+    step: nn.Module
+    input: dict              # what ``module`` takes, recorded for `dali-ipmix eval`
 
 
 @dataclass
@@ -32,12 +43,6 @@ class RunState:
     output_lock: Optional[IO] = None    # held while the run lives (checkpoint.lock_output_dir)
     made_output_dir: bool = False       # this run created --output-dir (so may remove it empty)
     previous_run: List[str] = field(default_factory=list)   # what --overwrite deletes
-    net: Optional[nn.Module] = None     # the bare network: what checkpoints hold
-    # ``net``, behind the normalisation layer in the adversarial modes (torchvision's name):
-    # evaluation and attacks call it (no DDP collectives); the training step calls its DDP /
-    # compiled wrapper
-    model_without_ddp: Optional[nn.Module] = None
-    input: dict = field(default_factory=dict)    # what that model takes, for `dali-ipmix eval`
     step: int = 0                       # optimizer steps done
     best_top1: float = 0.0
     history: list = field(default_factory=list)  # epoch and robust records, kept in checkpoints
@@ -62,11 +67,9 @@ class RunState:
         if self.is_main:
             print(*msg, flush=True)
 
-    def recorded_args(self, args) -> dict:
+    def recorded_args(self, flags: RunConfig) -> dict:
         """The "args" entry of a checkpoint: the flags and the run's facts that are plain values."""
-        flags = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in vars(args).items()
-                 if isinstance(v, (*_SCALARS, os.PathLike))}   # data sources: their location
-        return {**flags, **{k: getattr(self, k) for k in self.RECORDED}}
+        return {**flags.plain_values(), **{k: getattr(self, k) for k in self.RECORDED}}
 
     def release(self):
         """Unlock the output folder (the kernel would at exit; a test runs many runs in one process)."""
