@@ -336,6 +336,12 @@ def check_data(flags: RunConfig, state, train_flag="--data-path train") -> RunCo
         raise UserError(error)
     train, val, mixing = found
     state.num_classes, state.num_train, state.num_val = len(train.classes), train.size, val.size
+    if train.on_s3:   # DALI's readers fetch one object or member per request, one at a time
+        state.log(f"note: {train.location}: DALI reads S3 data with one request per file or "
+                  f"shard member (two per shard sample: picture and label), one after another on "
+                  f"each rank -- about 50 samples/s a rank against a loopback S3 server "
+                  f"(BENCHMARKS.md); to feed a GPU, copy the data to local or shared disk first "
+                  f"(docs/scaling.md, \"From S3\")")
     return flags.replace(train_dir=train, val_dir=val, mixing_set=mixing)
 
 

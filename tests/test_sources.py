@@ -311,7 +311,7 @@ def test_s3_folders_and_shards_read_like_the_local_folders(dataset, aws):
     assert _samples(folders) == expected and _samples(shards) == expected
 
 
-def test_training_from_s3_lists_each_prefix_once(aws, tmp_path, monkeypatch, dataset):
+def test_training_from_s3_lists_each_prefix_once(aws, tmp_path, monkeypatch, dataset, capsys):
     listed = []
     real = s3.list_prefix
     monkeypatch.setattr(s3, "list_prefix", lambda uri, *a: listed.append(uri) or real(uri, *a))
@@ -320,6 +320,8 @@ def test_training_from_s3_lists_each_prefix_once(aws, tmp_path, monkeypatch, dat
     argv[argv.index("--mixing-set") + 1] = "s3://data/mixing"
     assert train.main(argv, model_factory=tiny_factory) == 0
     assert sorted(listed) == ["s3://data/mixing", "s3://data/shards/train", "s3://data/shards/val"]
+    # the run says once that DALI's S3 reads will not feed a GPU, and what to do
+    assert capsys.readouterr().out.count("to feed a GPU, copy the data to local or shared disk") == 1
 
 
 @pytest.mark.parametrize("case", ["no_bucket", "no_prefix", "no_credentials", "denied", "unreachable"])
