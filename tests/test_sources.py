@@ -528,3 +528,90 @@ def test_eval_bad_locations_are_one_line_before_any_work(aws, shards, eval_check
     err = one_line(data)
     assert f"{data}/shard-000000.tar:{member}: the evaluation stopped" in err
     assert "cannot be decoded" in err and f"dali-ipmix verify {data}" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# dali-ipmix verify over S3: the same report and exit code as over the local copy
+
+def _report_lines(out):
+    """The report without its first line (the location, the workers, the time)."""
+    return [line for line in out.splitlines()[1:] if not line.startswith("file list:")]
+
+
+def test_verify_s3_shards_reports_like_the_local_copy(shards, aws, tmp_path, capsys):
+    from dali_ipmix.cli import main
+    assert main(["verify", "s3://data/shards/train"]) == 0
+    assert "result: no fatal problems" in capsys.readouterr().out
+    data = _copy(shards, tmp_path)
+    _, offset, size, member = (data / "shard-000001.idx").read_text().splitlines()[2].split()[:4]
+    with open(data / "shard-000001.tar", "r+b") as f:           # a member that does not decode
+        f.seek(int(offset))
+        f.write(b"\x00garbage" * (int(size) // 8))
+    s3.upload_tree(data, "s3://data/bad-shards", aws)
+    assert main(["verify", str(data), "--json", str(tmp_path / "local.json")]) == 1
+    local = capsys.readouterr().out
+    assert main(["verify", "s3://data/bad-shards/", "--json", str(tmp_path / "s3.json")]) == 1
+    remote = capsys.readouterr().out
+    assert f"shard-000001.tar, {member}: not_image" in remote and "upload it again" in remote
+    assert _report_lines(remote)[:-1] == _report_lines(local)[:-1]
+    assert (json.loads((tmp_path / "s3.json").read_text())["problems"]
+            == json.loads((tmp_path / "local.json").read_text())["problems"] != [])
+    # a shard missing from the bucket is a problem, not a traceback
+    s3.upload_tree(shards / "val", "s3://data/half-shards", aws)
+    client = s3._client()
+    client.delete_object(Bucket="data", Key="half-shards/shard-000000.tar")
+    assert main(["verify", "s3://data/half-shards"]) == 1
+    assert "shard-000000.tar: truncated or corrupt tar (no object" in capsys.readouterr().out
+
+
+def test_verify_s3_class_folders_reports_like_the_local_copy(dataset, aws, tmp_path, capsys):
+    from dali_ipmix.cli import main
+    data = tmp_path / "train"
+    shutil.copytree(dataset / "train", data)
+    (data / "class1" / "zz.jpg").write_bytes((data / "class1" / "001.jpg").read_bytes()[:500])
+    (data / "class2" / "empty.png").write_bytes(b"")
+    (data / "class0" / "notes.txt").write_text("not a picture")
+    (data / "stray.jpg").write_bytes((data / "class0" / "000.jpg").read_bytes())
+    s3.upload_tree(data, "s3://data/bad-train", aws)
+    lists = {}
+    for name, where in (("local", str(data)), ("s3", "s3://data/bad-train")):
+        lists[name] = tmp_path / f"{name}.txt"
+        assert main(["verify", where, "--jobs", "2", "--write-filelist", str(lists[name]),
+                     "--json", str(tmp_path / f"{name}.json"), "--max-shown", "0"]) == 1
+        out = capsys.readouterr().out
+        lists[name + "-out"] = _report_lines(out.replace(where, "DATA"))
+        assert out.splitlines()[0].startswith(f"verify {where} (class folders): 16 files, 14 listed")
+    assert lists["s3-out"] == lists["local-out"]
+    assert any("FATAL class1/zz.jpg  truncated" in line for line in lists["s3-out"])
+    assert any("FATAL class2/empty.png  empty" in line for line in lists["s3-out"])
+    assert any("stray.jpg  outside_classes" in line for line in lists["s3-out"])
+    assert lists["s3"].read_text() == lists["local"].read_text()
+    local, remote = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "s3"))
+    assert dict(remote, root=None) == dict(local, root=None)
+    # the file list holds keys relative to the prefix, which open_source takes for the bucket
+    src = sources.open_source("s3://data/bad-train", filelist=lists["s3"])
+    assert src.size == 12 and "class1/zz.jpg" not in src.files
+    # mixing pictures under a prefix
+    assert main(["verify", "s3://data/mixing", "--mixing"]) == 0
+    assert "(mixing pictures): 5 files, 5 listed by the reader, 5 usable" in capsys.readouterr().out
+
+
+def test_verify_bad_s3_locations_and_options_are_one_line(shards, aws, tmp_path, capsys):
+    from dali_ipmix.cli import main
+
+    def one_line(*argv):
+        assert main(["verify", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err, err
+        return err
+    assert "bucket nosuch does not exist" in one_line("s3://nosuch/train")
+    assert "no objects under prefix nothing/" in one_line("s3://data/nothing")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(next((shards.parent).rglob("*.json")), flat / "x.jpg")
+    s3.upload_tree(flat, "s3://data/flat", aws)
+    assert "no class prefixes with pictures" in one_line("s3://data/flat")
+    for where in ("s3://data/shards/train", str(shards / "train")):
+        assert "is a shard set, and a file list applies to class folders" in one_line(
+            where, "--write-filelist", str(tmp_path / "x.txt"))
+    assert not (tmp_path / "x.txt").exists()
