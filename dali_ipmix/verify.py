@@ -305,7 +305,7 @@ def check_object(root: str, item: Tuple[str, bool, int], max_pixels: int = MAX_P
     (deleted since the listing, access denied) is ``unreadable``, as a local file would be."""
     rel, listed, size = item
     kinds: List[str] = [] if _listable(rel) else ["unlistable_name"]
-    try:      # a ranged read of an empty object is refused (HTTP 416): nothing to fetch
+    try:      # an empty object: nothing to fetch (a range of it would be refused, HTTP 416)
         data = b"" if size == 0 else sources.read_bytes(
             s3.join(root, rel), 0, -1 if listed else min(size, HEAD_BYTES), "DATA_DIR")
     except UserError as e:

@@ -571,6 +571,7 @@ def test_verify_s3_class_folders_reports_like_the_local_copy(dataset, aws, tmp_p
     (data / "class1" / "zz.jpg").write_bytes((data / "class1" / "001.jpg").read_bytes()[:500])
     (data / "class2" / "empty.png").write_bytes(b"")
     (data / "class0" / "notes.txt").write_text("not a picture")
+    (data / "class0" / "empty.txt").write_bytes(b"")
     (data / "stray.jpg").write_bytes((data / "class0" / "000.jpg").read_bytes())
     s3.upload_tree(data, "s3://data/bad-train", aws)
     lists = {}
@@ -580,7 +581,7 @@ def test_verify_s3_class_folders_reports_like_the_local_copy(dataset, aws, tmp_p
                      "--json", str(tmp_path / f"{name}.json"), "--max-shown", "0"]) == 1
         out = capsys.readouterr().out
         lists[name + "-out"] = _report_lines(out.replace(where, "DATA"))
-        assert out.splitlines()[0].startswith(f"verify {where} (class folders): 16 files, 14 listed")
+        assert out.splitlines()[0].startswith(f"verify {where} (class folders): 17 files, 14 listed")
     assert lists["s3-out"] == lists["local-out"]
     assert any("FATAL class1/zz.jpg  truncated" in line for line in lists["s3-out"])
     assert any("FATAL class2/empty.png  empty" in line for line in lists["s3-out"])
