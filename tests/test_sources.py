@@ -564,6 +564,7 @@ def test_verify_s3_shards_reports_like_the_local_copy(shards, aws, tmp_path, cap
     assert "shard-000000.tar: truncated or corrupt tar (no object" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_verify_s3_class_folders_reports_like_the_local_copy(dataset, aws, tmp_path, capsys):
     from dali_ipmix.cli import main
     data = tmp_path / "train"
@@ -616,3 +617,67 @@ def test_verify_bad_s3_locations_and_options_are_one_line(shards, aws, tmp_path,
         assert "is a shard set, and a file list applies to class folders" in one_line(
             where, "--write-filelist", str(tmp_path / "x.txt"))
     assert not (tmp_path / "x.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# dali-ipmix eval --imagenet-c over S3 and over shard sets
+
+@pytest.fixture(scope="module")
+def imagenet_c(dataset, tmp_path_factory):
+    """A tiny ImageNet-C copy (2 corruptions x 2 severities x 2 classes of 2 pictures) as class
+    folders, and the same with a shard set per corruption/severity."""
+    root = tmp_path_factory.mktemp("imagenet-c")
+    pictures = sorted((dataset / "val").rglob("*.jpg"))
+    for j, (name, sev) in enumerate((c, s) for c in ("gaussian_noise", "fog") for s in (1, 2)):
+        for cls in ("class0", "class1"):
+            folder = root / "folders" / name / str(sev) / cls
+            folder.mkdir(parents=True)
+            for pic in [p for p in pictures if p.parent.name == cls][j % 3:j % 3 + 2]:
+                shutil.copy(pic, folder / pic.name)
+        shard.convert(root / "folders" / name / str(sev), root / "shards" / name / str(sev), count=1,
+                      jobs=1, log=lambda *a: None)
+    return root
+
+
+def _eval_c(dataset, checkpoint, where, tmp_path, name, *extra):
+    from dali_ipmix.cli import main
+    out = tmp_path / f"{name}.json"
+    assert main(["eval", str(checkpoint), "--data", str(dataset / "val"), "--imagenet-c", str(where),
+                 "--corruptions", "gaussian_noise,fog", "--severities", "1,2", "--no-pgd", "-q",
+                 "--workers", "0", "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())["corruptions"]
+
+
+@pytest.mark.slow
+def test_eval_imagenet_c_over_s3_and_shards_equals_the_local_folders(dataset, imagenet_c, aws, eval_checkpoint,
+                                                                   tmp_path, monkeypatch):
+    s3.upload_tree(imagenet_c / "folders", "s3://data/imagenet-c", aws)
+    s3.upload_tree(imagenet_c / "shards", "s3://data/imagenet-c-shards", aws)
+    expected = _eval_c(dataset, eval_checkpoint, imagenet_c / "folders", tmp_path, "local")
+    per = expected["per_corruption"]
+    assert sorted(per) == ["fog", "gaussian_noise"] and expected["source"] == "imagenet-c"
+    assert [v["images"] for c in per.values() for v in c["by_severity"].values()] == [4] * 4
+    listed = []
+    real = s3.list_prefix
+    monkeypatch.setattr(s3, "list_prefix", lambda uri, *a: listed.append(uri) or real(uri, *a))
+    for name, where in (("s3", "s3://data/imagenet-c"), ("shards", imagenet_c / "shards"),
+                        ("s3-shards", "s3://data/imagenet-c-shards/")):
+        got = _eval_c(dataset, eval_checkpoint, where, tmp_path, name)
+        assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True), name
+    assert listed == ["s3://data/imagenet-c", "s3://data/imagenet-c-shards/"]    # once each
+
+
+def test_eval_imagenet_c_on_s3_bad_layouts_are_one_line(dataset, imagenet_c, aws, eval_checkpoint, tmp_path,
+                                                        capsys):
+    from dali_ipmix.cli import main
+    s3.upload_tree(imagenet_c / "folders", "s3://data/imagenet-c", aws)
+
+    def one_line(where, *extra):
+        assert main(["eval", str(eval_checkpoint), "--data", str(dataset / "val"), "--imagenet-c", where,
+                     "--no-pgd", "-q", "--workers", "0", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err, err
+        return err
+    assert "no severity folder fog/3 (found 1, 2)" in one_line("s3://data/imagenet-c", "--corruptions", "fog")
+    assert "no folder for gaussian_noise" in one_line("s3://data/imagenet-c/fog")
+    assert "bucket nosuch does not exist" in one_line("s3://nosuch/imagenet-c")
