@@ -25,7 +25,7 @@ import re
 import tarfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -35,6 +35,7 @@ from .errors import UserError
 from .progress import Progress
 
 DEFAULT_SHARD_BYTES = 1 << 30        # ~1 GB shards: few files for the file system, many per rank
+DEFAULT_SHARD_SIZE = "1GB"
 TAR_BLOCK = 512
 SHARD_NAME = "shard-{:06d}"
 KEY = "{:09d}"                       # sample keys: short, so every tar header is one block (USTAR)
@@ -193,11 +194,174 @@ def convert(src, out, *, filelist=None, mixing: bool = False, seed: int = 0,
 
 
 # ---------------------------------------------------------------------------------------------
+# Indexing a WebDataset set made by another tool (dali-ipmix shard --index DIR)
+
+def split_name(name: str) -> Tuple[str, str]:
+    """(sample key, member extension) of a tar member, as WebDataset and DALI's ``wds2idx`` split
+    it: at the first dot of the last path component (``a/b.seg.png`` -> ``a/b``, ``seg.png``)."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+
+
+def read_tar_index(path: Path) -> Tuple[List[List[Tuple[str, int, int, str]]], Dict[int, bytes]]:
+    """(samples, label texts) of a tar: per sample its members (extension, data offset, size,
+    name) in tar order, grouped as DALI's ``wds2idx`` groups them (consecutive members with one
+    key; regular files only; hidden names skipped), and the bytes of each sample's ``.cls``."""
+    samples, labels, last = [], {}, None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                key, ext = split_name(member.name)
+                if not key or key.endswith("/"):
+                    continue
+                if any(c.isspace() for c in member.name):
+                    raise UserError(f"--index {path}: member {member.name!r} has a space in its name, which "
+                                    f"DALI's index format cannot hold; rename it and write the tar again")
+                if key != last:
+                    samples.append([])
+                    last = key
+                samples[-1].append((ext, member.offset_data, member.size, member.name))
+                if ext == sources.LABEL_MEMBER:
+                    labels[len(samples) - 1] = tar.extractfile(member).read(32)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UserError(f"--index {path}: not a readable tar ({e}); copy it again") from None
+    return samples, labels
+
+
+def _index_text(samples) -> str:
+    return (f"v1.2 {len(samples)}\n"
+            + "".join(" ".join(f"{e} {o} {n} {name}" for e, o, n, name in members) + "\n"
+                      for members in samples))
+
+
+def index_set(base, *, classes_file=None, overwrite: bool = False, log=print) -> dict:
+    """Write the missing DALI index files and the manifest of a WebDataset set made by another
+    tool (``<key>.<picture>`` + ``<key>.cls`` per sample, other members ignored) in ``base``;
+    returns the manifest.  Nothing is overwritten without ``overwrite``, and the files are
+    written beside and moved in at the end, the manifest last: an interrupted run adds nothing."""
+    if sources.s3.is_s3(str(base)):
+        raise UserError(f"--index {base}: index a local copy of the shard set with `dali-ipmix shard --index "
+                        f"DIR` before uploading it, then upload its {sources.MANIFEST} and .idx files")
+    base = Path(base)
+    if not base.is_dir():
+        raise UserError(f"--index {base}: no such folder; give the folder of the .tar shards")
+    tars = sorted(p for p in base.iterdir() if p.name.endswith(".tar") and p.is_file())
+    if not tars:
+        raise UserError(f"--index {base}: no .tar files in this folder")
+    if (base / sources.MANIFEST).exists() and not overwrite:
+        raise UserError(f"--index {base}: {sources.MANIFEST} exists already; pass --overwrite to write it "
+                        f"(and the index files) again")
+    names = None
+    if classes_file is not None:
+        try:
+            names = [line.strip() for line in Path(classes_file).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--classes {classes_file}: cannot read it ({e.__class__.__name__}); give a "
+                            f"text file of class names, one per line in label order") from None
+        if not names:
+            raise UserError(f"--classes {classes_file}: no class names in it")
+    start = time.perf_counter()
+    picture_exts = sources.PICTURE_MEMBERS.split(";")
+    scanned = []                                  # (tar, samples, labels)
+    with Progress("shard --index", len(tars)) as bar:
+        for tar in tars:
+            samples, labels = read_tar_index(tar)
+            if not samples:
+                raise UserError(f"--index {tar}: holds no files")
+            scanned.append((tar, samples, labels))
+            bar.update()
+    labelled = any(labels for _, _, labels in scanned)
+    values = []
+    for tar, samples, labels in scanned:
+        for i, members in enumerate(samples):
+            name = members[0][3]
+            if not any(e in picture_exts for e, *_ in members):
+                raise UserError(f"--index {tar}: sample {split_name(name)[0]} has no picture member "
+                                f"({', '.join('.' + e for e in picture_exts)}); DALI's reader would stop on it")
+            if labelled and i not in labels:
+                raise UserError(f"--index {tar}: sample {split_name(name)[0]} has no .{sources.LABEL_MEMBER} "
+                                f"member while others have one; every sample needs its label")
+            if labelled:
+                text = labels[i]         # read as it is by the graph (sources.cls_label): digits only
+                if not text.isdigit() or len(text) > sources.LABEL_DIGITS:
+                    raise UserError(f"--index {tar}: the .{sources.LABEL_MEMBER} member of sample "
+                                    f"{split_name(name)[0]} is {text[:12]!r}, not a label (decimal digits "
+                                    f"only, no spaces or line break); write the shards again")
+                values.append(int(text))
+    if not labelled and names is not None:
+        raise UserError(f"--classes {classes_file}: the shards of {base} have no .{sources.LABEL_MEMBER} "
+                        f"members (a set of mixing pictures has no classes)")
+    num_classes = max(values) + 1 if values else 0
+    if names is not None and len(names) < num_classes:
+        raise UserError(f"--classes {classes_file}: {len(names)} names but the .{sources.LABEL_MEMBER} "
+                        f"members go up to label {num_classes - 1}")
+    classes = (names if names is not None else [f"class{i}" for i in range(num_classes)]) if labelled else []
+    # the first picture's size, from its header (sizes the decoder cache of a mixing set)
+    tar, samples, _ = scanned[0]
+    _, offset, size, _ = next(m for m in samples[0] if m[0] in picture_exts)
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(sources.read_bytes(str(tar), offset, size))) as im:
+            picture_size = list(im.size)
+    except Exception:
+        picture_size = None
+    entries, write = [], {}
+    for tar, samples, _ in scanned:
+        index = tar.with_name(tar.name[:-len(".tar")] + ".idx")
+        text = _index_text(samples)
+        if index.exists() and not overwrite and index.read_text() != text:
+            raise UserError(f"--index {base}: {index.name} differs from the index of {tar.name}; pass "
+                            f"--overwrite to replace it")
+        if not index.exists() or overwrite:
+            write[index.name] = text
+        with open(tar, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        entries.append({"tar": tar.name, "index": index.name, "samples": len(samples),
+                        "bytes": tar.stat().st_size, "sha256": digest})
+    manifest = {
+        "format": sources.MANIFEST_FORMAT, "version": 1, "source": str(base),
+        "made_by": "dali-ipmix shard --index", "filelist": None, "seed": None,
+        "samples": sum(e["samples"] for e in entries),
+        "classes": classes, "num_classes": len(classes),
+        "class_counts": [int(c) for c in np.bincount(values, minlength=len(classes))] if labelled else [],
+        "picture_size": picture_size, "shards": entries, "left_out": []}
+    with staged(base, sorted(write) + [sources.MANIFEST]) as stage:
+        for name, text in write.items():
+            (stage / name).write_text(text)
+        (stage / sources.MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if (base / sources.MANIFEST).exists():    # the old set stops being readable first
+            (base / sources.MANIFEST).unlink()
+    log(f"shard --index {base}: {manifest['samples']} samples"
+        + (f" of {len(classes)} classes" if labelled else " (mixing pictures: no .cls members)")
+        + f" in {len(entries)} shard(s); wrote {len(write)} index file(s) and {sources.MANIFEST}, "
+          f"{time.perf_counter() - start:.1f} s")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
 # The command
 
 def _run(args: argparse.Namespace) -> int:
-    shard_bytes = None if args.shards else parse_size(args.shard_size)
-    convert(args.src, args.out, filelist=args.filelist, mixing=args.mixing, seed=args.seed,
+    if args.index is not None:
+        given = [flag for flag, value in (("SRC", args.src), ("--filelist", args.filelist),
+                                          ("--mixing", args.mixing), ("--shard-size", args.shard_size),
+                                          ("--shards", args.shards), ("--seed", args.seed),
+                                          ("--jobs", args.jobs)) if value not in (None, False)]
+        if given:
+            raise UserError(f"--index DIR indexes the shards already in DIR; {', '.join(given)} "
+                            f"appl{'ies' if len(given) == 1 else 'y'} to `dali-ipmix shard SRC OUT`")
+        index_set(args.index, classes_file=args.classes, overwrite=args.overwrite)
+        return 0
+    if args.src is None or args.out is None:
+        raise UserError("give SRC and OUT (`dali-ipmix shard SRC OUT`), or --index DIR to index a "
+                        "WebDataset set made by another tool")
+    if args.classes is not None:
+        raise UserError("--classes applies to --index DIR; `dali-ipmix shard SRC OUT` names the classes "
+                        "after SRC's folders")
+    shard_bytes = None if args.shards else parse_size(args.shard_size or DEFAULT_SHARD_SIZE)
+    convert(args.src, args.out, filelist=args.filelist, mixing=args.mixing, seed=args.seed or 0,
             shard_bytes=shard_bytes, count=args.shards, overwrite=args.overwrite, jobs=args.jobs)
     return 0
 
@@ -205,25 +369,38 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "shard", help="pack class folders into tar shards (WebDataset layout, DALI index files)",
+        usage="dali-ipmix shard [options] SRC OUT\n       dali-ipmix shard --index DIR [--classes FILE] "
+              "[--overwrite]",
         description="Pack a class-folder data set (SRC/<class>/<image>), a verified file list of one, "
                     "or with --mixing a folder of mixing pictures, into tar shards in OUT: "
                     "<key>.<ext> + <key>.cls per sample, shuffled across classes, a DALI index file "
                     "beside each shard and manifest.json. Pictures that would stop training (the "
                     "checks of dali-ipmix verify) are left out and listed. Train on OUT wherever a "
                     "class folder is accepted (--data-path/--train-dir, --mixing-set, bench --data, "
-                    "...), locally or after uploading it to s3://bucket/prefix.")
-    p.add_argument("src", metavar="SRC", help="class-folder data set (e.g. imagenet/train)")
-    p.add_argument("out", metavar="OUT", help="output folder (must be empty or absent unless --overwrite)")
+                    "...), locally or after uploading it to s3://bucket/prefix. "
+                    "With --index DIR: make a WebDataset set written by another tool (e.g. webdataset's "
+                    "ShardWriter: <key>.jpg + <key>.cls, other members ignored) usable as one: write "
+                    "the missing DALI index files and manifest.json in DIR.")
+    p.add_argument("src", metavar="SRC", nargs="?", help="class-folder data set (e.g. imagenet/train)")
+    p.add_argument("out", metavar="OUT", nargs="?",
+                   help="output folder (must be empty or absent unless --overwrite)")
     p.add_argument("--filelist", metavar="FILE", default=None,
                    help="shard only the files of this list (`dali-ipmix verify SRC --write-filelist FILE`)")
     p.add_argument("--mixing", action="store_true", help="SRC is a folder of mixing pictures (no classes)")
-    p.add_argument("--shard-size", default="1GB", metavar="SIZE",
-                   help="largest shard (default %(default)s; e.g. 500MB)")
+    p.add_argument("--shard-size", default=None, metavar="SIZE",
+                   help=f"largest shard (default {DEFAULT_SHARD_SIZE}; e.g. 500MB)")
     p.add_argument("--shards", type=int, default=None, metavar="N",
                    help="write N shards of equal sample counts instead of --shard-size")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample order (default %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sample order (default 0)")
     p.add_argument("--jobs", type=int, default=None,
                    help="worker processes of the checks (default: one per CPU)")
     p.add_argument("--overwrite", action="store_true",
-                   help="reuse a non-empty OUT, replacing its shard files and manifest (other files stay)")
+                   help="reuse a non-empty OUT, replacing its shard files and manifest (other files stay); "
+                        "with --index, write DIR's manifest and index files again")
+    p.add_argument("--index", metavar="DIR", default=None,
+                   help="index the tar shards in DIR (a local folder) instead: the DALI index files they "
+                        "lack and manifest.json (sample and class counts from the .cls members)")
+    p.add_argument("--classes", metavar="FILE", default=None,
+                   help="with --index: class names, one per line in label order (default: class0, "
+                        "class1, ...)")
     p.set_defaults(func=_run)

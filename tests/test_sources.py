@@ -681,3 +681,120 @@ def test_eval_imagenet_c_on_s3_bad_layouts_are_one_line(dataset, imagenet_c, aws
     assert "no severity folder fog/3 (found 1, 2)" in one_line("s3://data/imagenet-c", "--corruptions", "fog")
     assert "no folder for gaussian_noise" in one_line("s3://data/imagenet-c/fog")
     assert "bucket nosuch does not exist" in one_line("s3://nosuch/imagenet-c")
+
+
+# ---------------------------------------------------------------------------------------------
+# dali-ipmix shard --index: WebDataset sets made by another tool
+
+def _foreign_set(dataset, out, labelled=True, split=(7, 12)):
+    """dataset/train as webdataset's ShardWriter writes it: PAX tars written as a stream,
+    members of a sample in sorted extension order (.cls, .jpg, .json), no index, no manifest;
+    one key longer than a USTAR name (a PAX header)."""
+    import io
+    out.mkdir(parents=True)
+    files = sorted((dataset / "train").rglob("*.jpg"))
+    start = 0
+    for n, stop in enumerate(split):
+        with tarfile.open(out / f"data-{n:06d}.tar", "w|", format=tarfile.PAX_FORMAT) as tar:
+            for i, path in enumerate(files[start:stop], start):
+                key = f"sample{i:06d}" if i != 3 else "long/" + "k" * 120
+                members = {"jpg": path.read_bytes(), "json": json.dumps({"i": i}).encode()}
+                if labelled:
+                    members["cls"] = path.parent.name[-1].encode()
+                for ext in sorted(members):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mode, info.uname = len(members[ext]), 0o444, "bigdata"
+                    tar.addfile(info, io.BytesIO(members[ext]))
+        start = stop
+    return out
+
+
+def test_index_makes_a_foreign_webdataset_set_readable(dataset, tmp_path, capsys):
+    from dali_ipmix.cli import main
+    from wds2idx import IndexCreator
+    data = _foreign_set(dataset, tmp_path / "wds")
+    for where in (data, f"{data}/data-*.tar"):       # refused, naming the command that fixes it
+        with pytest.raises(UserError, match=rf"without manifest.json .*`dali-ipmix shard --index {data}`"):
+            sources.open_source(where)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("n01\nn02\nn03\n")
+    assert main(["shard", "--index", str(data), "--classes", str(classes)]) == 0
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["classes"] == ["n01", "n02", "n03"] and manifest["class_counts"] == [4, 4, 4]
+    assert [s["samples"] for s in manifest["shards"]] == [7, 5] and manifest["samples"] == 12
+    for s in manifest["shards"]:                     # DALI's own tool writes the same index
+        tar = data / s["tar"]
+        assert hashlib.sha256(tar.read_bytes()).hexdigest() == s["sha256"] and tar.stat().st_size == s["bytes"]
+        IndexCreator(str(tar), str(tmp_path / "ref.idx"), verbose=False).create_index()
+        assert (tmp_path / "ref.idx").read_text() == (data / s["index"]).read_text()
+    # DALI's reader takes the picture and the label, and skips the .json members
+    assert _samples(data) == _samples(dataset / "train")
+    assert main(["verify", str(data)]) == 0
+    # never overwritten without --overwrite; with it, the default class names
+    before = (data / "manifest.json").read_bytes()
+    capsys.readouterr()
+    assert main(["shard", "--index", str(data)]) == 2
+    assert "manifest.json exists already; pass --overwrite" in capsys.readouterr().err
+    assert (data / "manifest.json").read_bytes() == before
+    assert main(["shard", "--index", str(data), "--overwrite"]) == 0
+    assert json.loads((data / "manifest.json").read_text())["classes"] == ["class0", "class1", "class2"]
+    # a set without .cls members is a mixing set
+    mixing = _foreign_set(dataset, tmp_path / "mixing", labelled=False, split=(12,))
+    assert shard.index_set(mixing, log=lambda *a: None)["classes"] == []
+    assert sources.open_source(mixing, labelled=False).size == 12
+
+
+def test_index_is_atomic_and_refuses_what_it_cannot_index(dataset, tmp_path, monkeypatch, capsys):
+    from dali_ipmix.cli import main
+    data = _foreign_set(dataset, tmp_path / "wds")
+    before = sorted(p.name for p in data.iterdir())
+    real, calls = hashlib.file_digest, []
+
+    def interrupted(*a, **kw):                      # stopped while hashing the second shard
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(hashlib, "file_digest", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shard.index_set(data, log=lambda *a: None)
+    monkeypatch.undo()
+    assert sorted(p.name for p in data.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # an existing index that differs from the tar is kept unless --overwrite
+    (data / "data-000000.idx").write_text("v1.2 1\njpg 512 10 x.jpg\n")
+    with pytest.raises(UserError, match="data-000000.idx differs from the index of data-000000.tar"):
+        shard.index_set(data, log=lambda *a: None)
+
+    def one_line(*argv):
+        assert main(["shard", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err, err
+        return err
+    few = tmp_path / "few.txt"
+    few.write_text("a\nb\n")
+    assert "2 names but the .cls members go up to label 2" in one_line("--index", str(data), "--classes",
+                                                                        str(few), "--overwrite")
+    assert "index a local copy" in one_line("--index", "s3://data/wds")
+    assert "SRC applies to `dali-ipmix shard SRC OUT`" in one_line(str(dataset), "--index", str(data))
+    assert "--classes applies to --index" in one_line(str(dataset / "train"), str(tmp_path / "o"),
+                                                      "--classes", str(few))
+    # a sample without its label while others have one; a label with a line break
+    bad = _foreign_set(dataset, tmp_path / "bad", split=(12,))
+    with tarfile.open(bad / "data-000000.tar", "a") as tar:
+        import io
+        info = tarfile.TarInfo("zz.jpg")
+        payload = (dataset / "train" / "class0" / "000.jpg").read_bytes()
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    assert "sample zz has no .cls member while others have one" in one_line("--index", str(bad))
+    bad2 = tmp_path / "bad2"
+    bad2.mkdir()
+    with tarfile.open(bad2 / "a.tar", "w") as tar:
+        import io
+        for name, payload in (("k.cls", b"1\n"), ("k.jpg", payload)):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert "is b'1\\n', not a label (decimal digits only" in one_line("--index", str(bad2))
+    assert [p.name for p in bad2.iterdir()] == ["a.tar"]
