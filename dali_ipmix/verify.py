@@ -34,7 +34,7 @@ from . import s3, sources
 from .data._io import pool_map, resolve_jobs
 from .errors import UserError
 from .outputs import check_output_file, write_atomic
-from .progress import Progress
+from .progress import Progress, track
 from .readers import (IMAGE_EXTENSIONS, LINK_LOOP, MAX_PIXELS, class_folder_files, picture_files,
                       special_kind, too_many_pixels, unreadable_reason)
 
@@ -297,20 +297,47 @@ def _classify(rel: str, data: bytes, listed: bool, kinds: List[str], max_pixels:
 
 
 HEAD_BYTES = 1 << 16        # what is read of a file the readers skip, to identify it
+S3_REQUESTS = s3.PARALLEL_READS   # parallel object reads of `verify s3://...` (default of its --jobs)
 
 
-def check_object(root: str, item: Tuple[str, bool, int], max_pixels: int = MAX_PIXELS) -> Optional[Finding]:
+def check_object(root: str, item: Tuple[str, bool, int], max_pixels: int = MAX_PIXELS,
+                 flag: str = "DATA_DIR") -> Tuple[Optional[Finding], bytes]:
     """``check_file`` for an object under the ``s3://`` prefix ``root``: ``item`` = (key relative
-    to the prefix, listed by the reader, size from the listing).  An object that cannot be read
+    to the prefix, listed by the reader, size from the listing); returns (finding, the bytes
+    read) so that a caller may keep the picture it checked.  An object that cannot be read
     (deleted since the listing, access denied) is ``unreadable``, as a local file would be."""
     rel, listed, size = item
     kinds: List[str] = [] if _listable(rel) else ["unlistable_name"]
     try:      # an empty object: nothing to fetch (a range of it would be refused, HTTP 416)
         data = b"" if size == 0 else sources.read_bytes(
-            s3.join(root, rel), 0, -1 if listed else min(size, HEAD_BYTES), "DATA_DIR")
+            s3.join(root, rel), 0, -1 if listed else min(size, HEAD_BYTES), flag)
     except UserError as e:
-        return Finding(rel, ("unreadable",), str(e).split(": ", 1)[-1])
-    return _classify(rel, data, listed, kinds, max_pixels)
+        return Finding(rel, ("unreadable",), str(e).split(": ", 1)[-1]), b""
+    return _classify(rel, data, listed, kinds, max_pixels), data
+
+
+def check_objects(root: str, items: Sequence[Tuple[str, bool, int]], requests: Optional[int] = None,
+                  max_pixels: int = MAX_PIXELS, flag: str = "DATA_DIR"):
+    """``check_object`` of each item, in order, over ``requests`` threads (default
+    ``S3_REQUESTS``) a bounded window ahead of the caller.  Threads, not processes: the time goes
+    to waiting on the requests, and Pillow decodes without holding the GIL; the strict Pillow
+    settings are process globals, set once around the threads rather than per file."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+    requests = requests or S3_REQUESTS
+    items = iter(items)
+    with _strict_pillow(), ThreadPoolExecutor(requests) as pool:
+        pending = collections.deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(check_object, root, item, max_pixels, flag))
+                if len(pending) >= 4 * requests:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,15 +367,11 @@ def scan(root, *, mixing: bool = False, jobs: Optional[int] = None,
     return Report(str(root), mixing, files, labels, len(everything), [f for f in results if f])
 
 
-S3_REQUESTS = s3.PARALLEL_READS   # parallel object reads of `verify s3://...` (default of its --jobs)
-
-
 def scan_s3(listing: s3.Listing, *, mixing: bool = False, requests: Optional[int] = None,
             max_pixels: int = MAX_PIXELS) -> Report:
     """``scan`` of the class folders (or mixing pictures) under an ``s3://`` prefix, from its one
     listing: every object is downloaded (the pictures whole, the others' first 64 kB) and checked
-    as a local file is.  Threads, not processes: the time goes to waiting on the requests, and
-    Pillow decodes without holding the GIL."""
+    as a local file is (``check_objects``: ``requests`` parallel reads)."""
     uri = listing.uri
     files, labels, classes = sources.s3_folder_files(listing, labelled=not mixing)
     if mixing:
@@ -361,17 +384,13 @@ def scan_s3(listing: s3.Listing, *, mixing: bool = False, requests: Optional[int
                         f"class folders; verify each split: `dali-ipmix verify {uri}/{classes[0]}`")
     listed = set(files)
     everything = sorted(k for k in listing.objects if not k.endswith("/"))   # no folder markers
-    check = functools.partial(check_object, uri, max_pixels=max_pixels)
-    from concurrent.futures import ThreadPoolExecutor
-    # the strict Pillow settings are process globals: set once around the threads, not per file
-    with _strict_pillow(), Progress("verify", len(everything)) as bar, \
-            ThreadPoolExecutor(requests or S3_REQUESTS) as pool:
-        def one(rel):
-            finding = check((rel, rel in listed, listing.objects[rel]))
-            bar.update()
-            return finding
-        results = list(pool.map(one, everything))
-    return Report(uri, mixing, files, labels, len(everything), [f for f in results if f])
+    findings = []
+    checked = check_objects(uri, [(rel, rel in listed, listing.objects[rel]) for rel in everything],
+                            requests, max_pixels)
+    for finding, _ in track(checked, "verify", len(everything)):
+        if finding is not None:
+            findings.append(finding)
+    return Report(uri, mixing, files, labels, len(everything), findings)
 
 
 # ---------------------------------------------------------------------------------------------------
