@@ -113,64 +113,97 @@ def _check(root: str, rel: str):
 def convert(src, out, *, filelist=None, mixing: bool = False, seed: int = 0,
             shard_bytes: Optional[int] = DEFAULT_SHARD_BYTES, count: Optional[int] = None,
             overwrite: bool = False, jobs: Optional[int] = None, log=print) -> dict:
-    """Write the shard set of ``src`` into ``out``; returns the manifest."""
-    if sources.s3.is_s3(str(src)) or sources.s3.is_s3(str(out)):
-        raise UserError("dali-ipmix shard reads and writes local folders; upload OUT afterwards "
-                        "(e.g. `aws s3 sync OUT s3://bucket/prefix`)")
-    data = sources.open_source(src, flag="SRC", filelist=filelist, labelled=not mixing)
+    """Write the shard set of ``src`` (local, or class folders under ``s3://``) into the local
+    folder ``out``; returns the manifest."""
+    if sources.s3.is_s3(str(out)):
+        raise UserError(f"OUT {out}: dali-ipmix shard writes a local folder; upload it afterwards "
+                        f"(e.g. `aws s3 sync OUT {out}`)")
+    on_s3 = sources.s3.is_s3(str(src))
+    listing = sources.s3.list_prefix(str(src), "SRC") if on_s3 else None
+    data = sources.open_source(src, flag="SRC", filelist=filelist, labelled=not mixing, listing=listing)
     if data.format != "folders":
         raise UserError(f"SRC {src} is already a shard set")
     if count is not None and count < 1:
         raise UserError(f"--shards must be >= 1, got {count}")
     out = Path(out)
-    if out.resolve() == Path(src).resolve() or Path(src).resolve() in out.resolve().parents:
+    if not on_s3 and (out.resolve() == Path(src).resolve() or Path(src).resolve() in out.resolve().parents):
         raise UserError(f"OUT {out} is inside SRC {src}; choose a folder outside the data")
     existing = [p.name for p in out.iterdir() if OWNED.match(p.name)] if out.is_dir() else []
     out = prepare_out_dir(out, overwrite, owned=())
     start = time.perf_counter()
-
-    findings = pool_map(functools.partial(_check, data.root), list(data.files), jobs=jobs,
-                        progress="shard: check")
-    bad = [f for f in findings if f is not None and (f.fatal or "unlistable_name" in f.kinds)]
-    dropped = {f.path for f in bad}
-    keep = [i for i, f in enumerate(data.files) if f not in dropped]
-    if not keep:
-        raise UserError(f"SRC {src}: none of the {data.size} pictures is usable (see `dali-ipmix verify "
-                        f"{src}`)")
-    order = [keep[i] for i in np.random.default_rng(seed).permutation(len(keep))]
-    sizes = [os.path.getsize(os.path.join(data.root, data.files[i])) for i in order]
     labelled = not mixing
+    rng = np.random.default_rng(seed)
+
+    if on_s3:       # each picture read once: checked as it arrives, then written (below)
+        bad = []
+        order = [int(i) for i in rng.permutation(data.size)]
+        sizes = [listing.objects[data.files[i]] for i in order]
+    else:           # checked first, over processes, then read again to be written
+        findings = pool_map(functools.partial(_check, data.root), list(data.files), jobs=jobs,
+                            progress="shard: check")
+        bad = [f for f in findings if f is not None and _left_out(f)]
+        dropped = {f.path for f in bad}
+        keep = [i for i, f in enumerate(data.files) if f not in dropped]
+        if not keep:
+            raise UserError(f"SRC {src}: none of the {data.size} pictures is usable (see `dali-ipmix verify "
+                            f"{src}`)")
+        order = [keep[i] for i in rng.permutation(len(keep))]
+        sizes = [os.path.getsize(os.path.join(data.root, data.files[i])) for i in order]
     plan = plan_shards(sizes, shard_bytes, count, labelled)
+    written = []                                 # the data.files index of each sample written
+
+    def pictures(part):
+        """(k, bytes) of the usable pictures of ``part`` (positions in ``order``)."""
+        if not on_s3:
+            for k in part:
+                with open(os.path.join(data.root, data.files[order[k]]), "rb") as f:
+                    yield k, f.read()
+            return
+        from .verify import check_objects
+        items = [(data.files[order[k]], True, sizes[k]) for k in part]
+        for k, (finding, payload) in zip(part, check_objects(data.root, items, jobs, flag="SRC")):
+            if finding is not None and "unreadable" in finding.kinds:    # the storage, not the picture
+                raise UserError(f"SRC {sources.s3.join(data.root, finding.path)}: cannot be read ({finding.detail}); "
+                                f"nothing was written")
+            if finding is not None and _left_out(finding):
+                bad.append(finding)
+                bar.update()
+                continue
+            yield k, payload
 
     def samples(part):
-        for k in part:
+        for k, payload in pictures(part):
             i = order[k]
-            rel = data.files[i]
-            with open(os.path.join(data.root, rel), "rb") as f:
-                payload = f.read()
-            yield (KEY.format(k), os.path.splitext(rel)[1][1:].lower(), payload,
+            written.append(i)
+            yield (KEY.format(k), os.path.splitext(data.files[i])[1][1:].lower(), payload,
                    data.labels[i] if labelled else None)
             bar.update()
 
     names = [SHARD_NAME.format(s) for s in range(len(plan))]
-    owned = sorted(set(existing) | {f"{n}.{e}" for n in names for e in ("tar", "idx")}
-                   | ({"left_out.txt"} if bad else set()))
+    owned = sorted(set(existing) | {f"{n}.{e}" for n in names for e in ("tar", "idx")} | {"left_out.txt"})
     entries = []
     with staged(out, owned + [sources.MANIFEST]) as stage:
         with Progress("shard: write", len(order)) as bar:
             for name, part in zip(names, plan):
-                entries.append(write_shard(stage / f"{name}.tar", stage / f"{name}.idx",
-                                           samples(part), labelled))
-        counts = np.bincount([data.labels[i] for i in keep], minlength=len(data.classes)) \
+                entry = write_shard(stage / f"{name}.tar", stage / f"{name}.idx", samples(part), labelled)
+                if entry["samples"]:
+                    entries.append(entry)
+                else:             # every picture of it was bad (S3): no empty shard
+                    (stage / entry["tar"]).unlink()
+                    (stage / entry["index"]).unlink()
+        if not written:
+            raise UserError(f"SRC {src}: none of the {data.size} pictures is usable (see `dali-ipmix verify "
+                            f"{src}`)")
+        bad.sort(key=lambda f: f.path)
+        counts = np.bincount([data.labels[i] for i in written], minlength=len(data.classes)) \
             if labelled else []
-        from PIL import Image
-        with Image.open(os.path.join(data.root, data.files[order[0]])) as im:   # header only
-            picture_size = list(im.size)
         manifest = {
             "format": sources.MANIFEST_FORMAT, "version": 1, "source": str(src),
-            "filelist": filelist and str(filelist), "seed": seed, "samples": len(order),
+            "filelist": filelist and str(filelist), "seed": seed, "samples": len(written),
             "classes": list(data.classes), "num_classes": len(data.classes),
-            "class_counts": [int(c) for c in counts], "picture_size": picture_size,
+            "class_counts": [int(c) for c in counts],
+            "picture_size": _first_picture_size(stage / entries[0]["tar"],
+                                                (stage / entries[0]["index"]).read_text()),
             "shards": entries,
             "left_out": [{"path": f.path, "kinds": list(f.kinds), "detail": f.detail} for f in bad]}
         (stage / sources.MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -180,7 +213,7 @@ def convert(src, out, *, filelist=None, mixing: bool = False, seed: int = 0,
         if (out / sources.MANIFEST).exists():    # the old set stops being readable first
             (out / sources.MANIFEST).unlink()
     took = time.perf_counter() - start
-    log(f"shard {src} -> {out}: {len(order)} samples"
+    log(f"shard {src} -> {out}: {len(written)} samples"
         + (f" of {len(data.classes)} classes" if labelled else " (mixing pictures)")
         + f" in {len(entries)} shard(s) of ~{np.mean([e['bytes'] for e in entries]) / 2**20:.1f} MB, "
           f"{took:.1f} s")
@@ -191,6 +224,26 @@ def convert(src, out, *, filelist=None, mixing: bool = False, seed: int = 0,
         if len(bad) > 20:
             log(f"  ... {len(bad) - 20} more")
     return manifest
+
+
+def _left_out(finding) -> bool:
+    """Whether a picture stays out of the shards: training would stop on it, or its name cannot
+    be a tar member the readers list."""
+    return finding.fatal or "unlistable_name" in finding.kinds
+
+
+def _first_picture_size(tar: Path, index_text: str):
+    """[width, height] of the first picture of a shard, from its header (sizes the GPU decoder
+    cache of a mixing set); None when it cannot be parsed."""
+    from PIL import Image
+    first = sources.index_entries(index_text)[0]
+    exts = sources.PICTURE_MEMBERS.split(";")
+    offset, size, _ = next(v for k, v in first.items() if k in exts)
+    try:
+        with Image.open(io.BytesIO(sources.read_bytes(str(tar), offset, size))) as im:
+            return list(im.size)
+    except Exception:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,15 +351,6 @@ def index_set(base, *, classes_file=None, overwrite: bool = False, log=print) ->
         raise UserError(f"--classes {classes_file}: {len(names)} names but the .{sources.LABEL_MEMBER} "
                         f"members go up to label {num_classes - 1}")
     classes = (names if names is not None else [f"class{i}" for i in range(num_classes)]) if labelled else []
-    # the first picture's size, from its header (sizes the decoder cache of a mixing set)
-    tar, samples, _ = scanned[0]
-    _, offset, size, _ = next(m for m in samples[0] if m[0] in picture_exts)
-    from PIL import Image
-    try:
-        with Image.open(io.BytesIO(sources.read_bytes(str(tar), offset, size))) as im:
-            picture_size = list(im.size)
-    except Exception:
-        picture_size = None
     entries, write = [], {}
     for tar, samples, _ in scanned:
         index = tar.with_name(tar.name[:-len(".tar")] + ".idx")
@@ -326,7 +370,8 @@ def index_set(base, *, classes_file=None, overwrite: bool = False, log=print) ->
         "samples": sum(e["samples"] for e in entries),
         "classes": classes, "num_classes": len(classes),
         "class_counts": [int(c) for c in np.bincount(values, minlength=len(classes))] if labelled else [],
-        "picture_size": picture_size, "shards": entries, "left_out": []}
+        "picture_size": _first_picture_size(scanned[0][0], _index_text(scanned[0][1])),
+        "shards": entries, "left_out": []}
     with staged(base, sorted(write) + [sources.MANIFEST]) as stage:
         for name, text in write.items():
             (stage / name).write_text(text)
@@ -377,11 +422,13 @@ def register(subparsers) -> None:
                     "beside each shard and manifest.json. Pictures that would stop training (the "
                     "checks of dali-ipmix verify) are left out and listed. Train on OUT wherever a "
                     "class folder is accepted (--data-path/--train-dir, --mixing-set, bench --data, "
-                    "...), locally or after uploading it to s3://bucket/prefix. "
+                    "...), locally or after uploading it to s3://bucket/prefix. SRC may be s3://bucket/prefix; "
+                    "OUT is a local folder. "
                     "With --index DIR: make a WebDataset set written by another tool (e.g. webdataset's "
                     "ShardWriter: <key>.jpg + <key>.cls, other members ignored) usable as one: write "
                     "the missing DALI index files and manifest.json in DIR.")
-    p.add_argument("src", metavar="SRC", nargs="?", help="class-folder data set (e.g. imagenet/train)")
+    p.add_argument("src", metavar="SRC", nargs="?", help="class-folder data set (e.g. imagenet/train), local "
+                   "or s3://BUCKET/PREFIX (each picture read once: checked, then written)")
     p.add_argument("out", metavar="OUT", nargs="?",
                    help="output folder (must be empty or absent unless --overwrite)")
     p.add_argument("--filelist", metavar="FILE", default=None,
@@ -393,7 +440,8 @@ def register(subparsers) -> None:
                    help="write N shards of equal sample counts instead of --shard-size")
     p.add_argument("--seed", type=int, default=None, help="seed of the sample order (default 0)")
     p.add_argument("--jobs", type=int, default=None,
-                   help="worker processes of the checks (default: one per CPU)")
+                   help="worker processes of the checks (default: one per CPU); SRC on s3://: parallel "
+                        "requests (default 16)")
     p.add_argument("--overwrite", action="store_true",
                    help="reuse a non-empty OUT, replacing its shard files and manifest (other files stay); "
                         "with --index, write DIR's manifest and index files again")

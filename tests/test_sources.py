@@ -798,3 +798,36 @@ def test_index_is_atomic_and_refuses_what_it_cannot_index(dataset, tmp_path, mon
             tar.addfile(info, io.BytesIO(payload))
     assert "is b'1\\n', not a label (decimal digits only" in one_line("--index", str(bad2))
     assert [p.name for p in bad2.iterdir()] == ["a.tar"]
+
+
+# ---------------------------------------------------------------------------------------------
+# dali-ipmix shard s3://...: class folders read from S3 into local shards
+
+def test_shard_from_s3_equals_shard_from_the_local_copy(dataset, aws, tmp_path, monkeypatch, capsys):
+    from dali_ipmix.cli import main
+    data = tmp_path / "train"
+    shutil.copytree(dataset / "train", data)
+    (data / "class1" / "zz.jpg").write_bytes((data / "class1" / "001.jpg").read_bytes()[:500])
+    s3.upload_tree(data, "s3://data/to-shard", aws)
+    local = shard.convert(data, tmp_path / "local", count=2, jobs=1, log=lambda *a: None)
+    reads = []
+    real = sources.read_bytes
+    monkeypatch.setattr(sources, "read_bytes", lambda where, *a: reads.append(where) or real(where, *a))
+    assert main(["shard", "s3://data/to-shard", str(tmp_path / "remote"), "--shards", "2"]) == 0
+    assert "left out 1 bad picture(s)" in capsys.readouterr().out
+    reads = [r for r in reads if r.startswith("s3://")]
+    assert len(reads) == 13 and len(set(reads)) == 13          # each picture read once
+    remote = json.loads((tmp_path / "remote" / "manifest.json").read_text())
+    for key in ("samples", "classes", "class_counts", "left_out", "picture_size"):
+        assert remote[key] == local[key], key
+    assert (tmp_path / "remote" / "left_out.txt").read_text().startswith("class1/zz.jpg\t")
+    assert _samples(tmp_path / "remote") == _samples(tmp_path / "local") == _samples(dataset / "train")
+    # an object that cannot be read (gone since the listing) stops the run: nothing is written
+    listing = s3.list_prefix("s3://data/to-shard")
+    monkeypatch.setattr(s3, "list_prefix", lambda *a: s3.Listing(
+        listing.uri, dict(listing.objects, **{"class0/ghost.jpg": 100})))
+    with pytest.raises(UserError, match=r"SRC s3://data/to-shard/class0/ghost.jpg: cannot be read .*nothing was"):
+        shard.convert("s3://data/to-shard", tmp_path / "ghost", count=2, log=lambda *a: None)
+    assert not (tmp_path / "ghost").exists() or not any((tmp_path / "ghost").iterdir())
+    with pytest.raises(UserError, match="writes a local folder"):
+        shard.convert(data, "s3://data/out", log=lambda *a: None)
