@@ -154,6 +154,18 @@ def test_resume_mid_epoch_over_shards_gives_the_same_batches(shards):
         assert a.equal(b) and la.equal(lb)
 
 
+def _stopped_on_second_call(real):
+    """``real``, but Ctrl-C on its second call (an interrupted run)."""
+    calls = []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    return interrupted
+
+
 def test_converter_leaves_out_bad_pictures_and_never_half_writes(dataset, tmp_path, monkeypatch, capsys):
     data = tmp_path / "train"
     shutil.copytree(dataset / "train", data)
@@ -165,14 +177,7 @@ def test_converter_leaves_out_bad_pictures_and_never_half_writes(dataset, tmp_pa
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(UserError, match="not empty; pass --overwrite"):
         shard.convert(data, out, count=2, jobs=1)
-    real, calls = shard.write_shard, []
-
-    def interrupted(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-    monkeypatch.setattr(shard, "write_shard", interrupted)
+    monkeypatch.setattr(shard, "write_shard", _stopped_on_second_call(shard.write_shard))
     with pytest.raises(KeyboardInterrupt):
         shard.convert(data, out, count=2, seed=1, jobs=1, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before     # the old set, untouched
@@ -748,14 +753,8 @@ def test_index_is_atomic_and_refuses_what_it_cannot_index(dataset, tmp_path, mon
     from dali_ipmix.cli import main
     data = _foreign_set(dataset, tmp_path / "wds")
     before = sorted(p.name for p in data.iterdir())
-    real, calls = hashlib.file_digest, []
-
-    def interrupted(*a, **kw):                      # stopped while hashing the second shard
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-    monkeypatch.setattr(hashlib, "file_digest", interrupted)
+    # stopped while hashing the second shard
+    monkeypatch.setattr(hashlib, "file_digest", _stopped_on_second_call(hashlib.file_digest))
     with pytest.raises(KeyboardInterrupt):
         shard.index_set(data, log=lambda *a: None)
     monkeypatch.undo()
