@@ -8,10 +8,16 @@ with ``--seed``; beside each tar its DALI index (``shard-000000.idx``, the forma
 ``wds2idx``: written here from the offsets as the tar is written, no second pass); and
 ``manifest.json``: sample and class counts, class names in label order, per-shard counts, sizes
 and SHA-256.  Every picture first goes through ``verify.check_file`` (the checks of
-``dali-ipmix verify``): pictures that would stop training are left out and listed.
+``dali-ipmix verify``): pictures that would stop training are left out and listed.  SRC may be
+class folders under ``s3://``: each picture is then read once (``verify.check_objects``: in
+parallel requests, checked as it arrives) and written if usable; OUT is always local.
 
 The set is written into a hidden sibling folder and moved into OUT when complete
 (``data._io.staged``), the manifest last: an interrupted run leaves OUT as it was.
+
+``dali-ipmix shard --index DIR`` (``index_set``) makes a WebDataset set written by another tool
+(``<key>.<picture>`` + ``<key>.cls``, other members ignored) readable as one: the index files it
+lacks (grouped as ``wds2idx`` groups members) and the manifest, in the same staged way.
 """
 from __future__ import annotations
 
