@@ -243,8 +243,7 @@ def _first_picture_size(tar: Path, index_text: str):
     cache of a mixing set); None when it cannot be parsed."""
     from PIL import Image
     first = sources.index_entries(index_text)[0]
-    exts = sources.PICTURE_MEMBERS.split(";")
-    offset, size, _ = next(v for k, v in first.items() if k in exts)
+    offset, size, _ = next(v for k, v in first.items() if k in sources.PICTURE_EXTENSIONS)
     try:
         with Image.open(io.BytesIO(sources.read_bytes(str(tar), offset, size))) as im:
             return list(im.size)
@@ -322,7 +321,7 @@ def index_set(base, *, classes_file=None, overwrite: bool = False, log=print) ->
         if not names:
             raise UserError(f"--classes {classes_file}: no class names in it")
     start = time.perf_counter()
-    picture_exts = sources.PICTURE_MEMBERS.split(";")
+    picture_exts = sources.PICTURE_EXTENSIONS
     scanned = []                                  # (tar, samples, labels)
     with Progress("shard --index", len(tars)) as bar:
         for tar in tars:

@@ -37,7 +37,8 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dali-ipmix-webdataset"
 LABEL_MEMBER = "cls"
 # one DALI ``ext`` entry: whichever picture extension a sample has ("jpg;jpeg;png;...")
-PICTURE_MEMBERS = ";".join(e[1:] for e in readers.IMAGE_EXTENSIONS)
+PICTURE_EXTENSIONS = tuple(e[1:] for e in readers.IMAGE_EXTENSIONS)
+PICTURE_MEMBERS = ";".join(PICTURE_EXTENSIONS)
 LABEL_DIGITS = 9                 # the longest .cls label text read (labels up to 10^9 - 1)
 SHUFFLE_BUFFER = 1024            # DALI's default ``initial_fill``
 
@@ -454,7 +455,7 @@ def samples(src: DataSource) -> Tuple[List[Sample], List[int]]:
     pictures, spans = [], []
     for shard, index in zip(src.shards, src.indices):
         for entry in index_entries(read_bytes(index, flag=src.flag).decode()):
-            picture = next((v for k, v in entry.items() if k != LABEL_MEMBER), None)
+            picture = next((v for k, v in entry.items() if k in PICTURE_EXTENSIONS), None)
             if picture is None or LABEL_MEMBER not in entry:
                 raise UserError(f"{src.flag} {index}: a sample without a picture or a .{LABEL_MEMBER} "
                                 f"member; write the shard set again with `dali-ipmix shard`")

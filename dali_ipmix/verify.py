@@ -612,7 +612,7 @@ def scan_shards(base, listing: Optional[s3.Listing] = None) -> List[str]:
                             if not data.strip().isdigit() or int(data) >= len(manifest["classes"]):
                                 problems.append(f"{entry['tar']}, {member.name}: bad label {data[:12]!r}")
                             continue
-                        if ext not in sources.PICTURE_MEMBERS.split(";"):
+                        if ext not in sources.PICTURE_EXTENSIONS:
                             continue          # other members (.json, ...): the readers skip them
                         seen[key] = member.name
                         kinds, detail = check_image(data, "." + ext)

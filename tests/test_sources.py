@@ -693,8 +693,9 @@ def test_eval_imagenet_c_on_s3_bad_layouts_are_one_line(dataset, imagenet_c, aws
 
 def _foreign_set(dataset, out, labelled=True, split=(7, 12)):
     """dataset/train as webdataset's ShardWriter writes it: PAX tars written as a stream,
-    members of a sample in sorted extension order (.cls, .jpg, .json), no index, no manifest;
-    one key longer than a USTAR name (a PAX header)."""
+    members of a sample in sorted extension order (.cls, .jpg, .json; the second shard in
+    reverse, as another tool may), no index, no manifest; one key longer than a USTAR name (a
+    PAX header)."""
     import io
     out.mkdir(parents=True)
     files = sorted((dataset / "train").rglob("*.jpg"))
@@ -706,7 +707,7 @@ def _foreign_set(dataset, out, labelled=True, split=(7, 12)):
                 members = {"jpg": path.read_bytes(), "json": json.dumps({"i": i}).encode()}
                 if labelled:
                     members["cls"] = path.parent.name[-1].encode()
-                for ext in sorted(members):
+                for ext in sorted(members, reverse=n == 1):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size, info.mode, info.uname = len(members[ext]), 0o444, "bigdata"
                     tar.addfile(info, io.BytesIO(members[ext]))
@@ -734,6 +735,7 @@ def test_index_makes_a_foreign_webdataset_set_readable(dataset, tmp_path, capsys
         assert (tmp_path / "ref.idx").read_text() == (data / s["index"]).read_text()
     # DALI's reader takes the picture and the label, and skips the .json members
     assert _samples(data) == _samples(dataset / "train")
+    assert _eval_items(data) == _eval_items(dataset / "train")      # eval's PIL reads too
     assert main(["verify", str(data)]) == 0
     # never overwritten without --overwrite; with it, the default class names
     before = (data / "manifest.json").read_bytes()
