@@ -570,7 +570,7 @@ def test_verify_s3_shards_reports_like_the_local_copy(shards, aws, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_verify_s3_class_folders_reports_like_the_local_copy(dataset, aws, tmp_path, capsys):
+def test_verify_s3_class_folders_reports_like_the_local_copy(dataset, aws, tmp_path, monkeypatch, capsys):
     from dali_ipmix.cli import main
     data = tmp_path / "train"
     shutil.copytree(dataset / "train", data)
@@ -580,7 +580,9 @@ def test_verify_s3_class_folders_reports_like_the_local_copy(dataset, aws, tmp_p
     (data / "class0" / "empty.txt").write_bytes(b"")
     (data / "stray.jpg").write_bytes((data / "class0" / "000.jpg").read_bytes())
     s3.upload_tree(data, "s3://data/bad-train", aws)
-    lists = {}
+    lists, listed = {}, []
+    real = s3.list_prefix
+    monkeypatch.setattr(s3, "list_prefix", lambda uri, *a: listed.append(uri) or real(uri, *a))
     for name, where in (("local", str(data)), ("s3", "s3://data/bad-train")):
         lists[name] = tmp_path / f"{name}.txt"
         assert main(["verify", where, "--jobs", "2", "--write-filelist", str(lists[name]),
@@ -588,6 +590,7 @@ def test_verify_s3_class_folders_reports_like_the_local_copy(dataset, aws, tmp_p
         out = capsys.readouterr().out
         lists[name + "-out"] = _report_lines(out.replace(where, "DATA"))
         assert out.splitlines()[0].startswith(f"verify {where} (class folders): 17 files, 14 listed")
+    assert listed == ["s3://data/bad-train"]            # one listing: what it is, and the scan
     assert lists["s3-out"] == lists["local-out"]
     assert any("FATAL class1/zz.jpg  truncated" in line for line in lists["s3-out"])
     assert any("FATAL class2/empty.png  empty" in line for line in lists["s3-out"])
