@@ -169,8 +169,8 @@ def convert(src, out, *, filelist=None, mixing: bool = False, seed: int = 0,
         items = [(data.files[order[k]], True, sizes[k]) for k in part]
         for k, (finding, payload) in zip(part, check_objects(data.root, items, jobs, flag="SRC")):
             if finding is not None and "unreadable" in finding.kinds:    # the storage, not the picture
-                raise UserError(f"SRC {sources.s3.join(data.root, finding.path)}: cannot be read ({finding.detail}); "
-                                f"nothing was written")
+                raise UserError(f"SRC {sources.s3.join(data.root, finding.path)}: cannot be read "
+                                f"({finding.detail}); nothing was written")
             if finding is not None and _left_out(finding):
                 bad.append(finding)
                 bar.update()
@@ -254,13 +254,6 @@ def _first_picture_size(tar: Path, index_text: str):
 # ---------------------------------------------------------------------------------------------
 # Indexing a WebDataset set made by another tool (dali-ipmix shard --index DIR)
 
-def split_name(name: str) -> Tuple[str, str]:
-    """(sample key, member extension) of a tar member, as WebDataset and DALI's ``wds2idx`` split
-    it: at the first dot of the last path component (``a/b.seg.png`` -> ``a/b``, ``seg.png``)."""
-    dot = name.find(".", name.rfind("/") + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
-
-
 def read_tar_index(path: Path) -> Tuple[List[List[Tuple[str, int, int, str]]], Dict[int, bytes]]:
     """(samples, label texts) of a tar: per sample its members (extension, data offset, size,
     name) in tar order, grouped as DALI's ``wds2idx`` groups them (consecutive members with one
@@ -271,7 +264,7 @@ def read_tar_index(path: Path) -> Tuple[List[List[Tuple[str, int, int, str]]], D
             for member in tar:
                 if not member.isreg():
                     continue
-                key, ext = split_name(member.name)
+                key, ext = sources.split_member(member.name)
                 if not key or key.endswith("/"):
                     continue
                 if any(c.isspace() for c in member.name):
@@ -334,19 +327,19 @@ def index_set(base, *, classes_file=None, overwrite: bool = False, log=print) ->
     values = []
     for tar, samples, labels in scanned:
         for i, members in enumerate(samples):
-            name = members[0][3]
+            key = sources.split_member(members[0][3])[0]
             if not any(e in picture_exts for e, *_ in members):
-                raise UserError(f"--index {tar}: sample {split_name(name)[0]} has no picture member "
+                raise UserError(f"--index {tar}: sample {key} has no picture member "
                                 f"({', '.join('.' + e for e in picture_exts)}); DALI's reader would stop on it")
             if labelled and i not in labels:
-                raise UserError(f"--index {tar}: sample {split_name(name)[0]} has no .{sources.LABEL_MEMBER} "
-                                f"member while others have one; every sample needs its label")
+                raise UserError(f"--index {tar}: sample {key} has no .{sources.LABEL_MEMBER} member while "
+                                f"others have one; every sample needs its label")
             if labelled:
                 text = labels[i]         # read as it is by the graph (sources.cls_label): digits only
                 if not text.isdigit() or len(text) > sources.LABEL_DIGITS:
-                    raise UserError(f"--index {tar}: the .{sources.LABEL_MEMBER} member of sample "
-                                    f"{split_name(name)[0]} is {text[:12]!r}, not a label (decimal digits "
-                                    f"only, no spaces or line break); write the shards again")
+                    raise UserError(f"--index {tar}: the .{sources.LABEL_MEMBER} member of sample {key} is "
+                                    f"{text[:12]!r}, not a label (decimal digits only, no spaces or line "
+                                    f"break); write the shards again")
                 values.append(int(text))
     if not labelled and names is not None:
         raise UserError(f"--classes {classes_file}: the shards of {base} have no .{sources.LABEL_MEMBER} "

@@ -425,6 +425,13 @@ class Sample:
         return read_bytes(self.where, self.offset, self.size, flag)
 
 
+def split_member(name: str) -> Tuple[str, str]:
+    """(sample key, extension) of a tar member, as WebDataset and DALI's ``wds2idx`` split it: at
+    the first dot of the last path component (``a/b.seg.png`` -> ``a/b``, ``seg.png``)."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+
+
 def index_entries(text: str) -> List[Dict[str, Tuple[int, int, str]]]:
     """The samples of a DALI index file (``v1.2 N``, then per sample ``ext offset size name``
     per member): one {extension: (offset, size, member name)} per sample."""

@@ -585,60 +585,68 @@ def _open_tar(base: str, entry: dict, listing) -> tarfile.TarFile:
     return tarfile.open(fileobj=s3.open_object(s3.join(base, entry["tar"]), "DATA_DIR"), mode="r|")
 
 
-def scan_shards(base, listing: Optional[s3.Listing] = None) -> List[str]:
+def _scan_shard(base: str, entry: dict, listing, classes: Sequence[str], bar) -> List[str]:
+    """The problems of one shard of a set (see ``scan_shards``)."""
+    problems, seen, labels = [], {}, {}
+    try:
+        with _open_tar(base, entry, listing) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = sources.split_member(member.name)
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"{member.name} ends early")
+                if ext == sources.LABEL_MEMBER:     # read by the graph as it is: digits only
+                    labels[key] = data
+                    if not data.isdigit() or int(data) >= len(classes):
+                        problems.append(f"{entry['tar']}, {member.name}: bad label {data[:12]!r}")
+                    continue
+                if ext not in sources.PICTURE_EXTENSIONS:
+                    continue          # other members (.json, ...): the readers skip them
+                seen[key] = member.name
+                kinds, detail = check_image(data, "." + ext)
+                if any(PROBLEMS[k].fatal for k in kinds):
+                    problems.append(f"{entry['tar']}, {member.name}: {', '.join(kinds)}"
+                                    + (f" ({detail})" if detail else ""))
+                bar.update()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return problems + [f"{entry['tar']}: truncated or corrupt tar ({e})"]
+    if classes:
+        problems += [f"{entry['tar']}, {seen[k]}: no .cls member" for k in seen if k not in labels]
+    if len(seen) != entry["samples"]:
+        problems.append(f"{entry['tar']}: {len(seen)} pictures, the manifest says {entry['samples']}")
+    return problems
+
+
+def scan_shards(base, listing: Optional[s3.Listing] = None, jobs: Optional[int] = None) -> List[str]:
     """Problems of a shard set (a local folder or an ``s3://`` prefix, whose ``listing`` may be
     given), one line each (``shard, member: kinds``): members that stop training (verify's
-    picture checks), bad labels, missing members, truncated tars."""
+    picture checks), bad labels, missing members, truncated tars.  ``jobs`` shards are read at
+    once, in threads (Pillow decodes without holding the GIL; the strict Pillow settings, process
+    globals, are set once around them); the lines come in the manifest's shard order."""
+    from concurrent.futures import ThreadPoolExecutor
     base = str(base).rstrip("/") if s3.is_s3(base) else str(base)
     if listing is None and s3.is_s3(base):
         listing = s3.list_prefix(base, "DATA_DIR")
     manifest = sources.read_manifest(base, "DATA_DIR", listing)
-    labelled = bool(manifest.get("classes"))
-    problems = []
-    with Progress("verify shards", manifest["samples"]) as bar:
-        for entry in manifest["shards"]:
-            seen, labels = {}, {}
-            try:
-                with _open_tar(base, entry, listing) as tar:
-                    for member in tar:
-                        if not member.isfile():
-                            continue
-                        key, _, ext = member.name.partition(".")
-                        data = tar.extractfile(member).read()
-                        if len(data) != member.size:
-                            raise tarfile.ReadError(f"{member.name} ends early")
-                        if ext == sources.LABEL_MEMBER:
-                            labels[key] = data
-                            if not data.strip().isdigit() or int(data) >= len(manifest["classes"]):
-                                problems.append(f"{entry['tar']}, {member.name}: bad label {data[:12]!r}")
-                            continue
-                        if ext not in sources.PICTURE_EXTENSIONS:
-                            continue          # other members (.json, ...): the readers skip them
-                        seen[key] = member.name
-                        kinds, detail = check_image(data, "." + ext)
-                        if any(PROBLEMS[k].fatal for k in kinds):
-                            problems.append(f"{entry['tar']}, {member.name}: {', '.join(kinds)}"
-                                            + (f" ({detail})" if detail else ""))
-                        bar.update()
-            except (tarfile.TarError, OSError, EOFError) as e:
-                problems.append(f"{entry['tar']}: truncated or corrupt tar ({e})")
-                continue
-            if labelled:
-                problems += [f"{entry['tar']}, {seen[k]}: no .cls member" for k in seen if k not in labels]
-            if len(seen) != entry["samples"]:
-                problems.append(f"{entry['tar']}: {len(seen)} pictures, the manifest says {entry['samples']}")
-    return problems
+    classes = manifest.get("classes") or ()
+    shards = manifest["shards"]
+    with _strict_pillow(), Progress("verify shards", manifest["samples"]) as bar, \
+            ThreadPoolExecutor(min(resolve_jobs(jobs), len(shards))) as pool:
+        per_shard = list(pool.map(lambda entry: _scan_shard(base, entry, listing, classes, bar), shards))
+    return [line for lines in per_shard for line in lines]
 
 
 def is_shard_set(path) -> bool:
     return os.path.isfile(os.path.join(str(path), sources.MANIFEST))
 
 
-def verify_shards(base, listing: Optional[s3.Listing] = None, json_out=None) -> int:
+def verify_shards(base, listing: Optional[s3.Listing] = None, json_out=None, jobs: Optional[int] = None) -> int:
     """``dali-ipmix verify SHARD_DIR``: print every problem (and write them to ``json_out``);
     exit code 1 if any."""
     start = time.perf_counter()
-    problems = scan_shards(base, listing)
+    problems = scan_shards(base, listing, jobs)
     print(f"verify {base} (shard set): {len(problems)} problem(s), {time.perf_counter() - start:.1f} s")
     for line in problems:
         print(f"  FATAL {line}")
@@ -706,7 +714,7 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError(f"--write-filelist: {args.data_dir} is a shard set, and a file list applies to "
                             f"class folders; bad pictures are left out by writing the shard set again "
                             f"with `dali-ipmix shard SRC OUT --overwrite`")
-        return verify_shards(listing.uri if listing else args.data_dir, listing, args.json)
+        return verify_shards(listing.uri if listing else args.data_dir, listing, args.json, args.jobs)
     start = time.perf_counter()
     if listing is not None:
         if args.jobs and args.jobs > s3.MAX_CONNECTIONS:
@@ -745,7 +753,8 @@ def register(subparsers) -> None:
                    "s3://BUCKET/PREFIX (listed once, every object downloaded and checked)")
     p.add_argument("--mixing", action="store_true", help="DATA_DIR is a (flat or nested) mixing-picture folder")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per CPU); "
-                   f"for s3:// class folders, parallel requests (default {S3_REQUESTS})")
+                   f"for s3:// class folders, parallel requests (default {S3_REQUESTS}); for a shard "
+                   "set, shards read at once")
     p.add_argument("--write-filelist", metavar="FILE", default=None,
                    help="write a DALI file list ('relative/path label' lines) of the usable files")
     p.add_argument("--json", metavar="FILE", default=None, help="write the full report as JSON")
