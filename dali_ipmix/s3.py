@@ -24,6 +24,8 @@ from .errors import UserError
 
 CONNECT_TIMEOUT = 5     # seconds per attempt to reach the endpoint
 READ_TIMEOUT = 30
+PARALLEL_READS = 16     # the parallel reads of many small objects or ranges (threads)
+MAX_CONNECTIONS = 64    # a client's connection pool: what threads of one process may use at once
 RETRIES = 2             # attempts in all: an unreachable endpoint fails within ~CONNECT_TIMEOUT x RETRIES
 
 
@@ -59,7 +61,8 @@ def _client_for(env):
     except ImportError:
         raise UserError("s3:// data needs boto3: pip install 'dali_ipmix[s3]'") from None
     config = Config(connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
-                    retries={"max_attempts": RETRIES, "mode": "standard"})
+                    retries={"max_attempts": RETRIES, "mode": "standard"},
+                    max_pool_connections=MAX_CONNECTIONS)
     try:
         session = boto3.session.Session()
         return session.client("s3", config=config,
@@ -102,6 +105,13 @@ class Listing:
     uri: str
     objects: Dict[str, int]
 
+    def under(self, rel: str) -> "Listing":
+        """The part of this listing under ``rel`` (a sub-prefix), as its own listing: nested
+        data sets (ImageNet-C's ``<corruption>/<severity>/``) are listed once, as a whole."""
+        start = rel.strip("/") + "/"
+        return Listing(join(self.uri, rel.strip("/")),
+                       {k[len(start):]: n for k, n in self.objects.items() if k.startswith(start)})
+
 
 def list_prefix(uri: str, flag: str = "--data") -> Listing:
     """All objects under ``s3://bucket/prefix/``; a missing bucket, an empty prefix, missing
@@ -132,6 +142,32 @@ def read_object(uri: str, flag: str = "--data", byte_range: str = None) -> bytes
     try:
         kw = {"Range": byte_range} if byte_range else {}
         return _client().get_object(Bucket=bucket, Key=key, **kw)["Body"].read()
+    except Exception as e:
+        raise _explain(e, flag, uri) from None
+
+
+class _Stream:
+    """An object's body as a file to read once, front to back (``tarfile``'s stream mode);
+    the storage's errors met while reading become the one-line ``UserError``."""
+
+    def __init__(self, body, uri: str, flag: str):
+        self.body, self.uri, self.flag = body, uri, flag
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.body.read(None if size is None or size < 0 else size)
+        except Exception as e:
+            raise _explain(e, self.flag, self.uri) from None
+
+    def close(self):
+        self.body.close()
+
+
+def open_object(uri: str, flag: str = "--data") -> _Stream:
+    """One object to read as a stream (a whole shard checked without holding it in memory)."""
+    bucket, key = split(uri)
+    try:
+        return _Stream(_client().get_object(Bucket=bucket, Key=key)["Body"], uri, flag)
     except Exception as e:
         raise _explain(e, flag, uri) from None
 

@@ -37,7 +37,8 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dali-ipmix-webdataset"
 LABEL_MEMBER = "cls"
 # one DALI ``ext`` entry: whichever picture extension a sample has ("jpg;jpeg;png;...")
-PICTURE_MEMBERS = ";".join(e[1:] for e in readers.IMAGE_EXTENSIONS)
+PICTURE_EXTENSIONS = tuple(e[1:] for e in readers.IMAGE_EXTENSIONS)
+PICTURE_MEMBERS = ";".join(PICTURE_EXTENSIONS)
 LABEL_DIGITS = 9                 # the longest .cls label text read (labels up to 10^9 - 1)
 SHUFFLE_BUFFER = 1024            # DALI's default ``initial_fill``
 
@@ -131,19 +132,22 @@ class Format:
     reader: Callable
 
 
-def open_source(data, *, flag: str = "--data", filelist=None, labelled: bool = True) -> DataSource:
+def open_source(data, *, flag: str = "--data", filelist=None, labelled: bool = True,
+                listing: Optional[s3.Listing] = None) -> DataSource:
     """The ``DataSource`` of ``data`` (a path, an ``s3://`` URI or a ``DataSource``, returned as
     is when it was opened with the same ``filelist``): listed once, checked; a missing, empty or
     inconsistent location is a one-line ``UserError``.  ``labelled``: a class-labelled set
     (training, validation) rather than a mixing set; ``filelist``: a verified file list
-    narrowing a class-folder set."""
+    narrowing a class-folder set; ``listing``: the S3 listing of ``data`` when it was already
+    listed (a part of a larger listing: ``s3.Listing.under``), so it is not listed again."""
     filelist = None if filelist is None else str(filelist)
     if isinstance(data, DataSource):
         if data.filelist == filelist:
             return data
         data = data.location
     location = str(data)
-    listing = s3.list_prefix(_base(location), flag) if s3.is_s3(location) else None
+    if listing is None and s3.is_s3(location):
+        listing = s3.list_prefix(_base(location), flag)
     for fmt in FORMATS.values():
         if fmt.claims(location, listing):
             return fmt.open(location, listing, flag=flag, filelist=filelist, labelled=labelled)
@@ -157,7 +161,7 @@ def _folders_claim(location, listing) -> bool:
     return True
 
 
-def _s3_folder_listing(listing: s3.Listing, labelled: bool):
+def s3_folder_files(listing: s3.Listing, labelled: bool):
     """(files, labels, classes) from the keys of an S3 listing, as the local readers would list
     the same tree: class = first path component, pictures by extension, sorted per class."""
     pictures = sorted(k for k in listing.objects if readers._is_image(k))
@@ -171,6 +175,8 @@ def _s3_folder_listing(listing: s3.Listing, labelled: bool):
 
 
 def _folders_open(location, listing, *, flag, filelist, labelled) -> DataSource:
+    if _holds_tars_only(location, listing):
+        raise _no_manifest(location, flag)
     if listing is None:
         if labelled:
             files, labels, classes = readers.listed_or_found(location, filelist, flag=flag)
@@ -178,7 +184,7 @@ def _folders_open(location, listing, *, flag, filelist, labelled) -> DataSource:
             files, labels, classes = readers.picture_files(location, flag=flag, filelist=filelist), (), ()
         return DataSource(location, "folders", flag, tuple(classes), len(files), root=location,
                           files=files, labels=labels, filelist=filelist)
-    files, labels, classes = _s3_folder_listing(listing, labelled)
+    files, labels, classes = s3_folder_files(listing, labelled)
     if filelist is not None:     # the list's files, which must all be in the bucket
         listed, listed_labels = readers.filelist_files(filelist)
         missing = next((f for f in listed if f not in listing.objects), None)
@@ -274,12 +280,39 @@ def index_count(head: bytes) -> Optional[int]:
     return None
 
 
+def index_command(base: str) -> str:
+    """How to make the index files and the manifest of a WebDataset set made by another tool."""
+    if s3.is_s3(base):
+        return (f"index a local copy with `dali-ipmix shard --index DIR` before uploading it (then "
+                f"upload its {MANIFEST} and .idx files to {base})")
+    return f"index it with `dali-ipmix shard --index {base}`"
+
+
+def _no_manifest(base: str, flag: str) -> UserError:
+    return UserError(f"{flag} {base}: tar shards without {MANIFEST} (a WebDataset set made by another "
+                     f"tool?); {index_command(base)}, or write the shard set from class folders with "
+                     f"`dali-ipmix shard SRC OUT`")
+
+
+def _holds_tars_only(location: str, listing) -> bool:
+    """Whether a location holds tar files and no class folders (a manifest-less shard set)."""
+    if listing is not None:
+        names = list(listing.objects)
+    else:
+        try:
+            names = [e.name + ("/" if e.is_dir() else "") for e in os.scandir(location)]
+        except OSError:
+            return False
+    return any(n.endswith(".tar") and "/" not in n for n in names) and not any("/" in n for n in names)
+
+
 def read_manifest(base: str, flag: str = "--data", listing=None) -> dict:
     try:
+        if listing is not None and MANIFEST not in listing.objects:
+            raise FileNotFoundError(MANIFEST)
         manifest = json.loads(_read(base, MANIFEST, flag, listing))
     except FileNotFoundError:
-        raise UserError(f"{flag} {base}: no {MANIFEST} beside the shards; write the shard set with "
-                        f"`dali-ipmix shard SRC {base}`") from None
+        raise _no_manifest(base, flag) from None
     except (OSError, ValueError) as e:
         raise UserError(f"{flag} {base}/{MANIFEST}: cannot read it ({e}); write the shard set again "
                         f"with `dali-ipmix shard`") from None
@@ -392,6 +425,13 @@ class Sample:
         return read_bytes(self.where, self.offset, self.size, flag)
 
 
+def split_member(name: str) -> Tuple[str, str]:
+    """(sample key, extension) of a tar member, as WebDataset and DALI's ``wds2idx`` split it: at
+    the first dot of the last path component (``a/b.seg.png`` -> ``a/b``, ``seg.png``)."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+
+
 def index_entries(text: str) -> List[Dict[str, Tuple[int, int, str]]]:
     """The samples of a DALI index file (``v1.2 N``, then per sample ``ext offset size name``
     per member): one {extension: (offset, size, member name)} per sample."""
@@ -409,7 +449,7 @@ def _read_all(spans, flag: str, on_s3: bool) -> List[bytes]:
     if not on_s3:
         return [read_bytes(w, o, n, flag) for w, o, n in spans]
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(s3.PARALLEL_READS) as pool:
         return list(pool.map(lambda span: read_bytes(*span, flag), spans))
 
 
@@ -422,7 +462,7 @@ def samples(src: DataSource) -> Tuple[List[Sample], List[int]]:
     pictures, spans = [], []
     for shard, index in zip(src.shards, src.indices):
         for entry in index_entries(read_bytes(index, flag=src.flag).decode()):
-            picture = next((v for k, v in entry.items() if k != LABEL_MEMBER), None)
+            picture = next((v for k, v in entry.items() if k in PICTURE_EXTENSIONS), None)
             if picture is None or LABEL_MEMBER not in entry:
                 raise UserError(f"{src.flag} {index}: a sample without a picture or a .{LABEL_MEMBER} "
                                 f"member; write the shard set again with `dali-ipmix shard`")

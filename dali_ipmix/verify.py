@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-from . import sources
+from . import s3, sources
 from .data._io import pool_map, resolve_jobs
 from .errors import UserError
 from .outputs import check_output_file, write_atomic
-from .progress import Progress
+from .progress import Progress, track
 from .readers import (IMAGE_EXTENSIONS, LINK_LOOP, MAX_PIXELS, class_folder_files, picture_files,
                       special_kind, too_many_pixels, unreadable_reason)
 
@@ -267,7 +267,6 @@ def check_file(root: str, item: Tuple[str, bool], max_pixels: int = MAX_PIXELS) 
     Files the reader skips are only identified (what would be lost), not decoded."""
     rel, listed = item
     path = os.path.join(root, rel)
-    ext = os.path.splitext(rel)[1].lower()
     kinds: List[str] = [] if _listable(rel) else ["unlistable_name"]
     special = special_kind(path)
     if special:                  # opening a FIFO would wait for a writer forever
@@ -279,6 +278,13 @@ def check_file(root: str, item: Tuple[str, bool], max_pixels: int = MAX_PIXELS) 
         why = (LINK_LOOP if e.errno == errno.ELOOP else "broken link" if os.path.islink(path)
                else e.strerror or type(e).__name__)
         return Finding(rel, ("unreadable",), why)
+    return _classify(rel, data, listed, kinds, max_pixels)
+
+
+def _classify(rel: str, data: bytes, listed: bool, kinds: List[str], max_pixels: int) -> Optional[Finding]:
+    """The Finding of a file's bytes (all of them when the reader lists it, else its first 64 kB,
+    only identified); ``kinds``: what its name alone showed."""
+    ext = os.path.splitext(rel)[1].lower()
     if listed:
         found, detail = check_image(data, ext, max_pixels)
     else:
@@ -286,8 +292,52 @@ def check_file(root: str, item: Tuple[str, bool], max_pixels: int = MAX_PIXELS) 
             fmt = _identify(Image, data)
         skipped = "wrong_extension" if ext not in IMAGE_EXTENSIONS else "outside_classes"
         found, detail = (skipped,), (f"{fmt} content" if fmt else "no image content")
-    kinds.extend(found)
+    kinds = list(kinds) + list(found)
     return Finding(rel, tuple(kinds), detail) if kinds else None
+
+
+HEAD_BYTES = 1 << 16        # what is read of a file the readers skip, to identify it
+S3_REQUESTS = s3.PARALLEL_READS   # parallel object reads of `verify s3://...` (default of its --jobs)
+
+
+def check_object(root: str, item: Tuple[str, bool, int], max_pixels: int = MAX_PIXELS,
+                 flag: str = "DATA_DIR") -> Tuple[Optional[Finding], bytes]:
+    """``check_file`` for an object under the ``s3://`` prefix ``root``: ``item`` = (key relative
+    to the prefix, listed by the reader, size from the listing); returns (finding, the bytes
+    read) so that a caller may keep the picture it checked.  An object that cannot be read
+    (deleted since the listing, access denied) is ``unreadable``, as a local file would be."""
+    rel, listed, size = item
+    kinds: List[str] = [] if _listable(rel) else ["unlistable_name"]
+    try:      # an empty object: nothing to fetch (a range of it would be refused, HTTP 416)
+        data = b"" if size == 0 else sources.read_bytes(
+            s3.join(root, rel), 0, -1 if listed else min(size, HEAD_BYTES), flag)
+    except UserError as e:
+        return Finding(rel, ("unreadable",), str(e).split(": ", 1)[-1]), b""
+    return _classify(rel, data, listed, kinds, max_pixels), data
+
+
+def check_objects(root: str, items: Sequence[Tuple[str, bool, int]], requests: Optional[int] = None,
+                  max_pixels: int = MAX_PIXELS, flag: str = "DATA_DIR"):
+    """``check_object`` of each item, in order, over ``requests`` threads (default
+    ``S3_REQUESTS``) a bounded window ahead of the caller.  Threads, not processes: the time goes
+    to waiting on the requests, and Pillow decodes without holding the GIL; the strict Pillow
+    settings are process globals, set once around the threads rather than per file."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+    requests = requests or S3_REQUESTS
+    items = iter(items)
+    with _strict_pillow(), ThreadPoolExecutor(requests) as pool:
+        pending = collections.deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(check_object, root, item, max_pixels, flag))
+                if len(pending) >= 4 * requests:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -315,6 +365,32 @@ def scan(root, *, mixing: bool = False, jobs: Optional[int] = None,
     results = pool_map(functools.partial(check_file, str(root), max_pixels=max_pixels),
                        [(rel, rel in listed) for rel in everything], jobs=jobs, progress="verify")
     return Report(str(root), mixing, files, labels, len(everything), [f for f in results if f])
+
+
+def scan_s3(listing: s3.Listing, *, mixing: bool = False, requests: Optional[int] = None,
+            max_pixels: int = MAX_PIXELS) -> Report:
+    """``scan`` of the class folders (or mixing pictures) under an ``s3://`` prefix, from its one
+    listing: every object is downloaded (the pictures whole, the others' first 64 kB) and checked
+    as a local file is (``check_objects``: ``requests`` parallel reads)."""
+    uri = listing.uri
+    files, labels, classes = sources.s3_folder_files(listing, labelled=not mixing)
+    if mixing:
+        labels = [0] * len(files)
+    elif not classes:
+        raise UserError(f"DATA_DIR {uri}: no class prefixes with pictures; expected {uri}/<class>/<image>.jpg "
+                        f"(a folder of mixing pictures: add --mixing)")
+    elif set(classes) <= {"train", "val"}:
+        raise UserError(f"DATA_DIR {uri}: holds {' and '.join(c + '/' for c in classes)} rather than "
+                        f"class folders; verify each split: `dali-ipmix verify {uri}/{classes[0]}`")
+    listed = set(files)
+    everything = sorted(k for k in listing.objects if not k.endswith("/"))   # no folder markers
+    findings = []
+    checked = check_objects(uri, [(rel, rel in listed, listing.objects[rel]) for rel in everything],
+                            requests, max_pixels)
+    for finding, _ in track(checked, "verify", len(everything)):
+        if finding is not None:
+            findings.append(finding)
+    return Report(uri, mixing, files, labels, len(everything), findings)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -499,73 +575,101 @@ def _first_error_line(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Checking a shard set (dali-ipmix verify SHARD_DIR)
 
-def scan_shards(base) -> List[str]:
-    """Problems of a shard set, one line each (``shard, member: kinds``): members that stop
-    training (verify's picture checks), bad labels, missing members, truncated tars."""
-    manifest = sources.read_manifest(str(base), "SHARD_DIR")
-    labelled = bool(manifest.get("classes"))
-    problems = []
-    with Progress("verify shards", manifest["samples"]) as bar:
-        for entry in manifest["shards"]:
-            tar_path = os.path.join(base, entry["tar"])
-            seen, labels = {}, {}
-            try:
-                with tarfile.open(tar_path, "r:") as tar:
-                    for member in tar:
-                        if not member.isfile():
-                            continue
-                        key, _, ext = member.name.partition(".")
-                        data = tar.extractfile(member).read()
-                        if len(data) != member.size:
-                            raise tarfile.ReadError(f"{member.name} ends early")
-                        if ext == sources.LABEL_MEMBER:
-                            labels[key] = data
-                            if not data.strip().isdigit() or int(data) >= len(manifest["classes"]):
-                                problems.append(f"{entry['tar']}, {member.name}: bad label {data[:12]!r}")
-                            continue
-                        seen[key] = member.name
-                        kinds, detail = check_image(data, "." + ext)
-                        if any(PROBLEMS[k].fatal for k in kinds):
-                            problems.append(f"{entry['tar']}, {member.name}: {', '.join(kinds)}"
-                                            + (f" ({detail})" if detail else ""))
-                        bar.update()
-            except (tarfile.TarError, OSError, EOFError) as e:
-                problems.append(f"{entry['tar']}: truncated or corrupt tar ({e})")
-                continue
-            if labelled:
-                problems += [f"{entry['tar']}, {seen[k]}: no .cls member" for k in seen if k not in labels]
-            if len(seen) != entry["samples"]:
-                problems.append(f"{entry['tar']}: {len(seen)} pictures, the manifest says {entry['samples']}")
+def _open_tar(base: str, entry: dict, listing) -> tarfile.TarFile:
+    """A shard to read front to back: a local file, or over S3 the object streamed in one
+    request (one read of each shard, not two ranged reads per sample)."""
+    if listing is None:
+        return tarfile.open(os.path.join(base, entry["tar"]), "r:")
+    if entry["tar"] not in listing.objects:
+        raise FileNotFoundError(f"no object {s3.join(base, entry['tar'])}")
+    return tarfile.open(fileobj=s3.open_object(s3.join(base, entry["tar"]), "DATA_DIR"), mode="r|")
+
+
+def _scan_shard(base: str, entry: dict, listing, classes: Sequence[str], bar) -> List[str]:
+    """The problems of one shard of a set (see ``scan_shards``)."""
+    problems, seen, labels = [], {}, {}
+    try:
+        with _open_tar(base, entry, listing) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = sources.split_member(member.name)
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"{member.name} ends early")
+                if ext == sources.LABEL_MEMBER:     # read by the graph as it is: digits only
+                    labels[key] = data
+                    if not data.isdigit() or int(data) >= len(classes):
+                        problems.append(f"{entry['tar']}, {member.name}: bad label {data[:12]!r}")
+                    continue
+                if ext not in sources.PICTURE_EXTENSIONS:
+                    continue          # other members (.json, ...): the readers skip them
+                seen[key] = member.name
+                kinds, detail = check_image(data, "." + ext)
+                if any(PROBLEMS[k].fatal for k in kinds):
+                    problems.append(f"{entry['tar']}, {member.name}: {', '.join(kinds)}"
+                                    + (f" ({detail})" if detail else ""))
+                bar.update()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return problems + [f"{entry['tar']}: truncated or corrupt tar ({e})"]
+    if classes:
+        problems += [f"{entry['tar']}, {seen[k]}: no .cls member" for k in seen if k not in labels]
+    if len(seen) != entry["samples"]:
+        problems.append(f"{entry['tar']}: {len(seen)} pictures, the manifest says {entry['samples']}")
     return problems
+
+
+def scan_shards(base, listing: Optional[s3.Listing] = None, jobs: Optional[int] = None) -> List[str]:
+    """Problems of a shard set (a local folder or an ``s3://`` prefix, whose ``listing`` may be
+    given), one line each (``shard, member: kinds``): members that stop training (verify's
+    picture checks), bad labels, missing members, truncated tars.  ``jobs`` shards are read at
+    once, in threads (Pillow decodes without holding the GIL; the strict Pillow settings, process
+    globals, are set once around them); the lines come in the manifest's shard order."""
+    from concurrent.futures import ThreadPoolExecutor
+    base = str(base).rstrip("/") if s3.is_s3(base) else str(base)
+    if listing is None and s3.is_s3(base):
+        listing = s3.list_prefix(base, "DATA_DIR")
+    manifest = sources.read_manifest(base, "DATA_DIR", listing)
+    classes = manifest.get("classes") or ()
+    shards = manifest["shards"]
+    with _strict_pillow(), Progress("verify shards", manifest["samples"]) as bar, \
+            ThreadPoolExecutor(min(resolve_jobs(jobs), len(shards))) as pool:
+        per_shard = list(pool.map(lambda entry: _scan_shard(base, entry, listing, classes, bar), shards))
+    return [line for lines in per_shard for line in lines]
 
 
 def is_shard_set(path) -> bool:
     return os.path.isfile(os.path.join(str(path), sources.MANIFEST))
 
 
-def verify_shards(base) -> int:
-    """``dali-ipmix verify SHARD_DIR``: print every problem; exit code 1 if any."""
+def verify_shards(base, listing: Optional[s3.Listing] = None, json_out=None, jobs: Optional[int] = None) -> int:
+    """``dali-ipmix verify SHARD_DIR``: print every problem (and write them to ``json_out``);
+    exit code 1 if any."""
     start = time.perf_counter()
-    problems = scan_shards(base)
+    problems = scan_shards(base, listing, jobs)
     print(f"verify {base} (shard set): {len(problems)} problem(s), {time.perf_counter() - start:.1f} s")
     for line in problems:
         print(f"  FATAL {line}")
     if problems:
+        upload = " and upload it again" if s3.is_s3(base) else ""
         print("result: training stops on these; write the shard set again from the source folders with "
-              "`dali-ipmix shard SRC OUT --overwrite` (bad pictures are left out)")
+              f"`dali-ipmix shard SRC OUT --overwrite` (bad pictures are left out){upload}")
     else:
         print("result: no fatal problems")
+    if json_out:
+        write_atomic(json_out, json.dumps({"root": str(base), "layout": "shards", "problems": problems},
+                                          indent=1))
     return 1 if problems else 0
 
 
-def format_report(report: Report, took: float, jobs: int, max_shown: int = 50) -> str:
+def format_report(report: Report, took: float, workers: str, max_shown: int = 50) -> str:
     counts = report.counts()
     fatal = {k: n for k, n in counts.items() if PROBLEMS[k].fatal}
     warn = {k: n for k, n in counts.items() if not PROBLEMS[k].fatal}
     layout = "mixing pictures" if report.mixing else "class folders"
     good = len(report.good()[0])
     lines = [f"verify {report.root} ({layout}): {report.scanned} files, {len(report.files)} listed by "
-             f"the reader, {good} usable; {jobs} jobs, {took:.1f} s"]
+             f"the reader, {good} usable; {workers}, {took:.1f} s"]
     for title, group in (("fatal (training stops on these)", fatal),
                          ("warnings (DALI decodes or skips these; nothing stops)", warn)):
         if group:
@@ -600,15 +704,27 @@ def _run(args: argparse.Namespace) -> int:
         if value is not None and value < least:
             raise UserError(f"{flag} must be >= {least}, got {value}"
                             + (" (0 lists all)" if flag == "--max-shown" else ""))
-    if is_shard_set(args.data_dir):             # `dali-ipmix shard` output: check its members
-        return verify_shards(args.data_dir)
     for flag, target in (("--write-filelist", args.write_filelist), ("--json", args.json)):
         if target:                                   # refuse before the long scan
             check_output_file(target, flag, args.overwrite)
+    # one listing of an s3:// prefix, for telling a shard set from class folders and for the scan
+    listing = s3.list_prefix(args.data_dir, "DATA_DIR") if s3.is_s3(args.data_dir) else None
+    if sources.MANIFEST in listing.objects if listing else is_shard_set(args.data_dir):
+        if args.write_filelist:   # `dali-ipmix shard` output: check its members
+            raise UserError(f"--write-filelist: {args.data_dir} is a shard set, and a file list applies to "
+                            f"class folders; bad pictures are left out by writing the shard set again "
+                            f"with `dali-ipmix shard SRC OUT --overwrite`")
+        return verify_shards(listing.uri if listing else args.data_dir, listing, args.json, args.jobs)
     start = time.perf_counter()
-    report = scan(args.data_dir, mixing=args.mixing, jobs=args.jobs, max_pixels=args.max_pixels)
-    print(format_report(report, time.perf_counter() - start, min(resolve_jobs(args.jobs), report.scanned),
-                        max_shown=args.max_shown))
+    if listing is not None:
+        if args.jobs and args.jobs > s3.MAX_CONNECTIONS:
+            raise UserError(f"--jobs {args.jobs}: at most {s3.MAX_CONNECTIONS} parallel requests over S3")
+        report = scan_s3(listing, mixing=args.mixing, requests=args.jobs, max_pixels=args.max_pixels)
+        workers = f"{min(args.jobs or S3_REQUESTS, report.scanned)} parallel requests"
+    else:
+        report = scan(args.data_dir, mixing=args.mixing, jobs=args.jobs, max_pixels=args.max_pixels)
+        workers = f"{min(resolve_jobs(args.jobs), report.scanned)} jobs"
+    print(format_report(report, time.perf_counter() - start, workers, max_shown=args.max_shown))
     flag, target = "--write-filelist", args.write_filelist
     try:
         if target:
@@ -633,9 +749,12 @@ def register(subparsers) -> None:
                     "palette, alpha, misnamed files (warnings: DALI converts or skips them). "
                     "Exit code 0 without fatal problems, 1 with. Nothing is deleted.")
     p.add_argument("data_dir", metavar="DATA_DIR", help="class-folder data set (e.g. imagenet/train), "
-                   "or a shard set written by `dali-ipmix shard` (every member is checked)")
+                   "or a shard set written by `dali-ipmix shard` (every member is checked); local or "
+                   "s3://BUCKET/PREFIX (listed once, every object downloaded and checked)")
     p.add_argument("--mixing", action="store_true", help="DATA_DIR is a (flat or nested) mixing-picture folder")
-    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per CPU)")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per CPU); "
+                   f"for s3:// class folders, parallel requests (default {S3_REQUESTS}); for a shard "
+                   "set, shards read at once")
     p.add_argument("--write-filelist", metavar="FILE", default=None,
                    help="write a DALI file list ('relative/path label' lines) of the usable files")
     p.add_argument("--json", metavar="FILE", default=None, help="write the full report as JSON")

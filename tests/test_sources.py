@@ -154,6 +154,18 @@ def test_resume_mid_epoch_over_shards_gives_the_same_batches(shards):
         assert a.equal(b) and la.equal(lb)
 
 
+def _stopped_on_second_call(real):
+    """``real``, but Ctrl-C on its second call (an interrupted run)."""
+    calls = []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    return interrupted
+
+
 def test_converter_leaves_out_bad_pictures_and_never_half_writes(dataset, tmp_path, monkeypatch, capsys):
     data = tmp_path / "train"
     shutil.copytree(dataset / "train", data)
@@ -165,14 +177,7 @@ def test_converter_leaves_out_bad_pictures_and_never_half_writes(dataset, tmp_pa
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(UserError, match="not empty; pass --overwrite"):
         shard.convert(data, out, count=2, jobs=1)
-    real, calls = shard.write_shard, []
-
-    def interrupted(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-    monkeypatch.setattr(shard, "write_shard", interrupted)
+    monkeypatch.setattr(shard, "write_shard", _stopped_on_second_call(shard.write_shard))
     with pytest.raises(KeyboardInterrupt):
         shard.convert(data, out, count=2, seed=1, jobs=1, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before     # the old set, untouched
@@ -530,3 +535,305 @@ def test_eval_bad_locations_are_one_line_before_any_work(aws, shards, eval_check
     err = one_line(data)
     assert f"{data}/shard-000000.tar:{member}: the evaluation stopped" in err
     assert "cannot be decoded" in err and f"dali-ipmix verify {data}" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# dali-ipmix verify over S3: the same report and exit code as over the local copy
+
+def _report_lines(out):
+    """The report without its first line (the location, the workers, the time)."""
+    return [line for line in out.splitlines()[1:] if not line.startswith("file list:")]
+
+
+def test_verify_s3_shards_reports_like_the_local_copy(shards, aws, tmp_path, capsys):
+    from dali_ipmix.cli import main
+    assert main(["verify", "s3://data/shards/train"]) == 0
+    assert "result: no fatal problems" in capsys.readouterr().out
+    data = _copy(shards, tmp_path)
+    _, offset, size, member = (data / "shard-000001.idx").read_text().splitlines()[2].split()[:4]
+    with open(data / "shard-000001.tar", "r+b") as f:           # a member that does not decode
+        f.seek(int(offset))
+        f.write(b"\x00garbage" * (int(size) // 8))
+    s3.upload_tree(data, "s3://data/bad-shards", aws)
+    assert main(["verify", str(data), "--json", str(tmp_path / "local.json")]) == 1
+    local = capsys.readouterr().out
+    assert main(["verify", "s3://data/bad-shards/", "--json", str(tmp_path / "s3.json")]) == 1
+    remote = capsys.readouterr().out
+    assert f"shard-000001.tar, {member}: not_image" in remote and "upload it again" in remote
+    assert _report_lines(remote)[:-1] == _report_lines(local)[:-1]
+    assert (json.loads((tmp_path / "s3.json").read_text())["problems"]
+            == json.loads((tmp_path / "local.json").read_text())["problems"] != [])
+    # a shard missing from the bucket is a problem, not a traceback
+    s3.upload_tree(shards / "val", "s3://data/half-shards", aws)
+    client = s3._client()
+    client.delete_object(Bucket="data", Key="half-shards/shard-000000.tar")
+    assert main(["verify", "s3://data/half-shards"]) == 1
+    assert "shard-000000.tar: truncated or corrupt tar (no object" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_verify_s3_class_folders_reports_like_the_local_copy(dataset, aws, tmp_path, monkeypatch, capsys):
+    from dali_ipmix.cli import main
+    data = tmp_path / "train"
+    shutil.copytree(dataset / "train", data)
+    (data / "class1" / "zz.jpg").write_bytes((data / "class1" / "001.jpg").read_bytes()[:500])
+    (data / "class2" / "empty.png").write_bytes(b"")
+    (data / "class0" / "notes.txt").write_text("not a picture")
+    (data / "class0" / "empty.txt").write_bytes(b"")
+    (data / "stray.jpg").write_bytes((data / "class0" / "000.jpg").read_bytes())
+    s3.upload_tree(data, "s3://data/bad-train", aws)
+    lists, listed = {}, []
+    real = s3.list_prefix
+    monkeypatch.setattr(s3, "list_prefix", lambda uri, *a: listed.append(uri) or real(uri, *a))
+    for name, where in (("local", str(data)), ("s3", "s3://data/bad-train")):
+        lists[name] = tmp_path / f"{name}.txt"
+        assert main(["verify", where, "--jobs", "2", "--write-filelist", str(lists[name]),
+                     "--json", str(tmp_path / f"{name}.json"), "--max-shown", "0"]) == 1
+        out = capsys.readouterr().out
+        lists[name + "-out"] = _report_lines(out.replace(where, "DATA"))
+        assert out.splitlines()[0].startswith(f"verify {where} (class folders): 17 files, 14 listed")
+    assert listed == ["s3://data/bad-train"]            # one listing: what it is, and the scan
+    assert lists["s3-out"] == lists["local-out"]
+    assert any("FATAL class1/zz.jpg  truncated" in line for line in lists["s3-out"])
+    assert any("FATAL class2/empty.png  empty" in line for line in lists["s3-out"])
+    assert any("stray.jpg  outside_classes" in line for line in lists["s3-out"])
+    assert lists["s3"].read_text() == lists["local"].read_text()
+    local, remote = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "s3"))
+    assert dict(remote, root=None) == dict(local, root=None)
+    # the file list holds keys relative to the prefix, which open_source takes for the bucket
+    src = sources.open_source("s3://data/bad-train", filelist=lists["s3"])
+    assert src.size == 12 and "class1/zz.jpg" not in src.files
+    # mixing pictures under a prefix
+    assert main(["verify", "s3://data/mixing", "--mixing"]) == 0
+    assert "(mixing pictures): 5 files, 5 listed by the reader, 5 usable" in capsys.readouterr().out
+
+
+def test_verify_bad_s3_locations_and_options_are_one_line(shards, aws, tmp_path, capsys):
+    from dali_ipmix.cli import main
+
+    def one_line(*argv):
+        assert main(["verify", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err, err
+        return err
+    assert "bucket nosuch does not exist" in one_line("s3://nosuch/train")
+    assert "no objects under prefix nothing/" in one_line("s3://data/nothing")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(next((shards.parent).rglob("*.json")), flat / "x.jpg")
+    s3.upload_tree(flat, "s3://data/flat", aws)
+    assert "no class prefixes with pictures" in one_line("s3://data/flat")
+    for where in ("s3://data/shards/train", str(shards / "train")):
+        assert "is a shard set, and a file list applies to class folders" in one_line(
+            where, "--write-filelist", str(tmp_path / "x.txt"))
+    assert not (tmp_path / "x.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# dali-ipmix eval --imagenet-c over S3 and over shard sets
+
+@pytest.fixture(scope="module")
+def imagenet_c(dataset, tmp_path_factory):
+    """A tiny ImageNet-C copy (2 corruptions x 2 severities x 2 classes of 2 pictures) as class
+    folders, and the same with a shard set per corruption/severity."""
+    root = tmp_path_factory.mktemp("imagenet-c")
+    pictures = sorted((dataset / "val").rglob("*.jpg"))
+    for j, (name, sev) in enumerate((c, s) for c in ("gaussian_noise", "fog") for s in (1, 2)):
+        for cls in ("class0", "class1"):
+            folder = root / "folders" / name / str(sev) / cls
+            folder.mkdir(parents=True)
+            for pic in [p for p in pictures if p.parent.name == cls][j % 3:j % 3 + 2]:
+                shutil.copy(pic, folder / pic.name)
+        shard.convert(root / "folders" / name / str(sev), root / "shards" / name / str(sev), count=1,
+                      jobs=1, log=lambda *a: None)
+    return root
+
+
+def _eval_c(dataset, checkpoint, where, tmp_path, name, *extra):
+    from dali_ipmix.cli import main
+    out = tmp_path / f"{name}.json"
+    assert main(["eval", str(checkpoint), "--data", str(dataset / "val"), "--imagenet-c", str(where),
+                 "--corruptions", "gaussian_noise,fog", "--severities", "1,2", "--no-pgd", "-q",
+                 "--workers", "0", "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())["corruptions"]
+
+
+@pytest.mark.slow
+def test_eval_imagenet_c_over_s3_and_shards_equals_the_local_folders(dataset, imagenet_c, aws, eval_checkpoint,
+                                                                   tmp_path, monkeypatch):
+    s3.upload_tree(imagenet_c / "folders", "s3://data/imagenet-c", aws)
+    s3.upload_tree(imagenet_c / "shards", "s3://data/imagenet-c-shards", aws)
+    expected = _eval_c(dataset, eval_checkpoint, imagenet_c / "folders", tmp_path, "local")
+    per = expected["per_corruption"]
+    assert sorted(per) == ["fog", "gaussian_noise"] and expected["source"] == "imagenet-c"
+    assert [v["images"] for c in per.values() for v in c["by_severity"].values()] == [4] * 4
+    listed = []
+    real = s3.list_prefix
+    monkeypatch.setattr(s3, "list_prefix", lambda uri, *a: listed.append(uri) or real(uri, *a))
+    for name, where in (("s3", "s3://data/imagenet-c"), ("shards", imagenet_c / "shards"),
+                        ("s3-shards", "s3://data/imagenet-c-shards/")):
+        got = _eval_c(dataset, eval_checkpoint, where, tmp_path, name)
+        assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True), name
+    assert listed == ["s3://data/imagenet-c", "s3://data/imagenet-c-shards/"]    # once each
+
+
+def test_eval_imagenet_c_on_s3_bad_layouts_are_one_line(dataset, imagenet_c, aws, eval_checkpoint, tmp_path,
+                                                        capsys):
+    from dali_ipmix.cli import main
+    s3.upload_tree(imagenet_c / "folders", "s3://data/imagenet-c", aws)
+
+    def one_line(where, *extra):
+        assert main(["eval", str(eval_checkpoint), "--data", str(dataset / "val"), "--imagenet-c", where,
+                     "--no-pgd", "-q", "--workers", "0", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err, err
+        return err
+    assert "no severity folder fog/3 (found 1, 2)" in one_line("s3://data/imagenet-c", "--corruptions", "fog")
+    assert "no folder for gaussian_noise" in one_line("s3://data/imagenet-c/fog")
+    assert "bucket nosuch does not exist" in one_line("s3://nosuch/imagenet-c")
+
+
+# ---------------------------------------------------------------------------------------------
+# dali-ipmix shard --index: WebDataset sets made by another tool
+
+def _foreign_set(dataset, out, labelled=True, split=(7, 12)):
+    """dataset/train as webdataset's ShardWriter writes it: PAX tars written as a stream,
+    members of a sample in sorted extension order (.cls, .jpg, .json; the second shard in
+    reverse, as another tool may), no index, no manifest; one key longer than a USTAR name (a
+    PAX header)."""
+    import io
+    out.mkdir(parents=True)
+    files = sorted((dataset / "train").rglob("*.jpg"))
+    start = 0
+    for n, stop in enumerate(split):
+        with tarfile.open(out / f"data-{n:06d}.tar", "w|", format=tarfile.PAX_FORMAT) as tar:
+            for i, path in enumerate(files[start:stop], start):
+                key = f"sample{i:06d}" if i != 3 else "long/" + "k" * 120
+                members = {"jpg": path.read_bytes(), "json": json.dumps({"i": i}).encode()}
+                if labelled:
+                    members["cls"] = path.parent.name[-1].encode()
+                for ext in sorted(members, reverse=n == 1):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mode, info.uname = len(members[ext]), 0o444, "bigdata"
+                    tar.addfile(info, io.BytesIO(members[ext]))
+        start = stop
+    return out
+
+
+def test_index_makes_a_foreign_webdataset_set_readable(dataset, tmp_path, capsys):
+    from dali_ipmix.cli import main
+    from wds2idx import IndexCreator
+    data = _foreign_set(dataset, tmp_path / "wds")
+    for where in (data, f"{data}/data-*.tar"):       # refused, naming the command that fixes it
+        with pytest.raises(UserError, match=rf"without manifest.json .*`dali-ipmix shard --index {data}`"):
+            sources.open_source(where)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("n01\nn02\nn03\n")
+    assert main(["shard", "--index", str(data), "--classes", str(classes)]) == 0
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["classes"] == ["n01", "n02", "n03"] and manifest["class_counts"] == [4, 4, 4]
+    assert [s["samples"] for s in manifest["shards"]] == [7, 5] and manifest["samples"] == 12
+    for s in manifest["shards"]:                     # DALI's own tool writes the same index
+        tar = data / s["tar"]
+        assert hashlib.sha256(tar.read_bytes()).hexdigest() == s["sha256"] and tar.stat().st_size == s["bytes"]
+        IndexCreator(str(tar), str(tmp_path / "ref.idx"), verbose=False).create_index()
+        assert (tmp_path / "ref.idx").read_text() == (data / s["index"]).read_text()
+    # DALI's reader takes the picture and the label, and skips the .json members
+    assert _samples(data) == _samples(dataset / "train")
+    assert _eval_items(data) == _eval_items(dataset / "train")      # eval's PIL reads too
+    assert main(["verify", str(data)]) == 0
+    # never overwritten without --overwrite; with it, the default class names
+    before = (data / "manifest.json").read_bytes()
+    capsys.readouterr()
+    assert main(["shard", "--index", str(data)]) == 2
+    assert "manifest.json exists already; pass --overwrite" in capsys.readouterr().err
+    assert (data / "manifest.json").read_bytes() == before
+    assert main(["shard", "--index", str(data), "--overwrite"]) == 0
+    assert json.loads((data / "manifest.json").read_text())["classes"] == ["class0", "class1", "class2"]
+    # a set without .cls members is a mixing set
+    mixing = _foreign_set(dataset, tmp_path / "mixing", labelled=False, split=(12,))
+    assert shard.index_set(mixing, log=lambda *a: None)["classes"] == []
+    assert sources.open_source(mixing, labelled=False).size == 12
+
+
+def test_index_is_atomic_and_refuses_what_it_cannot_index(dataset, tmp_path, monkeypatch, capsys):
+    from dali_ipmix.cli import main
+    data = _foreign_set(dataset, tmp_path / "wds")
+    before = sorted(p.name for p in data.iterdir())
+    # stopped while hashing the second shard
+    monkeypatch.setattr(hashlib, "file_digest", _stopped_on_second_call(hashlib.file_digest))
+    with pytest.raises(KeyboardInterrupt):
+        shard.index_set(data, log=lambda *a: None)
+    monkeypatch.undo()
+    assert sorted(p.name for p in data.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # an existing index that differs from the tar is kept unless --overwrite
+    (data / "data-000000.idx").write_text("v1.2 1\njpg 512 10 x.jpg\n")
+    with pytest.raises(UserError, match="data-000000.idx differs from the index of data-000000.tar"):
+        shard.index_set(data, log=lambda *a: None)
+
+    def one_line(*argv):
+        assert main(["shard", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err, err
+        return err
+    few = tmp_path / "few.txt"
+    few.write_text("a\nb\n")
+    assert "2 names but the .cls members go up to label 2" in one_line("--index", str(data), "--classes",
+                                                                        str(few), "--overwrite")
+    assert "index a local copy" in one_line("--index", "s3://data/wds")
+    assert "SRC applies to `dali-ipmix shard SRC OUT`" in one_line(str(dataset), "--index", str(data))
+    assert "--classes applies to --index" in one_line(str(dataset / "train"), str(tmp_path / "o"),
+                                                      "--classes", str(few))
+    # a sample without its label while others have one; a label with a line break
+    bad = _foreign_set(dataset, tmp_path / "bad", split=(12,))
+    with tarfile.open(bad / "data-000000.tar", "a") as tar:
+        import io
+        info = tarfile.TarInfo("zz.jpg")
+        payload = (dataset / "train" / "class0" / "000.jpg").read_bytes()
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    assert "sample zz has no .cls member while others have one" in one_line("--index", str(bad))
+    bad2 = tmp_path / "bad2"
+    bad2.mkdir()
+    with tarfile.open(bad2 / "a.tar", "w") as tar:
+        import io
+        for name, payload in (("k.cls", b"1\n"), ("k.jpg", payload)):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert "is b'1\\n', not a label (decimal digits only" in one_line("--index", str(bad2))
+    assert [p.name for p in bad2.iterdir()] == ["a.tar"]
+
+
+# ---------------------------------------------------------------------------------------------
+# dali-ipmix shard s3://...: class folders read from S3 into local shards
+
+def test_shard_from_s3_equals_shard_from_the_local_copy(dataset, aws, tmp_path, monkeypatch, capsys):
+    from dali_ipmix.cli import main
+    data = tmp_path / "train"
+    shutil.copytree(dataset / "train", data)
+    (data / "class1" / "zz.jpg").write_bytes((data / "class1" / "001.jpg").read_bytes()[:500])
+    s3.upload_tree(data, "s3://data/to-shard", aws)
+    local = shard.convert(data, tmp_path / "local", count=2, jobs=1, log=lambda *a: None)
+    reads = []
+    real = sources.read_bytes
+    monkeypatch.setattr(sources, "read_bytes", lambda where, *a: reads.append(where) or real(where, *a))
+    assert main(["shard", "s3://data/to-shard", str(tmp_path / "remote"), "--shards", "2"]) == 0
+    assert "left out 1 bad picture(s)" in capsys.readouterr().out
+    reads = [r for r in reads if r.startswith("s3://")]
+    assert len(reads) == 13 and len(set(reads)) == 13          # each picture read once
+    remote = json.loads((tmp_path / "remote" / "manifest.json").read_text())
+    for key in ("samples", "classes", "class_counts", "left_out", "picture_size"):
+        assert remote[key] == local[key], key
+    assert (tmp_path / "remote" / "left_out.txt").read_text().startswith("class1/zz.jpg\t")
+    assert _samples(tmp_path / "remote") == _samples(tmp_path / "local") == _samples(dataset / "train")
+    # an object that cannot be read (gone since the listing) stops the run: nothing is written
+    listing = s3.list_prefix("s3://data/to-shard")
+    monkeypatch.setattr(s3, "list_prefix", lambda *a: s3.Listing(
+        listing.uri, dict(listing.objects, **{"class0/ghost.jpg": 100})))
+    with pytest.raises(UserError, match=r"SRC s3://data/to-shard/class0/ghost.jpg: cannot be read .*nothing"):
+        shard.convert("s3://data/to-shard", tmp_path / "ghost", count=2, log=lambda *a: None)
+    assert not (tmp_path / "ghost").exists() or not any((tmp_path / "ghost").iterdir())
+    with pytest.raises(UserError, match="writes a local folder"):
+        shard.convert(data, "s3://data/out", log=lambda *a: None)

@@ -39,7 +39,8 @@ def register(subparsers) -> None:
                    "shard set of one (`dali-ipmix shard`), local or s3://BUCKET/PREFIX; its sorted folder "
                    "names (a shard set's manifest classes) are the model's classes")
     g.add_argument("--imagenet-c", default=None, metavar="DIR",
-                   help="ImageNet-C copy: DIR/<corruption>/<severity>/<class>/<image>")
+                   help="ImageNet-C copy: DIR/<corruption>/<severity>/<class>/<image> (or a shard set "
+                   "per DIR/<corruption>/<severity>); local or s3://BUCKET/PREFIX (listed once)")
     g.add_argument("--cifar-c", default=None, metavar="DIR",
                    help="CIFAR-10-C / CIFAR-100-C copy: DIR/<corruption>.npy, DIR/labels.npy")
     g.add_argument("--no-corruptions", action="store_true", help="skip corruptions (by default they are "

@@ -6,7 +6,8 @@
   evaluation transform; folders are mapped to labels by name (``label_of``), so ImageNet-C,
   ImageNet-R and ImageNet-A folders line up with the model's classes;
 * an ImageNet-C copy (``root/<corruption>/<severity>/<class>/<image>``): one class-folder set per
-  (corruption, severity);
+  (corruption, severity), or a shard set (``dali-ipmix shard``) per (corruption, severity); local or
+  under ``s3://`` (listed once as a whole);
 * a CIFAR-C copy (``root/<corruption>.npy``, 5 severities x N images of 32x32x3 uint8 stacked in
   severity order, and ``root/labels.npy``);
 * generated corruptions: any of the above with :func:`corruptions.corrupt` applied to the crop.
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import readers
+from .. import readers, s3, sources
 from ..readers import subset_indices
 from ..errors import UserError
 from . import corruptions
@@ -66,10 +67,11 @@ def read_failure(path: str, error: Exception, flag: str, source) -> ImageReadErr
                               f"bad file with {command}, move them out of the folder, then rerun "
                               f"dali-ipmix eval")
     if source.format == "folders":
-        fix = "replace or delete it in the bucket, then rerun dali-ipmix eval"
+        fix = (f"list every bad file with `dali-ipmix verify {source.root}`, replace or delete them in the "
+               f"bucket, then rerun dali-ipmix eval")
     elif source.on_s3:
-        fix = ("check the local copy of the shard set with `dali-ipmix verify SHARD_DIR`, write it again "
-               "with `dali-ipmix shard` and upload it again")
+        fix = (f"list every bad member with `dali-ipmix verify {source.root}`, write the shard set again "
+               f"with `dali-ipmix shard ... --overwrite` (bad pictures are left out) and upload it again")
     else:
         fix = (f"list every bad member with `dali-ipmix verify {source.root}`, then write the shards "
                f"again with `dali-ipmix shard ... --overwrite` (bad pictures are left out)")
@@ -87,7 +89,6 @@ class ClassFolderImages(torch.utils.data.Dataset):
 
     def __init__(self, root, *, resize: int, size: int, label_of: Optional[Mapping[str, int]] = None,
                  flag: str = "--data", max_images: Optional[int] = None):
-        from .. import sources
         source = sources.open_source(root, flag=flag)
         pictures, labels = sources.samples(source)
         classes = source.classes
@@ -154,15 +155,36 @@ def _subdirs(path: Path):
 
 
 def imagenet_c_sets(root, corruption_names: Sequence[str] = CORRUPTIONS, severities: Sequence[int] = SEVERITIES,
-                    flag: str = "--imagenet-c") -> Dict[Tuple[str, int], Path]:
-    """{(corruption, severity): class folder} of an ImageNet-C copy, checked before any work."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"{flag} {root}: no such folder; expected {IMAGENET_C_LAYOUT} (ImageNet-C layout)")
-    if any(root.glob("*.npy")):
+                    flag: str = "--imagenet-c") -> Dict[Tuple[str, int], object]:
+    """{(corruption, severity): its class folders or shard set} of an ImageNet-C copy, checked
+    before any work: local paths, or under ``s3://`` the ``DataSource`` of each (corruption,
+    severity) prefix, all from one listing of the whole copy (not one per severity)."""
+    if s3.is_s3(root):
+        listing = s3.list_prefix(root, flag)
+        root = listing.uri
+        tree: Dict[str, set] = {}        # corruption -> its severity prefixes that hold objects
+        for key in listing.objects:
+            parts = key.split("/")
+            if len(parts) >= 3:
+                tree.setdefault(parts[0], set()).add(parts[1])
+        npy = any(k.endswith(".npy") and "/" not in k for k in listing.objects)
+
+        def at(name, sev):
+            rel = f"{name}/{sev}"
+            return sources.open_source(s3.join(root, rel), flag=flag, listing=listing.under(rel))
+    else:
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"{flag} {root}: no such folder; expected {IMAGENET_C_LAYOUT} (ImageNet-C layout)")
+        npy = any(root.glob("*.npy"))
+        tree = {c: set(_subdirs(root / c)) for c in _subdirs(root)}
+
+        def at(name, sev):
+            return root / name / str(sev)
+    if npy:
         raise UserError(f"{flag} {root}: holds .npy files, which is the CIFAR-C layout; pass it as --cifar-c")
-    present = _subdirs(root)
-    missing = [c for c in corruption_names if c not in present]
+    present = sorted(tree)
+    missing = [c for c in corruption_names if c not in tree]
     if missing:
         found = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "") if present else "no folders"
         raise UserError(f"{flag} {root}: no folder for {', '.join(missing[:3])}"
@@ -170,14 +192,12 @@ def imagenet_c_sets(root, corruption_names: Sequence[str] = CORRUPTIONS, severit
                         f"expected {IMAGENET_C_LAYOUT} (ImageNet-C layout), or choose others with --corruptions")
     sets = {}
     for name in corruption_names:
-        levels = _subdirs(root / name)
-        for s in severities:
-            folder = root / name / str(s)
-            if not folder.is_dir():
-                raise UserError(f"{flag} {root}: no severity folder {name}/{s} "
-                                f"(found {', '.join(levels) or 'none'}); expected {IMAGENET_C_LAYOUT} "
-                                f"with severities 1-5")
-            sets[(name, s)] = folder
+        for sev in severities:
+            if str(sev) not in tree[name]:
+                raise UserError(f"{flag} {root}: no severity folder {name}/{sev} "
+                                f"(found {', '.join(sorted(tree[name])) or 'none'}); expected "
+                                f"{IMAGENET_C_LAYOUT} with severities 1-5")
+            sets[(name, sev)] = at(name, sev)
     return sets
 
 
