@@ -336,12 +336,13 @@ def check_data(flags: RunConfig, state, train_flag="--data-path train") -> RunCo
         raise UserError(error)
     train, val, mixing = found
     state.num_classes, state.num_train, state.num_val = len(train.classes), train.size, val.size
-    if train.on_s3:   # DALI's readers fetch one object or member per request, one at a time
-        state.log(f"note: {train.location}: DALI reads S3 data with one request per file or "
+    on_s3 = [src.location for src in (train, mixing) if src.on_s3]
+    if on_s3:   # DALI's readers fetch one object or shard member per request, one at a time
+        state.log(f"note: {' and '.join(on_s3)}: DALI reads S3 data with one request per file or "
                   f"shard member (two per shard sample: picture and label), one after another on "
-                  f"each rank -- about 50 samples/s a rank against a loopback S3 server "
-                  f"(BENCHMARKS.md); to feed a GPU, copy the data to local or shared disk first "
-                  f"(docs/scaling.md, \"From S3\")")
+                  f"each rank, so a rank reads at most about 1 / (2 x request latency) samples/s; "
+                  f"to feed a GPU, copy the data to local or shared disk first (docs/scaling.md, "
+                  f"\"From S3\")")
     return flags.replace(train_dir=train, val_dir=val, mixing_set=mixing)
 
 
@@ -452,7 +453,23 @@ def build_training(flags: RunConfig, state, cfg, ckpt, model_factory=None):
                         scaler=scaler, train_loader=train_loader, val_loader=val_loader,
                         steps_per_epoch=steps_per_epoch, lr=lr, views=cfg.views)
     start = restore(flags, state, training, ckpt, replayable=replayable) if ckpt else (0, 0)
+    if ckpt is not None and state.distributed:
+        check_same_checkpoint(flags, state, model.net, ckpt)
     return training, start
+
+
+def check_same_checkpoint(flags: RunConfig, state, net: nn.Module, ckpt) -> None:
+    """Every rank must have loaded the same checkpoint: DDP copies rank 0's weights when it is
+    built, which is before the load (torchvision's order), so nothing else would catch a rank
+    that read another file at the same path (a node-local --output-dir holding an older run)."""
+    with torch.no_grad():
+        weights = float(sum(p.detach().double().sum().item() for p in net.parameters()))
+    seen = distributed.all_gather((ckpt["step"], weights), state.world_size)
+    if any(step != seen[0][0] or abs(w - seen[0][1]) > 1e-9 * max(1.0, abs(seen[0][1]))
+           for step, w in seen):
+        raise UserError(f"--resume {flags.resume}: the ranks loaded different checkpoints (step by "
+                        f"rank: {[step for step, _ in seen]}; weights differ); give every rank the "
+                        f"same file: an --output-dir on storage all nodes share")
 
 
 def resume_loader(flags: RunConfig, state, train_loader, ckpt) -> bool:

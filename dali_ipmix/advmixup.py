@@ -229,7 +229,7 @@ def check_adv_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def uses_pixels(adv_mixup: str, adv_eval: str = "off", adv_eval_every: int = 0) -> bool:
+def uses_pixels(*, adv_mixup: str, adv_eval: str = "off", adv_eval_every: int = 0) -> bool:
     """True when the pipeline must emit [0, 1] pixels and the model must be wrapped by
     ``with_normalization``: an adversarial training mode, a robust evaluation or the per-epoch check."""
     return adv_mixup != "off" or adv_eval != "off" or bool(adv_eval_every)

@@ -1,5 +1,5 @@
 """The same ``dali-ipmix bench`` rows on two commits, in one run: a structural change must leave
-the figures within noise (issue 26's "before/after in one run").
+the figures within noise (issue 26's "before/after in one run").  CPU rows (``--device cpu``).
 
 Each commit is checked out into a temporary worktree and its own ``dali-ipmix bench`` runs in a
 child process (``PYTHONPATH`` = that worktree), on one generated data set shared by both; the
@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def main() -> None:
     data = write_sources(tmp / "train", args.images, int(args.image_size * 1.15) + 1, 4)
     mixing = write_pictures(tmp / "mixing", 64, int(args.image_size * 1.15) + 1)
     commits = {"before": git("rev-parse", args.before), "after": git("rev-parse", args.after)}
-    trees = {}
+    trees, machine = {}, None
     try:
         for name, sha in commits.items():
             trees[name] = tmp / name
@@ -80,10 +81,14 @@ def main() -> None:
                 runs[name].append(rows)
                 print(f"repeat {rep + 1} {name:6s} " + "  ".join(
                     f"{r}: {rows[r]['images_per_s']:.1f}" for r in args.rows.split(",")), flush=True)
-    finally:
+    finally:       # nothing left behind, also when interrupted
         for tree in trees.values():
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
                            capture_output=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
+        machine = json.loads(next(tmp.glob("out-*/bench.json")).read_text())["machine"] \
+            if any(tmp.glob("out-*/bench.json")) else None
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nbefore {commits['before'][:12]}, after {commits['after'][:12]}; CPU, {args.threads} "
           f"threads, batch {args.batch_size}, {args.image_size} px, {args.repeats} alternating runs "
           f"each; median (min-max)")
@@ -101,7 +106,7 @@ def main() -> None:
               f"{spread(cb) if cb else '-':>22s} {spread(ca) if ca else '-':>22s}")
     if args.json:
         Path(args.json).write_text(json.dumps({"commits": commits, "settings": vars(args),
-                                               "rows": summary}, indent=1))
+                                               "machine": machine, "rows": summary}, indent=1))
 
 
 if __name__ == "__main__":

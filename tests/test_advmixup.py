@@ -389,7 +389,8 @@ def test_flags_defaults_and_bad_combinations():
         "off", "lambda", 10, "frozen", "ce")
     assert a.adv_eval_every == b.adv_eval_every == 1 and a.adv_val_images == 1000
     off = _args()
-    pixels = lambda a: A.uses_pixels(a.adv_mixup, a.adv_eval, a.adv_eval_every)   # noqa: E731
+    pixels = lambda a: A.uses_pixels(adv_mixup=a.adv_mixup, adv_eval=a.adv_eval,
+                                      adv_eval_every=a.adv_eval_every)   # noqa: E731
     assert not pixels(off) and off.adv_steps is None and off.adv_eval_every == 0
     assert pixels(_args("--adv-eval-every", "2")) and pixels(a)
     ev = _args("--adv-eval", "autoattack", "--adv-eps", "2/255")

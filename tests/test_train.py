@@ -204,6 +204,21 @@ SAVE_RANK_MODEL = ("import os, sys, torch, train, test_train\n"
                    "sys.exit(rc)\n")
 
 
+# train.py where rank 1 loads an older checkpoint than rank 0 (step and weights changed)
+OTHER_FILE_ON_RANK_1 = ("import os, sys, torch, train, test_train\n"
+                        "if os.environ['RANK'] == '1':\n"
+                        "    real = torch.load\n"
+                        "    def older(*a, **k):\n"
+                        "        ckpt = real(*a, **k)\n"
+                        "        if isinstance(ckpt, dict) and 'model' in ckpt:\n"
+                        "            ckpt['step'] -= 1\n"
+                        "            ckpt['model'] = {k: v + 1 if v.is_floating_point() else v\n"
+                        "                             for k, v in ckpt['model'].items()}\n"
+                        "        return ckpt\n"
+                        "    torch.load = older\n"
+                        "sys.exit(train.main(sys.argv[1:], model_factory=test_train.tiny_factory))\n")
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_hold_identical_weights(dataset, tmp_path):
     # 12 images / 2 ranks = 6 per shard: batch 2 gives 3 steps per epoch on each rank
@@ -220,6 +235,13 @@ def test_two_gloo_ranks_hold_identical_weights(dataset, tmp_path):
     assert "summary:" in outs[0] and "summary:" not in outs[1]
     ckpt = torch.load(_latest(tmp_path / "run"), weights_only=False)
     assert ckpt["world_size"] == 2 and len(ckpt["loader_state"]["positions"]) == 2
+    # resumed on two ranks where rank 1 reads another checkpoint at that path (an older file on a
+    # node-local disk): every rank stops with one line, none trains on apart
+    more = _args(dataset, tmp_path / "run", "--max-steps", "6", "--batch-size", "2", "--resume", "auto")
+    codes, outs = two_ranks(OTHER_FILE_ON_RANK_1, *more, timeout=240)
+    assert codes == [2, 2], outs
+    for out in outs:
+        assert "the ranks loaded different checkpoints" in out and "Traceback" not in out, out
 
 
 @pytest.mark.slow

@@ -122,7 +122,8 @@ class RunConfig:
     def uses_pixels(self) -> bool:
         """The pipelines emit [0, 1] pixels and the model starts with the normalisation layer
         (the adversarial modes and robust evaluation; ``advmixup.uses_pixels``)."""
-        return advmixup.uses_pixels(self.adv_mixup, self.adv_eval, self.adv_eval_every)
+        return advmixup.uses_pixels(adv_mixup=self.adv_mixup, adv_eval=self.adv_eval,
+                                     adv_eval_every=self.adv_eval_every)
 
     def plain_values(self) -> dict:
         """The fields that are plain values, data sources as their location: what checkpoints
