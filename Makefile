@@ -21,13 +21,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) train.py
 
-# -n auto: one pytest worker per core (pytest-xdist); --dist loadgroup keeps a module marked
-# xdist_group on one worker, where its expensive module fixture is built once
+# -n auto: one pytest worker per core (pytest-xdist); --dist loadfile hands each worker whole
+# test files, so a module fixture (generated data sets, an S3 server) is built once
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadgroup -m "not gpu" tests
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not gpu" tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadgroup -m "not gpu and not slow" tests
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not gpu and not slow" tests
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests

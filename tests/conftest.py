@@ -18,6 +18,17 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+# `make test` runs one pytest-xdist worker per core: each worker's torch gets its share of the
+# cores, and so do the processes a test starts (OMP_NUM_THREADS).  torch's default is every
+# core per process, and its OpenMP threads spin waiting for one another when the workers'
+# threads outnumber the cores.  A test that sets a thread count of its own still does.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    import torch
+    _SHARE = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_SHARE))
+    torch.set_num_threads(_SHARE)
+
 # magnitudes as the official code hands them to PIL, signs included
 MAGNITUDES = {
     "equalize": [None], "mirror": [None], "invert": [None],

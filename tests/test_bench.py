@@ -31,9 +31,6 @@ ROW_FIELDS = {"name", "contender", "threads", "thread_kind", "torch_threads", "v
 OFFICIAL = "../shared/peer/hzlsaber-IPMix"
 
 
-# one worker runs this module under `make test` (pytest-xdist): its module fixture is built once
-pytestmark = pytest.mark.xdist_group("bench")
-
 @pytest.fixture(scope="module")
 def result():
     return run_bench(**TINY, command=["test"], log=lambda msg: None)

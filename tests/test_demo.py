@@ -17,9 +17,6 @@ TRAIN_PER_CLASS, VAL_PER_CLASS = 40, 20
 EPOCHS = 10                     # 400 pictures / batch 32 = 12 steps an epoch: 120 steps
 
 
-# one worker runs this module under `make test` (pytest-xdist): its module fixtures are built once
-pytestmark = pytest.mark.xdist_group("demo")
-
 @pytest.fixture(scope="module")
 def demo_set(tmp_path_factory):
     """The demo's kind of data, small: 10 classes x (40 train + 20 val) pictures, 8 fractals."""

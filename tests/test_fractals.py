@@ -20,9 +20,6 @@ def _decode(path):
         return np.asarray(im.convert("RGB"))
 
 
-# one worker runs this module under `make test` (pytest-xdist): its module fixtures are built once
-pytestmark = pytest.mark.xdist_group("fractals")
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fractals") / "set"

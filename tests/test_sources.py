@@ -25,9 +25,6 @@ from test_train import _args, tiny_factory
 CFG = C.IMAGENET.replace(k=2, t=2, image_size=32, patch_sizes=(4, 8, 16))
 
 
-# one worker runs this module under `make test` (pytest-xdist): its module fixtures are built once
-pytestmark = pytest.mark.xdist_group("sources")
-
 @pytest.fixture(scope="module")
 def shards(dataset, tmp_path_factory):
     """dataset/train as 2 shards, dataset/val as 1, dataset/mixing as 1 (a mixing set)."""

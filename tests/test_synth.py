@@ -12,9 +12,6 @@ CLASSES = 10
 TRAIN, VAL = 12, 8
 
 
-# one worker runs this module under `make test` (pytest-xdist): its module fixture is built once
-pytestmark = pytest.mark.xdist_group("synth")
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "set"

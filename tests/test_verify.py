@@ -84,9 +84,6 @@ BAD = {
 FATAL = {p for p, (_, kinds) in BAD.items() if any(V.PROBLEMS[k].fatal for k in kinds)}
 
 
-# one worker runs this module under `make test` (pytest-xdist): its module fixtures are built once
-pytestmark = pytest.mark.xdist_group("verify")
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("seeded")
