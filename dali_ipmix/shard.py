@@ -29,6 +29,7 @@ import json
 import os
 import re
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -125,6 +126,9 @@ def convert(src, out, *, filelist=None, mixing: bool = False, seed: int = 0,
         raise UserError(f"OUT {out}: dali-ipmix shard writes a local folder; upload it afterwards "
                         f"(e.g. `aws s3 sync OUT {out}`)")
     on_s3 = sources.s3.is_s3(str(src))
+    if on_s3:
+        from .verify import s3_requests
+        jobs = s3_requests(jobs)       # checked before the listing: a bad --jobs does no work
     listing = sources.s3.list_prefix(str(src), "SRC") if on_s3 else None
     data = sources.open_source(src, flag="SRC", filelist=filelist, labelled=not mixing, listing=listing)
     if data.format != "folders":
@@ -301,6 +305,11 @@ def index_set(base, *, classes_file=None, overwrite: bool = False, log=print) ->
     tars = sorted(p for p in base.iterdir() if p.name.endswith(".tar") and p.is_file())
     if not tars:
         raise UserError(f"--index {base}: no .tar files in this folder")
+    try:        # the index files and the manifest go beside the shards: checked before the scan
+        tempfile.NamedTemporaryFile(dir=base, prefix=".write-test-").close()
+    except OSError as e:
+        raise UserError(f"--index {base}: cannot write into it ({e.strerror or e}); the index files "
+                        f"and {sources.MANIFEST} go beside the shards: index a writable copy") from None
     if (base / sources.MANIFEST).exists() and not overwrite:
         raise UserError(f"--index {base}: {sources.MANIFEST} exists already; pass --overwrite to write it "
                         f"(and the index files) again")
@@ -313,6 +322,10 @@ def index_set(base, *, classes_file=None, overwrite: bool = False, log=print) ->
                             f"text file of class names, one per line in label order") from None
         if not names:
             raise UserError(f"--classes {classes_file}: no class names in it")
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise UserError(f"--classes {classes_file}: {twice!r} is named twice; give each label its "
+                            f"own class name")
     start = time.perf_counter()
     picture_exts = sources.PICTURE_EXTENSIONS
     scanned = []                                  # (tar, samples, labels)

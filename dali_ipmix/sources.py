@@ -347,9 +347,11 @@ def _wds_open(location, listing, *, flag, filelist, labelled) -> DataSource:
     for s in shards:
         if listing is not None and s["index"] not in listing.objects or \
                 listing is None and not os.path.isfile(os.path.join(base, s["index"])):
+            make = (f"make it from a local copy of the shard with `wds2idx SHARD.tar {s['index']}` "
+                    f"(installed with DALI) and upload it beside the shard" if listing is not None else
+                    f"make it with `wds2idx {base}/{s['tar']} {base}/{s['index']}` (installed with DALI)")
             raise UserError(f"{flag} {location}: shard {s['tar']} has no index file {s['index']}, which "
-                            f"DALI's webdataset reader needs; make it with `wds2idx {base}/{s['tar']} "
-                            f"{base}/{s['index']}` (installed with DALI) for every shard")
+                            f"DALI's webdataset reader needs; {make}, for every shard")
         if listing is not None and s["tar"] not in listing.objects or \
                 listing is None and not os.path.isfile(os.path.join(base, s["tar"])):
             raise UserError(f"{flag} {location}: shard {s['tar']} listed in {MANIFEST} is missing; "
@@ -470,7 +472,8 @@ def samples(src: DataSource) -> Tuple[List[Sample], List[int]]:
             offset, size, _ = entry[LABEL_MEMBER]
             spans.append((shard, offset, size))
     texts = _read_all(spans, src.flag, src.on_s3)
-    bad = next((i for i, t in enumerate(texts) if not t.strip().isdigit()
+    # digits only, as the graph reads them (``cls_label``): a "3\n" would read -8 there
+    bad = next((i for i, t in enumerate(texts) if not t.isdigit()
                 or int(t) >= len(src.classes)), None)
     if bad is not None:
         raise UserError(f"{src.flag} {spans[bad][0]}: label member of {pictures[bad].name} is "

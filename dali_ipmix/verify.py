@@ -300,6 +300,18 @@ HEAD_BYTES = 1 << 16        # what is read of a file the readers skip, to identi
 S3_REQUESTS = s3.PARALLEL_READS   # parallel object reads of `verify s3://...` (default of its --jobs)
 
 
+def s3_requests(jobs: Optional[int]) -> int:
+    """Parallel requests over S3 for ``--jobs`` (verify, shard): ``S3_REQUESTS`` when left out;
+    below 1 refused as for local work; above the client's connection pool
+    (``s3.MAX_CONNECTIONS``) refused, since the extra threads would only wait for a connection."""
+    if jobs is None:
+        return S3_REQUESTS
+    resolve_jobs(jobs)
+    if jobs > s3.MAX_CONNECTIONS:
+        raise UserError(f"--jobs {jobs}: at most {s3.MAX_CONNECTIONS} parallel requests over S3")
+    return int(jobs)
+
+
 def check_object(root: str, item: Tuple[str, bool, int], max_pixels: int = MAX_PIXELS,
                  flag: str = "DATA_DIR") -> Tuple[Optional[Finding], bytes]:
     """``check_file`` for an object under the ``s3://`` prefix ``root``: ``item`` = (key relative
@@ -633,7 +645,8 @@ def scan_shards(base, listing: Optional[s3.Listing] = None, jobs: Optional[int] 
     classes = manifest.get("classes") or ()
     shards = manifest["shards"]
     with _strict_pillow(), Progress("verify shards", manifest["samples"]) as bar, \
-            ThreadPoolExecutor(min(resolve_jobs(jobs), len(shards))) as pool:
+            ThreadPoolExecutor(min(s3_requests(jobs) if s3.is_s3(base) else resolve_jobs(jobs),
+                                   len(shards))) as pool:
         per_shard = list(pool.map(lambda entry: _scan_shard(base, entry, listing, classes, bar), shards))
     return [line for lines in per_shard for line in lines]
 
@@ -646,14 +659,25 @@ def verify_shards(base, listing: Optional[s3.Listing] = None, json_out=None, job
     """``dali-ipmix verify SHARD_DIR``: print every problem (and write them to ``json_out``);
     exit code 1 if any."""
     start = time.perf_counter()
-    problems = scan_shards(base, listing, jobs)
+    problems, manifest = [], {}
+    try:        # what training checks when it opens the set: index files, sizes, counts
+        manifest = sources.read_manifest(str(base).rstrip("/"), "DATA_DIR", listing)
+        sources.open_source(base, flag="DATA_DIR", labelled=bool(manifest.get("classes")),
+                            listing=listing)
+    except UserError as e:
+        problems.append(str(e))
+    problems += scan_shards(base, listing, jobs)
     print(f"verify {base} (shard set): {len(problems)} problem(s), {time.perf_counter() - start:.1f} s")
     for line in problems:
         print(f"  FATAL {line}")
     if problems:
         upload = " and upload it again" if s3.is_s3(base) else ""
-        print("result: training stops on these; write the shard set again from the source folders with "
-              f"`dali-ipmix shard SRC OUT --overwrite` (bad pictures are left out){upload}")
+        if manifest.get("made_by") == "dali-ipmix shard --index":    # no source folders to write from
+            print("result: training stops on these; write the bad shards again with the tool that made "
+                  f"them, then `dali-ipmix shard --index DIR --overwrite`{upload}")
+        else:
+            print("result: training stops on these; write the shard set again from the source folders "
+                  f"with `dali-ipmix shard SRC OUT --overwrite` (bad pictures are left out){upload}")
     else:
         print("result: no fatal problems")
     if json_out:
@@ -709,6 +733,9 @@ def _run(args: argparse.Namespace) -> int:
             check_output_file(target, flag, args.overwrite)
     # one listing of an s3:// prefix, for telling a shard set from class folders and for the scan
     listing = s3.list_prefix(args.data_dir, "DATA_DIR") if s3.is_s3(args.data_dir) else None
+    if sources.MANIFEST not in (listing.objects if listing else ()) and \
+            not is_shard_set(args.data_dir) and sources._holds_tars_only(args.data_dir, listing):
+        raise sources._no_manifest(args.data_dir, "DATA_DIR")
     if sources.MANIFEST in listing.objects if listing else is_shard_set(args.data_dir):
         if args.write_filelist:   # `dali-ipmix shard` output: check its members
             raise UserError(f"--write-filelist: {args.data_dir} is a shard set, and a file list applies to "
@@ -717,10 +744,9 @@ def _run(args: argparse.Namespace) -> int:
         return verify_shards(listing.uri if listing else args.data_dir, listing, args.json, args.jobs)
     start = time.perf_counter()
     if listing is not None:
-        if args.jobs and args.jobs > s3.MAX_CONNECTIONS:
-            raise UserError(f"--jobs {args.jobs}: at most {s3.MAX_CONNECTIONS} parallel requests over S3")
-        report = scan_s3(listing, mixing=args.mixing, requests=args.jobs, max_pixels=args.max_pixels)
-        workers = f"{min(args.jobs or S3_REQUESTS, report.scanned)} parallel requests"
+        requests = s3_requests(args.jobs)
+        report = scan_s3(listing, mixing=args.mixing, requests=requests, max_pixels=args.max_pixels)
+        workers = f"{min(requests, report.scanned)} parallel requests"
     else:
         report = scan(args.data_dir, mixing=args.mixing, jobs=args.jobs, max_pixels=args.max_pixels)
         workers = f"{min(resolve_jobs(args.jobs), report.scanned)} jobs"

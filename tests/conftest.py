@@ -154,6 +154,14 @@ def has_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        # `make test` hands each worker whole files in collection order: the files with the most
+        # `slow` cases go first, so that a long file is not started last on one worker while the
+        # other has nothing left (every worker sorts the same way; a file keeps its own order)
+        slow = {}
+        for item in items:
+            slow[item.path] = slow.get(item.path, 0) + ("slow" in item.keywords)
+        items.sort(key=lambda item: -slow[item.path])
     if has_gpu():
         return
     skip = pytest.mark.skip(reason="no CUDA GPU on this machine")

@@ -220,11 +220,15 @@ def _copy(shards, tmp_path, name="train"):
     return shutil.copytree(shards / name, tmp_path / name)
 
 
-def test_a_shard_without_its_index_says_how_to_make_it(shards, tmp_path):
+def test_a_shard_without_its_index_says_how_to_make_it(shards, tmp_path, capsys):
+    from dali_ipmix.cli import main
     data = _copy(shards, tmp_path)
     (data / "shard-000001.idx").unlink()
     with pytest.raises(UserError, match=r"shard-000001.tar has no index file .*wds2idx"):
         sources.open_source(data)
+    # verify fails the set that training refuses, with the same words
+    assert main(["verify", str(data)]) == 1
+    assert "FATAL DATA_DIR" in capsys.readouterr().out
 
 
 def test_a_manifest_whose_counts_do_not_match_is_refused(shards, tmp_path):
@@ -627,6 +631,20 @@ def test_verify_bad_s3_locations_and_options_are_one_line(shards, aws, tmp_path,
         assert "is a shard set, and a file list applies to class folders" in one_line(
             where, "--write-filelist", str(tmp_path / "x.txt"))
     assert not (tmp_path / "x.txt").exists()
+    # --jobs over S3: at least 1, at most the client's connection pool (verify and shard alike)
+    assert "--jobs must be >= 1" in one_line("s3://data/mixing", "--mixing", "--jobs", "0")
+    assert f"at most {s3.MAX_CONNECTIONS} parallel requests" in one_line(
+        "s3://data/shards/train", "--jobs", str(s3.MAX_CONNECTIONS + 1))
+    assert main(["shard", "s3://data/mixing", str(tmp_path / "o"), "--mixing", "--jobs", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--jobs must be >= 1" in err and "\n" not in err and not (tmp_path / "o").exists()
+    # tar shards without a manifest: the command that indexes them, not "no class folders"
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    shutil.copy(shards / "train" / "shard-000000.tar", tars / "a.tar")
+    s3.upload_tree(tars, "s3://data/tars", aws)
+    assert "index a local copy with `dali-ipmix shard --index DIR`" in one_line("s3://data/tars")
+    assert f"dali-ipmix shard --index {tars}" in one_line(str(tars))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -777,11 +795,21 @@ def test_index_is_atomic_and_refuses_what_it_cannot_index(dataset, tmp_path, mon
         err = capsys.readouterr().err.strip()
         assert "\n" not in err, err
         return err
+    twice = tmp_path / "twice.txt"
+    twice.write_text("a\nb\na\n")
+    assert "'a' is named twice" in one_line("--index", str(data), "--classes", str(twice), "--overwrite")
+    assert (data / "data-000000.idx").read_text() == "v1.2 1\njpg 512 10 x.jpg\n"   # left as it was
     few = tmp_path / "few.txt"
     few.write_text("a\nb\n")
     assert "2 names but the .cls members go up to label 2" in one_line("--index", str(data), "--classes",
                                                                         str(few), "--overwrite")
     assert "index a local copy" in one_line("--index", "s3://data/wds")
+    # a read-only copy of a set (shared storage): one line before the scan, not a traceback
+    def read_only(*a, **kw):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(shard.tempfile, "NamedTemporaryFile", read_only)
+    assert "cannot write into it (Permission denied)" in one_line("--index", str(data), "--overwrite")
+    monkeypatch.undo()
     assert "SRC applies to `dali-ipmix shard SRC OUT`" in one_line(str(dataset), "--index", str(data))
     assert "--classes applies to --index" in one_line(str(dataset / "train"), str(tmp_path / "o"),
                                                       "--classes", str(few))
