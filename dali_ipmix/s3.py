@@ -105,12 +105,16 @@ class Listing:
     uri: str
     objects: Dict[str, int]
 
-    def under(self, rel: str) -> "Listing":
-        """The part of this listing under ``rel`` (a sub-prefix), as its own listing: nested
-        data sets (ImageNet-C's ``<corruption>/<severity>/``) are listed once, as a whole."""
-        start = rel.strip("/") + "/"
-        return Listing(join(self.uri, rel.strip("/")),
-                       {k[len(start):]: n for k, n in self.objects.items() if k.startswith(start)})
+    def by_prefix(self, depth: int) -> Dict[str, "Listing"]:
+        """This listing cut into its sub-prefixes ``depth`` levels down (``{"a/b": listing of
+        a/b/}``), in one pass over the keys: nested data sets (ImageNet-C's
+        ``<corruption>/<severity>/``) are listed once, as a whole."""
+        out: Dict[str, Dict[str, int]] = {}
+        for key, size in self.objects.items():
+            parts = key.split("/", depth)
+            if len(parts) > depth:
+                out.setdefault("/".join(parts[:depth]), {})[parts[depth]] = size
+        return {rel: Listing(join(self.uri, rel), objects) for rel, objects in out.items()}
 
 
 def list_prefix(uri: str, flag: str = "--data") -> Listing:

@@ -139,7 +139,7 @@ def open_source(data, *, flag: str = "--data", filelist=None, labelled: bool = T
     inconsistent location is a one-line ``UserError``.  ``labelled``: a class-labelled set
     (training, validation) rather than a mixing set; ``filelist``: a verified file list
     narrowing a class-folder set; ``listing``: the S3 listing of ``data`` when it was already
-    listed (a part of a larger listing: ``s3.Listing.under``), so it is not listed again."""
+    listed (a part of a larger listing: ``s3.Listing.by_prefix``), so it is not listed again."""
     filelist = None if filelist is None else str(filelist)
     if isinstance(data, DataSource):
         if data.filelist == filelist:

@@ -162,16 +162,16 @@ def imagenet_c_sets(root, corruption_names: Sequence[str] = CORRUPTIONS, severit
     if s3.is_s3(root):
         listing = s3.list_prefix(root, flag)
         root = listing.uri
+        parts = listing.by_prefix(2)     # "corruption/severity" -> its objects
         tree: Dict[str, set] = {}        # corruption -> its severity prefixes that hold objects
-        for key in listing.objects:
-            parts = key.split("/")
-            if len(parts) >= 3:
-                tree.setdefault(parts[0], set()).add(parts[1])
+        for rel in parts:
+            corruption, severity = rel.split("/")
+            tree.setdefault(corruption, set()).add(severity)
         npy = any(k.endswith(".npy") and "/" not in k for k in listing.objects)
 
         def at(name, sev):
             rel = f"{name}/{sev}"
-            return sources.open_source(s3.join(root, rel), flag=flag, listing=listing.under(rel))
+            return sources.open_source(s3.join(root, rel), flag=flag, listing=parts[rel])
     else:
         root = Path(root)
         if not root.is_dir():
