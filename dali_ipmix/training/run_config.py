@@ -135,4 +135,6 @@ class RunConfig:
                 out[f.name] = os.fspath(value)
             elif isinstance(value, _PLAIN):
                 out[f.name] = value
+            elif isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value):
+                out[f.name] = list(value)      # e.g. --adv-lambda-box LO HI
         return out
